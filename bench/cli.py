@@ -1,0 +1,210 @@
+"""``ddbench`` — the command line, a thin layer over ``bench.runner``, ``bench.evaluate`` and ``bench.report``.
+
+Imports are lazy so that ``ddbench --help`` and ``ddbench ls`` answer at once. Bad input (``UserError``) is one
+line on stderr and exit code 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _archs(text: str) -> list[str]:
+    from bench.models import split_arch_list
+
+    return split_arch_list(text)
+
+
+def _options(pairs: list[str] | None) -> dict:
+    """``key=value`` pairs, values parsed as YAML scalars (``0.1``, ``true``, ``cifar``)."""
+    import yaml
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            from bench.errors import UserError
+
+            raise UserError(f"--set expects key=value, got '{pair}'")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="the reduced CPU recipes and the quick protocol (flagged in every record)")
+    parser.add_argument("--data-root", default=None, help="folder holding the datasets (default: $DDBENCH_DATA or ./data)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddbench", description="Benchmark harness for dataset distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("ls", help="list methods, datasets, architectures or protocols")
+    ls.add_argument("what", choices=["methods", "datasets", "archs", "protocols"])
+
+    distill = sub.add_parser("distill", help="distil one set and save it (safetensors + JSON)")
+    distill.add_argument("--dataset", required=True)
+    distill.add_argument("--method", required=True, help="name or name.recipe, e.g. random, herding")
+    distill.add_argument("--ipc", type=int, required=True)
+    distill.add_argument("--arch", default="convnet", help="distillation architecture")
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--out", required=True, help="output path stem (writes STEM.safetensors and STEM.json)")
+    distill.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option")
+    _common(distill)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a saved distilled set")
+    evaluate.add_argument("path", help="a distilled set (.json, .safetensors or their common stem)")
+    evaluate.add_argument("--archs", type=_archs, default=["convnet"], help="comma-separated architectures (any timm name; options in brackets)")
+    evaluate.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    evaluate.add_argument("--protocol", default="standard")
+    evaluate.add_argument("--results", default=None, help="also write records into this folder")
+    _common(evaluate)
+
+    run = sub.add_parser("run", help="distil and evaluate a grid, one record per cell × evaluation architecture")
+    run.add_argument("--dataset", default="digits")
+    run.add_argument("--methods", type=_names, required=True, help="comma-separated method[.recipe] names, or 'all'")
+    run.add_argument("--ipc", type=_ints, default=[1, 10])
+    run.add_argument("--distill-arch", default="convnet")
+    run.add_argument("--eval-archs", type=_archs, default=["convnet"])
+    run.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="evaluation seeds (one fresh network each)")
+    run.add_argument("--distill-seed", type=int, default=0)
+    run.add_argument("--protocol", default="standard")
+    run.add_argument("--results", default="results/runs/default", help="folder for records and distilled sets")
+    run.add_argument("--resume", action="store_true", help="skip cells whose records exist")
+    _common(run)
+
+    report = sub.add_parser("report", help="Markdown tables from the records under a results folder")
+    report.add_argument("--results", default="results/runs")
+    report.add_argument("--out", default="reports")
+    return parser
+
+
+def _ls(what: str) -> None:
+    if what == "methods":
+        from bench.registry import get_method_class, list_methods
+
+        for name in list_methods():
+            cls = get_method_class(name)
+            recipes = ", ".join(f"{name}.{r}" for r in cls.recipes) or "-"
+            print(f"{name:10s} recipes: {recipes}")
+    elif what == "datasets":
+        from bench.data import DATASETS
+
+        for name in DATASETS.names():
+            info = DATASETS.get(name)
+            files = ", ".join(info.expected_files[:2]) + (" …" if len(info.expected_files) > 2 else "") or "bundled with scikit-learn"
+            print(f"{name:14s} {info.num_classes:4d} classes  {info.channels}×{info.resolution}×{info.resolution}  files: {files}")
+    elif what == "archs":
+        from bench.models import OUR_ARCHS
+
+        for name in OUR_ARCHS:
+            print(name)
+        print("… and any timm model name (e.g. resnet18, vit_tiny_patch16_224[patch_size=2]); options go in brackets.")
+    else:
+        from bench.evaluate import PROTOCOLS
+
+        for name in PROTOCOLS.names():
+            p = PROTOCOLS.get(name)
+            print(f"{name:9s} v{p.version}  targets={p.targets} loss={p.loss} epochs={p.epochs} (quick {p.quick_epochs}) lr={p.lr} dsa={p.dsa}")
+
+
+def _distill(args: argparse.Namespace) -> None:
+    from bench.runner import RunRequest, distill_cell, plan, resolve_device
+
+    request = RunRequest(dataset=args.dataset, methods=[args.method], ipcs=[args.ipc], eval_archs=[],
+                         seeds=[0], results_dir=Path("."), distill_arch=args.arch, quick=args.quick,
+                         data_root=args.data_root, device=args.device, distill_seed=args.seed,
+                         method_options={args.method: _options(args.set)})
+    (cell,) = plan(request)
+    distilled = distill_cell(cell, request, resolve_device(args.device), {})
+    print(distilled.save(args.out))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from bench.data import load_dataset
+    from bench.distilled import DistilledSet
+    from bench.evaluate import evaluate_distilled, get_protocol
+    from bench.runner import _check_arch_runs, resolve_device
+    from bench.store import stable_hash, write_record
+
+    distilled = DistilledSet.load(args.path)
+    meta = distilled.metadata
+    if "dataset" not in meta:
+        from bench.errors import UserError
+
+        raise UserError(f"{args.path}: metadata names no dataset")
+    zca = (meta.get("transform") or {}).get("kind") == "zca"
+    device = resolve_device(args.device)
+    dataset = load_dataset(meta["dataset"], args.data_root, zca=zca, device=device)
+    protocol = get_protocol(args.protocol)
+    resolved = protocol.resolve(args.quick, distilled.learned_lr)
+    for arch in args.archs:
+        _check_arch_runs(arch, dataset.to("cpu"))
+    for arch in args.archs:
+        result = evaluate_distilled(distilled, dataset, arch, resolved, args.seeds, device)
+        print(f"{meta['dataset']} {meta.get('method', '?')} ipc {meta.get('ipc')} → {arch} [{protocol.name}"
+              f"{', quick' if args.quick else ''}]: {result.acc_mean:.2f} ± {result.acc_std:.2f} "
+              f"(seeds {args.seeds}: {', '.join(f'{a:.2f}' for a in result.acc)})")
+        if args.results:
+            identity = {"set": str(Path(args.path).resolve()), "eval_arch": arch, "protocol": [protocol.name, protocol.version],
+                        "quick": args.quick, "seeds": args.seeds}
+            write_record(args.results, {
+                "record_id": stable_hash(identity), "method": meta.get("method"), "recipe": meta.get("recipe"),
+                "config": meta.get("config"), "dataset": meta["dataset"], "transform": meta.get("transform"),
+                "ipc": meta.get("ipc"), "distill_arch": meta.get("distill_arch"), "distill_seed": meta.get("seed"),
+                "eval_arch": arch, "protocol": protocol.name, "protocol_version": protocol.version,
+                "protocol_config": resolved.as_record(), "quick": args.quick, "seeds": args.seeds,
+                "acc": [round(a, 4) for a in result.acc], "acc_mean": round(result.acc_mean, 4),
+                "acc_std": round(result.acc_std, 4), "status": "ok", "error": None, "distilled_path": str(args.path),
+            })
+
+
+def _run(args: argparse.Namespace) -> None:
+    from bench.runner import RunRequest, run
+
+    request = RunRequest(dataset=args.dataset, methods=args.methods, ipcs=args.ipc, eval_archs=args.eval_archs,
+                         seeds=args.seeds, results_dir=Path(args.results), protocol=args.protocol,
+                         distill_arch=args.distill_arch, quick=args.quick, data_root=args.data_root,
+                         device=args.device, distill_seed=args.distill_seed, resume=args.resume)
+    run(request)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from bench.report import write_reports
+
+    for path in write_reports(args.results, args.out):
+        print(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from bench.errors import UserError
+
+    try:
+        {"ls": lambda: _ls(args.what), "distill": lambda: _distill(args), "evaluate": lambda: _evaluate(args),
+         "run": lambda: _run(args), "report": lambda: _report(args)}[args.command]()
+    except UserError as exc:
+        print(f"ddbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddbench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""A distilled set — what every method returns — and its on-disk form: safetensors + JSON, nothing pickled.
+
+``name.safetensors`` holds the tensors (images, hard labels, optional soft labels); ``name.json`` holds the
+metadata: method, recipe, resolved config, dataset, the data transform (mean/std or ZCA; evaluation applies
+the same one to the test set), ipc, seed, the learned learning rate where a method learns one, code version.
+Both files are written atomically (temporary file + rename), the JSON last, so a reader that finds the JSON
+finds a complete set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from bench.errors import UserError
+
+
+@dataclass
+class DistilledSet:
+    images: Tensor  # (n, C, H, W), in the dataset's transformed space (see metadata["transform"])
+    labels: Tensor  # (n,) int64 hard labels
+    soft_labels: Tensor | None = None  # (n, classes) teacher logits, for methods that assign them
+    learned_lr: float | None = None  # handed to the standard protocol in place of its lr
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.shape[0] != self.labels.shape[0]:
+            raise ValueError(f"{self.images.shape[0]} images but {self.labels.shape[0]} labels")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``<path>.safetensors`` and ``<path>.json``; returns the JSON path."""
+        stem = Path(path).with_suffix("")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.detach().cpu().long()}
+        if self.soft_labels is not None:
+            tensors["soft_labels"] = self.soft_labels.detach().cpu().float().contiguous()
+        meta = dict(self.metadata, learned_lr=self.learned_lr, n_images=len(self))
+        tmp = stem.with_name(stem.name + ".safetensors.tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, stem.with_suffix(".safetensors"))
+        write_json_atomic(stem.with_suffix(".json"), meta)
+        return stem.with_suffix(".json")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DistilledSet":
+        """Read a set saved by ``save`` from either of its two file names (or the common stem)."""
+        stem = Path(path)
+        if stem.suffix in (".json", ".safetensors"):
+            stem = stem.with_suffix("")
+        meta_path, tensor_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+        missing = [str(p) for p in (meta_path, tensor_path) if not p.is_file()]
+        if missing:
+            raise UserError(f"distilled set not found: expected {' and '.join(missing)}")
+        try:
+            meta = json.loads(meta_path.read_text())
+            tensors = load_file(str(tensor_path))
+        except Exception as exc:  # a corrupt file of either kind
+            raise UserError(f"distilled set {stem} is unreadable: {exc}") from None
+        if "images" not in tensors or "labels" not in tensors:
+            raise UserError(f"distilled set {tensor_path} lacks 'images' or 'labels'")
+        learned_lr = meta.pop("learned_lr", None)
+        meta.pop("n_images", None)
+        return cls(tensors["images"], tensors["labels"], tensors.get("soft_labels"), learned_lr, meta)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+

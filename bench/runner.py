@@ -1,0 +1,260 @@
+"""A grid of cells → distilled sets → evaluations → records.
+
+A *cell* is one distillation (method × dataset × ipc × distillation architecture × seed) followed by its
+evaluations (one per evaluation architecture, each over every seed) under one protocol; each evaluation
+writes one record. ``plan`` checks everything a user can get wrong — names, ipc, data files, whether each
+architecture runs at this resolution — before anything is written; ``run`` then executes the cells.
+
+The harness owns seeding here: the distillation generator is derived from (seed, dataset, ipc) — not the
+method — so methods that start from real images start from the same ones.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.data import Dataset, load_dataset
+from bench.distilled import DistilledSet
+from bench.errors import Diverged, UserError
+from bench.evaluate import Protocol, evaluate_distilled, get_protocol
+from bench.measure import environment_stamp, phase
+from bench.models import check_arch, create_network
+from bench.registry import create_method, list_methods, split_method_spec
+from bench.seeding import generator_for
+from bench.store import existing_record_ids, record_id, stable_hash, write_record
+
+DISTILLED_DIR = "distilled"
+
+
+@dataclass
+class RunRequest:
+    dataset: str
+    methods: list[str]
+    ipcs: list[int]
+    eval_archs: list[str]
+    seeds: list[int]
+    results_dir: Path
+    protocol: str = "standard"
+    distill_arch: str = "convnet"
+    quick: bool = False
+    data_root: str | None = None
+    device: str = "auto"
+    distill_seed: int = 0
+    resume: bool = False
+    suite: str | None = None
+    method_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Cell:
+    method_spec: str
+    method: object
+    ipc: int | None  # None: the method ignores ipc (`full`)
+    dataset: Dataset
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but CUDA is not available")
+    return torch.device(device)
+
+
+def _check_arch_runs(arch: str, dataset: Dataset) -> None:
+    """Build the architecture once and push two images through it, so a misfit fails before any work."""
+    check_arch(arch)
+    try:
+        model = create_network(arch, dataset.num_classes, dataset.channels, dataset.resolution, torch.Generator().manual_seed(0))
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(2, *dataset.image_shape))
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"architecture '{arch}' cannot run on {dataset.name} ({dataset.resolution}×{dataset.resolution}): {exc}".splitlines()[0]) from None
+
+
+def plan(request: RunRequest) -> list[Cell]:
+    """Validate the whole request and return its cells; raises ``UserError`` before anything is written."""
+    if not request.methods:
+        raise UserError("no methods given")
+    if not request.seeds:
+        raise UserError("no seeds given")
+    for ipc in request.ipcs:
+        if ipc < 1:
+            raise UserError(f"ipc must be at least 1, got {ipc}")
+    specs = list_methods() if request.methods == ["all"] else request.methods
+    methods = {spec: create_method(spec, quick=request.quick, **request.method_options.get(spec, {})) for spec in specs}
+    get_protocol(request.protocol)
+    for arch in [request.distill_arch, *request.eval_archs]:
+        check_arch(arch)
+
+    datasets: dict[bool, Dataset] = {}
+    device = resolve_device(request.device)
+    cells = []
+    for spec, method in methods.items():
+        zca = bool(getattr(method.config, "zca", False))
+        if zca not in datasets:
+            datasets[zca] = load_dataset(request.dataset, request.data_root, zca=zca, device=device)
+        dataset = datasets[zca]
+        smallest = min(dataset.class_counts())
+        for ipc in request.ipcs:
+            if ipc > smallest:
+                raise UserError(
+                    f"ipc {ipc} is larger than the smallest class of {dataset.name} ({smallest} training images)"
+                )
+        ipcs = request.ipcs if method.depends_on_ipc else [None]
+        cells.extend(Cell(spec, method, ipc, dataset) for ipc in ipcs)
+    for dataset in datasets.values():
+        for arch in dict.fromkeys([request.distill_arch, *request.eval_archs]):
+            _check_arch_runs(arch, dataset.to("cpu") if dataset.device.type != "cpu" else dataset)
+    return cells
+
+
+def _progress(desc: str, total: int | None = None) -> tqdm:
+    return tqdm(total=total, desc=desc, leave=False, disable=None, file=sys.stderr, dynamic_ncols=True)
+
+
+def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: dict) -> DistilledSet:
+    """Run the method's distillation for one cell, with a progress bar and NaN detection."""
+    from methods.base import DistillContext
+
+    name, _ = split_method_spec(cell.method_spec)
+    bar = _progress(f"distill {name} ipc{cell.ipc if cell.ipc is not None else '-'}")
+
+    def start(total: int) -> None:
+        bar.reset(total=total)
+
+    def report(iteration: int, losses: dict[str, float]) -> None:
+        bar.update(1)
+        if losses:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+
+    ctx = DistillContext(
+        dataset=cell.dataset,
+        ipc=cell.ipc if cell.ipc is not None else 0,
+        arch=request.distill_arch,
+        generator=generator_for(request.distill_seed, "distill", cell.dataset.name, str(cell.ipc)),
+        device=device,
+        _report=report,
+        _start=start,
+    )
+    try:
+        with phase(phases, "distill", device):
+            distilled = cell.method.distill(ctx)
+    finally:
+        bar.close()
+    if not torch.isfinite(distilled.images).all():
+        raise Diverged("the distilled images contain NaN or infinite values")
+    if distilled.learned_lr is not None and not (0 < distilled.learned_lr < float("inf")):
+        raise Diverged(f"the learned learning rate is {distilled.learned_lr}")
+    distilled.metadata.update(
+        method=name,
+        recipe=cell.method.recipe,
+        config=cell.method.resolved_config,
+        quick=request.quick,
+        dataset=cell.dataset.name,
+        transform=cell.dataset.transform,
+        ipc=cell.ipc,
+        distill_arch=request.distill_arch,
+        seed=request.distill_seed,
+        code_version=environment_stamp()["ddbench"],
+        git_sha=environment_stamp()["git_sha"],
+    )
+    return distilled
+
+
+def _identity(cell: Cell, request: RunRequest, eval_arch: str, protocol: Protocol) -> dict:
+    return {
+        "method": cell.method_spec,
+        "config_hash": stable_hash(cell.method.resolved_config),
+        "dataset": cell.dataset.name,
+        "transform": cell.dataset.transform["kind"],
+        "ipc": cell.ipc,
+        "distill_arch": request.distill_arch,
+        "distill_seed": request.distill_seed,
+        "quick": request.quick,
+        "eval_arch": eval_arch,
+        "protocol": [protocol.name, protocol.version],
+        "seeds": request.seeds,
+    }
+
+
+def run(request: RunRequest, echo: Callable[[str], None] = print) -> list[dict]:
+    """Plan, then distil and evaluate every cell; returns the records written."""
+    cells = plan(request)
+    device = resolve_device(request.device)
+    protocol = get_protocol(request.protocol)
+    done = existing_record_ids(request.results_dir) if request.resume else set()
+    environment = environment_stamp()
+    records = []
+    for cell in cells:
+        ids = {arch: record_id(_identity(cell, request, arch, protocol)) for arch in request.eval_archs}
+        if all(ids[arch] in done for arch in request.eval_archs):
+            echo(f"skip {cell.method_spec} ipc {cell.ipc}: records exist (--resume)")
+            continue
+        phases: dict = {}
+        base = {
+            "suite": request.suite,
+            "method": split_method_spec(cell.method_spec)[0],
+            "recipe": cell.method.recipe,
+            "config": cell.method.resolved_config,
+            "config_hash": stable_hash(cell.method.resolved_config),
+            "dataset": cell.dataset.name,
+            "transform": cell.dataset.transform,
+            "ipc": cell.ipc,
+            "distill_arch": request.distill_arch,
+            "distill_seed": request.distill_seed,
+            "quick": request.quick,
+            "seeds": list(request.seeds),
+            "environment": environment,
+        }
+        distilled, status, error = None, "ok", None
+        try:
+            distilled = distill_cell(cell, request, device, phases)
+            stem = Path(request.results_dir) / DISTILLED_DIR / f"{cell.dataset.name}_ipc{cell.ipc or 'all'}_{cell.method_spec}_{ids[request.eval_archs[0]]}"
+            base["distilled_path"] = str(distilled.save(stem))
+            base["learned_lr"] = distilled.learned_lr
+        except Diverged as exc:
+            status, error = "diverged", str(exc)
+        except Exception as exc:  # a failing cell must not take the grid down
+            status, error = "failed", "".join(traceback.format_exception_only(exc)).strip()
+            traceback.print_exc(file=sys.stderr)
+
+        for arch in request.eval_archs:
+            if request.resume and ids[arch] in done:
+                continue
+            resolved = protocol.resolve(request.quick, distilled.learned_lr if distilled else None)
+            record = dict(base, record_id=ids[arch], eval_arch=arch, protocol=protocol.name,
+                          protocol_version=protocol.version, protocol_config=resolved.as_record(),
+                          acc=[], acc_mean=None, acc_std=None, status=status, error=error,
+                          iter_time_s=None, flops_per_iter=None)
+            cell_phases = dict(phases)
+            if distilled is not None:
+                try:
+                    bar = _progress(f"evaluate {arch} × {len(request.seeds)} seeds", resolved.epochs * len(request.seeds))
+                    with phase(cell_phases, "eval", device):
+                        result = evaluate_distilled(distilled, cell.dataset, arch, resolved, request.seeds, device,
+                                                    on_epoch=lambda e, l: bar.update(1))
+                    bar.close()
+                    record.update(acc=[round(a, 4) for a in result.acc], acc_mean=round(result.acc_mean, 4),
+                                  acc_std=round(result.acc_std, 4), final_train_loss=result.final_train_loss)
+                except Exception as exc:
+                    record.update(status="failed", error="".join(traceback.format_exception_only(exc)).strip())
+                    traceback.print_exc(file=sys.stderr)
+            record["phases"] = cell_phases
+            path = write_record(request.results_dir, record)
+            records.append(record)
+            summary = (f"{record['acc_mean']:.2f} ± {record['acc_std']:.2f} (n={len(record['acc'])})"
+                       if record["status"] == "ok" else f"{record['status']}: {record['error']}")
+            echo(f"{cell.dataset.name} ipc {cell.ipc if cell.ipc is not None else 'all'} {cell.method_spec} → "
+                 f"{arch} [{protocol.name}{', quick' if request.quick else ''}]: {summary}  ({path})")
+    return records

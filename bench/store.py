@@ -1,0 +1,85 @@
+"""Result records: one JSON file per (distilled set × evaluation architecture × protocol), schema version 1.
+
+Records are written atomically (temporary file + rename), so a crash never leaves half a record and a rerun
+can tell what is done. ``load_results(dir)`` reads every record under a folder into a pandas DataFrame.
+
+Top-level keys that scripts and reports rely on: ``schema_version``, ``record_id``, ``method``, ``recipe``,
+``dataset``, ``ipc``, ``distill_arch``, ``eval_arch``, ``protocol``, ``quick``, ``seeds``, ``acc`` (per-seed, %),
+``acc_mean``, ``acc_std``, ``status`` (ok / failed / oom / diverged), ``error``. Also: ``suite``, ``config`` and
+``config_hash``, ``protocol_version`` and ``protocol_config``, ``distill_seed``, ``transform``, ``learned_lr``,
+``phases`` (per phase: wall time and memory peaks — null with a reason where not measured, never 0),
+``iter_time_s``, ``flops_per_iter``, ``environment``, ``distilled_path``, ``created_at``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from bench.distilled import write_json_atomic
+
+SCHEMA_VERSION = 1
+RECORDS_DIR = "records"
+ACC_DIRECTION = "↑"  # higher accuracy is better; costs (memory, time, FLOPs) are ↓
+
+
+def stable_hash(payload: object, length: int = 12) -> str:
+    """A short hash of a JSON-able object, independent of dict order."""
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def record_id(identity: dict) -> str:
+    """Identity → id: what was distilled (method, config, data, ipc, seed, quick) and how it was evaluated."""
+    return stable_hash(identity)
+
+
+def record_filename(record: dict) -> str:
+    ipc = "all" if record.get("ipc") is None else record["ipc"]
+    name = f"{record['dataset']}_ipc{ipc}_{record['method']}"
+    if record.get("recipe"):
+        name += f".{record['recipe']}"
+    name += f"_{record['eval_arch']}_{record['protocol']}_{record['record_id']}.json"
+    return "".join(ch if ch.isalnum() or ch in "._-=" else "-" for ch in name)
+
+
+def write_record(results_dir: str | os.PathLike, record: dict) -> Path:
+    """Write one record atomically under ``<results_dir>/records/``; returns its path."""
+    record = {"schema_version": SCHEMA_VERSION, **record}
+    path = Path(results_dir) / RECORDS_DIR / record_filename(record)
+    write_json_atomic(path, record)
+    return path
+
+
+def existing_record_ids(results_dir: str | os.PathLike) -> set[str]:
+    return {r["record_id"] for r in load_records(results_dir) if r.get("status") == "ok"}
+
+
+def load_records(results_dir: str | os.PathLike) -> list[dict]:
+    """Every record (``*.json`` under ``records/`` folders) below ``results_dir``; unreadable files are skipped."""
+    records = []
+    for path in sorted(Path(results_dir).rglob(f"{RECORDS_DIR}/*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict) and record.get("schema_version") == SCHEMA_VERSION:
+            record["_path"] = str(path)
+            records.append(record)
+    return records
+
+
+def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
+    """The records under ``results_dir`` as a DataFrame: one row per record, phases flattened to columns."""
+    rows = []
+    for record in load_records(results_dir):
+        row = {k: v for k, v in record.items() if k not in ("phases", "environment", "config", "protocol_config")}
+        for phase, figures in (record.get("phases") or {}).items():
+            for key, value in (figures or {}).items():
+                row[f"{phase}_{key}"] = value
+        rows.append(row)
+    return pd.DataFrame(rows)

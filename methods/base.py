@@ -1,0 +1,97 @@
+"""The interface every distillation method implements.
+
+A method owns its mathematics only. It receives a ``DistillContext`` — the class-indexed real training data,
+ipc, an architecture factory, a ``torch.Generator``, the device — and its typed config, reports per-iteration
+losses through ``ctx.report`` (the harness draws progress bars, detects NaNs and, later, measures), and returns
+a ``DistilledSet``. It never seeds a global RNG, reads a clock, saves a file or logs on its own.
+
+A method file has the same shape every time (as in timm): a docstring citing the paper → a ``Config``
+dataclass whose defaults are the paper's → the ``Method`` subclass, registered with ``@register_method`` →
+its named recipes (``recipes``) and its reduced CPU recipe (``quick``, overrides applied on top of any recipe).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from bench.augment import DSA
+from bench.data import Dataset
+from bench.distilled import DistilledSet
+from bench.errors import Diverged
+from bench.models import create_network
+
+ReportFn = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's typed config. Subclasses add fields with the paper's defaults."""
+
+
+@dataclass
+class DistillContext:
+    dataset: Dataset  # real training data on `device`, indexed by class
+    ipc: int
+    arch: str  # the distillation architecture (a timm name or spec)
+    generator: torch.Generator
+    device: torch.device
+    iterations_hint: int | None = None  # for the progress bar, set by the method through `start`
+    _report: ReportFn | None = field(default=None, repr=False)
+    _start: Callable[[int], None] | None = field(default=None, repr=False)
+
+    def make_network(self, arch: str | None = None) -> nn.Module:
+        """A freshly initialised network (weights drawn from this context's generator) on the device."""
+        d = self.dataset
+        return create_network(arch or self.arch, d.num_classes, d.channels, d.resolution, self.generator).to(self.device)
+
+    def augmentation(self) -> DSA:
+        """DSA for this dataset (no flip on digits)."""
+        return DSA.for_dataset(self.dataset.info.digit_like)
+
+    def start(self, iterations: int) -> None:
+        """Announce how many iterations ``report`` will be called for."""
+        self.iterations_hint = iterations
+        if self._start is not None:
+            self._start(iterations)
+
+    def report(self, iteration: int, **losses: float | Tensor) -> None:
+        """Report one iteration's losses; a NaN or infinite loss stops the run with status ``diverged``."""
+        values = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in losses.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise Diverged(f"non-finite {', '.join(bad)} at iteration {iteration}")
+        if self._report is not None:
+            self._report(iteration, values)
+
+    def hard_labels(self, per_class: int) -> Tensor:
+        """Labels 0,0,…,1,1,… for ``per_class`` images of every class, on the device."""
+        return torch.arange(self.dataset.num_classes, device=self.device).repeat_interleave(per_class)
+
+    def real_init(self) -> tuple[Tensor, Tensor]:
+        """``ipc`` random real images per class (drawn with the context's generator) and their labels."""
+        images = torch.cat([self.dataset.sample_class(c, self.ipc, self.generator) for c in range(self.dataset.num_classes)])
+        return images.clone(), self.hard_labels(self.ipc)
+
+
+class Method(ABC):
+    """A registered distillation method: ``Config`` defaults are the paper's, ``recipes`` its named settings."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    recipes: ClassVar[dict[str, dict]] = {}
+    quick: ClassVar[dict] = {}  # the CPU-sized copy of any recipe: overrides applied last
+    depends_on_ipc: ClassVar[bool] = True  # False for `full`: one set, whatever the ipc
+    needs_teacher: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig):
+        self.config = config
+
+    @abstractmethod
+    def distill(self, ctx: DistillContext) -> DistilledSet:
+        """Make the distilled set. Metadata about the run is added by the harness."""

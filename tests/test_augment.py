@@ -1,0 +1,85 @@
+"""DSA: the siamese property, gradient flow, the operations' semantics, determinism through generators."""
+
+import torch
+
+from bench.augment import ALL_OPERATIONS, DSA, AugmentParams
+
+
+def batch(n=4, c=3, h=8, w=8, seed=0):
+    return torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_digit_datasets_never_flip():
+    assert "flip" not in DSA.for_dataset(digit_like=True).strategy
+    assert DSA.for_dataset(digit_like=False).strategy == ALL_OPERATIONS
+
+
+def test_siamese_parameters_are_shared_by_real_and_synthetic_batches():
+    dsa = DSA()
+    for op in ALL_OPERATIONS:
+        only = DSA((op,))
+        params = only.siamese(batch(), torch.Generator().manual_seed(3))
+        assert params.operation == op
+        image = batch(1, seed=7)
+        real = torch.cat([image, batch(5, seed=1)])  # batch sizes differ, as real vs synthetic do
+        syn = torch.cat([image, batch(2, seed=2)])
+        # the same image in both batches gets exactly the same transformation
+        assert torch.equal(only.apply(real, params)[0], only.apply(syn, params)[0]), op
+    assert dsa.strategy == ALL_OPERATIONS
+
+
+def test_per_image_parameters_differ_within_a_batch():
+    image = batch(1, seed=7).expand(16, -1, -1, -1)
+    out = DSA(("rotate",))(image, torch.Generator().manual_seed(0))
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_gradients_reach_the_images_through_every_operation():
+    for op in ALL_OPERATIONS:
+        x = batch().requires_grad_(True)
+        DSA((op,))(x, torch.Generator().manual_seed(1)).pow(2).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0, op
+
+
+def test_same_generator_state_same_augmentation():
+    x = batch()
+    a = DSA()(x, torch.Generator().manual_seed(5))
+    b = DSA()(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_global_rng_untouched():
+    state = torch.get_rng_state()
+    DSA()(batch(), torch.Generator().manual_seed(0))
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_crop_is_a_zero_padded_translation():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    out = DSA(("crop",)).apply(x, AugmentParams("crop", {"shift_x": torch.tensor([1]), "shift_y": torch.tensor([0])}))
+    # output row r reads input row r + 1; the last row leaves the image and reads the zero border
+    assert torch.equal(out[0, 0, :3], x[0, 0, 1:]) and torch.equal(out[0, 0, 3], torch.zeros(4))
+
+
+def test_cutout_zeroes_a_half_side_square():
+    x = torch.ones(1, 1, 8, 8)
+    out = DSA(("cutout",)).apply(x, AugmentParams("cutout", {"centre_x": torch.tensor([4]), "centre_y": torch.tensor([4])}))
+    assert out.sum() == 64 - 16 and out[0, 0, 2:6, 2:6].sum() == 0
+
+
+def test_flip_and_identity_affine():
+    x = batch(2)
+    flipped = DSA(("flip",)).apply(x, AugmentParams("flip", {"flip": torch.tensor([True, False])}))
+    assert torch.equal(flipped[0], x[0].flip(-1)) and torch.equal(flipped[1], x[1])
+    same = DSA(("scale",)).apply(x, AugmentParams("scale", {"sx": torch.ones(1), "sy": torch.ones(1)}))
+    assert torch.allclose(same, x, atol=1e-5)
+    rotated = DSA(("rotate",)).apply(x, AugmentParams("rotate", {"angle": torch.zeros(1)}))
+    assert torch.allclose(rotated, x, atol=1e-5)
+
+
+def test_color_parameters_in_the_official_ranges():
+    dsa = DSA(("color",))
+    p = dsa.sample(10_000, (8, 8), torch.Generator().manual_seed(0))
+    assert -0.5 <= p.values["brightness"].min() and p.values["brightness"].max() <= 0.5
+    assert 0 <= p.values["saturation"].min() and p.values["saturation"].max() <= 2.0
+    assert 0.5 <= p.values["contrast"].min() and p.values["contrast"].max() <= 1.5

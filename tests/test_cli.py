@@ -1,0 +1,100 @@
+"""The command line: exit codes, one-line errors with suggestions, nothing written on bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+
+RUN = ["run", "--dataset", "digits", "--methods", "random", "--ipc", "1", "--eval-archs", "convnet",
+       "--seeds", "0", "--protocol", "standard", "--quick"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def replace(argv, flag, value):
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--methods", "randm", "did you mean 'random'"),
+    ("--dataset", "mnits", "did you mean 'mnist'"),
+    ("--eval-archs", "convnett", "did you mean 'convnet'"),
+    ("--ipc", "0", "ipc must be at least 1"),
+    ("--ipc", "500", "larger than the smallest class"),
+    ("--protocol", "standart", "did you mean 'standard'"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, flag, value, expected):
+    code, out, err = run_cli(capsys, *replace(RUN, flag, value), "--results", str(tmp_path / "res"))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("ddbench: error:") and expected in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "res").exists()
+
+
+def test_data_root_without_the_dataset(capsys, tmp_path):
+    argv = replace(RUN, "--dataset", "cifar10") + ["--data-root", str(tmp_path), "--results", str(tmp_path / "res")]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "cifar-10-batches-py/data_batch_1" in err and err.count("\n") == 1
+    assert not (tmp_path / "res").exists()
+
+
+def test_the_console_script_exits_2_without_traceback(tmp_path):
+    exe = Path(sys.executable).parent / "ddbench"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "bench.cli"]
+    proc = subprocess.run(cmd + replace(RUN, "--methods", "hearding") + ["--results", str(tmp_path / "r")],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 2 and "did you mean 'herding'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ls(capsys):
+    for what, expected in [("methods", "herding"), ("datasets", "imagenet64"), ("archs", "convnet"), ("protocols", "soft")]:
+        code, out, _ = run_cli(capsys, "ls", what)
+        assert code == 0 and expected in out
+    assert "any timm model" in run_cli(capsys, "ls", "archs")[1]
+
+
+def test_distill_then_evaluate_with_timm_models(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "distill", "--dataset", "digits", "--method", "random", "--ipc", "1",
+                           "--out", str(tmp_path / "set"), "--quick")
+    assert code == 0 and (tmp_path / "set.safetensors").is_file()
+    code, out, err = run_cli(capsys, "evaluate", str(tmp_path / "set.json"), "--archs",
+                             "resnet18,vit_tiny_patch16_224[patch_size=2]", "--seeds", "0", "--quick",
+                             "--results", str(tmp_path / "res"))
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if "→" in line]
+    assert len(lines) == 2 and "resnet18" in lines[0] and "vit_tiny_patch16_224" in lines[1]
+    assert len(list((tmp_path / "res" / "records").glob("*.json"))) == 2
+
+
+def test_evaluate_missing_set(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "evaluate", str(tmp_path / "nothing.json"))
+    assert code == 2 and "not found" in err
+
+
+def test_run_writes_records_and_report(capsys, tmp_path):
+    res = tmp_path / "res"
+    code, out, err = run_cli(capsys, *RUN, "--results", str(res))
+    assert code == 0, err
+    (record,) = list((res / "records").glob("*.json"))
+    import json
+
+    r = json.loads(record.read_text())
+    for key in ("schema_version", "method", "recipe", "dataset", "ipc", "distill_arch", "eval_arch", "protocol",
+                "quick", "seeds", "acc", "acc_mean", "acc_std", "status", "error"):
+        assert key in r
+    assert r["status"] == "ok" and r["quick"] is True and len(r["acc"]) == 1
+    assert r["phases"]["distill"]["cpu_peak_rss_mb"] is None and r["phases"]["distill"]["gpu_reason"]
+    code, out, _ = run_cli(capsys, "report", "--results", str(res), "--out", str(tmp_path / "rep"))
+    assert code == 0 and "| random" in (tmp_path / "rep" / "res.md").read_text()
+    code, out, _ = run_cli(capsys, *RUN, "--results", str(res), "--resume")
+    assert code == 0 and "skip" in out

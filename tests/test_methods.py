@@ -1,0 +1,60 @@
+"""The coreset baselines through the method interface."""
+
+import torch
+
+from bench.data import load_dataset
+from bench.errors import Diverged
+from bench.registry import create_method
+from methods.base import DistillContext
+from methods.herding import herding_order
+
+import pytest
+
+
+def context(ipc, seed=0):
+    return DistillContext(load_dataset("digits"), ipc, "convnet", torch.Generator().manual_seed(seed), torch.device("cpu"))
+
+
+def test_random_draws_ipc_real_images_per_class():
+    ctx = context(3)
+    out = create_method("random").distill(ctx)
+    assert out.images.shape == (30, 1, 8, 8) and out.labels.tolist() == [c for c in range(10) for _ in range(3)]
+    train = ctx.dataset.train_images.reshape(len(ctx.dataset.train_images), -1)
+    for image, label in zip(out.images, out.labels):
+        match = (train == image.reshape(1, -1)).all(dim=1).nonzero().flatten()
+        assert len(match) >= 1 and int(ctx.dataset.train_labels[match[0]]) == int(label)
+    again = create_method("random").distill(context(3))
+    assert torch.equal(out.images, again.images)
+    other = create_method("random").distill(context(3, seed=1))
+    assert not torch.equal(out.images, other.images)
+
+
+def test_full_is_the_training_set():
+    ctx = context(1)
+    out = create_method("full").distill(ctx)
+    assert torch.equal(out.images, ctx.dataset.train_images)
+
+
+def test_herding_order_keeps_the_running_mean_close():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(50, 4, generator=g)
+    order = herding_order(features, 5)
+    assert len(set(order)) == 5
+    mean = features.mean(0)
+    first = int(((features - mean) ** 2).sum(1).argmin())
+    assert order[0] == first  # step 1: the image closest to the mean
+    herded = (features[order].mean(0) - mean).norm()
+    random_pick = (features[:5].mean(0) - mean).norm()
+    assert herded < random_pick
+
+
+def test_herding_distills_real_images():
+    out = create_method("herding", quick=True, embed_epochs=2).distill(context(2))
+    assert out.images.shape == (20, 1, 8, 8) and out.labels.tolist() == [c for c in range(10) for _ in range(2)]
+
+
+def test_report_detects_nan():
+    ctx = context(1)
+    ctx.report(0, loss=1.0)
+    with pytest.raises(Diverged, match="loss"):
+        ctx.report(1, loss=float("nan"))

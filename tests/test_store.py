@@ -1,0 +1,46 @@
+"""Records and distilled sets: atomic writes, round trips, the DataFrame view."""
+
+import json
+
+import torch
+
+from bench.distilled import DistilledSet
+from bench.store import SCHEMA_VERSION, load_records, load_results, write_record
+
+RECORD = {
+    "record_id": "abc123", "method": "random", "recipe": None, "dataset": "digits", "ipc": 10,
+    "distill_arch": "convnet", "eval_arch": "convnet", "protocol": "standard", "quick": True,
+    "seeds": [0, 1, 2], "acc": [90.0, 91.0, 92.0], "acc_mean": 91.0, "acc_std": 0.8165, "status": "ok",
+    "error": None, "phases": {"distill": {"wall_s": 0.5, "cpu_peak_rss_mb": None, "gpu_reason": "no GPU"}},
+}
+
+
+def test_record_round_trip(tmp_path):
+    path = write_record(tmp_path, RECORD)
+    assert path.parent.name == "records" and not list(path.parent.glob("*.tmp*"))
+    loaded = json.loads(path.read_text())
+    assert loaded["schema_version"] == SCHEMA_VERSION
+    assert {k: loaded[k] for k in RECORD} == RECORD
+    (record,) = load_records(tmp_path)
+    assert record["acc"] == [90.0, 91.0, 92.0]
+    frame = load_results(tmp_path)
+    assert frame.loc[0, "acc_mean"] == 91.0 and frame.loc[0, "distill_wall_s"] == 0.5
+    assert frame.loc[0, "distill_cpu_peak_rss_mb"] is None
+
+
+def test_unreadable_records_are_skipped(tmp_path):
+    write_record(tmp_path, RECORD)
+    (tmp_path / "records" / "broken.json").write_text("{not json")
+    assert len(load_records(tmp_path)) == 1
+
+
+def test_distilled_set_round_trip(tmp_path):
+    images = torch.randn(20, 1, 8, 8)
+    labels = torch.arange(10).repeat_interleave(2)
+    soft = torch.randn(20, 10)
+    meta = {"method": "x", "dataset": "digits", "transform": {"kind": "zca"}, "ipc": 2}
+    path = DistilledSet(images, labels, soft, 0.0123, meta).save(tmp_path / "set")
+    assert path.suffix == ".json" and (tmp_path / "set.safetensors").is_file()
+    back = DistilledSet.load(tmp_path / "set.safetensors")
+    assert torch.equal(back.images, images) and torch.equal(back.labels, labels) and torch.equal(back.soft_labels, soft)
+    assert back.learned_lr == 0.0123 and back.metadata == meta
