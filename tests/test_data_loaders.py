@@ -18,7 +18,7 @@ import bench.data as data
 from bench.data import get_dataset_info, load_dataset
 from bench.errors import DataFilesMissing
 
-REAL_MNIST = Path("/work/shared/data/mnist")
+REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"  # ../shared beside the clone, if present
 ON_DISK = ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "tiny_imagenet", "imagenet", "imagenet64"]
 
 
