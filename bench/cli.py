@@ -47,6 +47,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the reduced CPU recipes and the quick protocol (flagged in every record)")
     parser.add_argument("--data-root", default=None, help="folder holding the datasets (default: $DDBENCH_DATA or ./data)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    parser.add_argument("--cache-dir", default=None, help="expert cache (default: $DDBENCH_CACHE or ~/.cache/ddbench)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +129,7 @@ def _distill(args: argparse.Namespace) -> None:
     request = RunRequest(dataset=args.dataset, methods=[args.method], ipcs=[args.ipc], eval_archs=[],
                          seeds=[0], results_dir=Path("."), distill_arch=args.arch, quick=args.quick,
                          data_root=args.data_root, device=args.device, distill_seed=args.seed,
-                         method_options={args.method: _options(args.set)})
+                         cache_dir=args.cache_dir, method_options={args.method: _options(args.set)})
     (cell,) = plan(request)
     distilled = distill_cell(cell, request, resolve_device(args.device), {})
     print(distilled.save(args.out))
@@ -150,12 +151,20 @@ def _evaluate(args: argparse.Namespace) -> None:
     zca = (meta.get("transform") or {}).get("kind") == "zca"
     device = resolve_device(args.device)
     dataset = load_dataset(meta["dataset"], args.data_root, zca=zca, device=device)
+    from bench.runner import protocol_for
+
     protocol = get_protocol(args.protocol)
-    resolved = protocol.resolve(args.quick, distilled.learned_lr)
+    resolved = protocol_for(protocol, distilled, args.quick)
     for arch in args.archs:
         _check_arch_runs(arch, dataset.to("cpu"))
+    teacher = None
+    if resolved.targets == "soft" and distilled.soft_labels is None:
+        from bench.experts import soft_protocol_teacher
+        from bench.runner import log
+
+        teacher = soft_protocol_teacher(dataset, meta.get("distill_arch") or "convnet", args.quick, device, args.cache_dir, log)
     for arch in args.archs:
-        result = evaluate_distilled(distilled, dataset, arch, resolved, args.seeds, device)
+        result = evaluate_distilled(distilled, dataset, arch, resolved, args.seeds, device, teacher=teacher)
         print(f"{meta['dataset']} {meta.get('method', '?')} ipc {meta.get('ipc')} → {arch} [{protocol.name}"
               f"{', quick' if args.quick else ''}]: {result.acc_mean:.2f} ± {result.acc_std:.2f} "
               f"(seeds {args.seeds}: {', '.join(f'{a:.2f}' for a in result.acc)})")
@@ -179,7 +188,8 @@ def _run(args: argparse.Namespace) -> None:
     request = RunRequest(dataset=args.dataset, methods=args.methods, ipcs=args.ipc, eval_archs=args.eval_archs,
                          seeds=args.seeds, results_dir=Path(args.results), protocol=args.protocol,
                          distill_arch=args.distill_arch, quick=args.quick, data_root=args.data_root,
-                         device=args.device, distill_seed=args.distill_seed, resume=args.resume)
+                         device=args.device, distill_seed=args.distill_seed, resume=args.resume,
+                         cache_dir=args.cache_dir)
     run(request)
 
 

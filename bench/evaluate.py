@@ -5,9 +5,9 @@ A protocol is a versioned recipe for turning a distilled set into an accuracy:
 * ``standard`` (v1) — the community's protocol (DC, DSA, DM, MTT): a freshly initialised network trained on the
   distilled set with hard labels and cross-entropy; SGD lr 0.01 (or the method's *learned* lr, MTT-style),
   momentum 0.9, weight decay 5e-4, batch 256, 1000 epochs with DSA, lr ×0.1 once after epoch ``epochs//2 + 1``.
-* ``soft`` (v1) — APM's own evaluation (Chen et al. 2023): the network regresses a teacher's logits with L1
-  (KL with a temperature as an option). Targets are the teacher's logits on each augmented batch, or the set's
-  stored soft labels when it carries them and no teacher is given.
+* ``soft`` (v1) — APM's own evaluation (Chen et al. 2023, official ``evaluate_synset_mc``): the network
+  regresses fixed targets with L1 (KL with a temperature as an option): a teacher's logits on the *un-augmented*
+  distilled images, computed once, or the set's stored soft labels; DSA is applied to the inputs only.
 
 Each has a *quick* form for CPUs (fewer epochs), flagged ``quick`` in every record. The reported figure is the
 test accuracy after the *last* epoch — never a checkpoint chosen on the test set — for every seed, with the
@@ -53,12 +53,15 @@ class Protocol:
     dsa: bool = True
     temperature: float = 1.0  # for loss "kl"
     accepts_learned_lr: bool = True  # a method's learned lr replaces `lr`
+    decay_epoch: int | None = None  # lr ×0.1 from this epoch on; None: epochs // 2 + 1
 
     def resolve(self, quick: bool, learned_lr: float | None = None, **overrides: object) -> "Protocol":
         """The protocol as it will run: quick epochs, a handed-over learned lr, then explicit overrides."""
         resolved = replace(self, epochs=self.quick_epochs if quick else self.epochs)
         if learned_lr is not None and self.accepts_learned_lr:
             resolved = replace(resolved, lr=float(learned_lr))
+        if resolved.decay_epoch is None:
+            resolved = replace(resolved, decay_epoch=resolved.epochs // 2 + 1)
         unknown = set(overrides) - set(asdict(self))
         if unknown:
             raise UserError(f"unknown protocol option(s) {sorted(unknown)} for protocol '{self.name}'")
@@ -103,25 +106,22 @@ def train_network(
     protocol: Protocol,
     generator: torch.Generator,
     augment: DSA | None = None,
-    teacher: nn.Module | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> float:
     """Train ``model`` in place on (images, targets) as ``protocol`` says; returns the last epoch's mean loss.
 
-    ``targets`` are class indices (loss ``ce``) or logits (``l1``/``kl``). With a ``teacher``, the targets of each
-    batch are the teacher's logits on that same augmented batch and ``targets`` is ignored.
+    ``targets`` are class indices (loss ``ce``) or logits (``l1``/``kl``); ``augment`` transforms the inputs of
+    every batch with fresh per-image parameters. ``on_epoch(epoch, loss)`` runs after each epoch.
     """
     optimizer = torch.optim.SGD(
         model.parameters(), lr=protocol.lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay
     )
-    decay_after = protocol.epochs // 2 + 1
+    decay_epoch = protocol.epochs // 2 + 1 if protocol.decay_epoch is None else protocol.decay_epoch
     n = images.shape[0]
     model.train()
-    if teacher is not None:
-        teacher.eval()
     epoch_loss = float("nan")
     for epoch in range(protocol.epochs):
-        if epoch == decay_after:
+        if epoch == decay_epoch:
             for group in optimizer.param_groups:
                 group["lr"] = protocol.lr * 0.1
         order = torch.randperm(n, generator=generator).to(images.device)
@@ -131,12 +131,7 @@ def train_network(
             x = images[batch]
             if augment is not None:
                 x = augment(x, generator)
-            if teacher is not None:
-                with torch.no_grad():
-                    y = teacher(x)
-            else:
-                y = targets[batch]
-            loss = _loss(protocol, model(x), y)
+            loss = _loss(protocol, model(x), targets[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -146,6 +141,13 @@ def train_network(
         if on_epoch is not None:
             on_epoch(epoch, epoch_loss)
     return epoch_loss
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
+    """The model's logits on ``images`` in eval mode, batch by batch, without augmentation."""
+    model.eval()
+    return torch.cat([model(chunk) for chunk in images.split(batch_size)])
 
 
 @torch.no_grad()
@@ -208,23 +210,20 @@ def evaluate_distilled(
     check_compatible(distilled, dataset)
     images = distilled.images.to(device)
     if protocol.targets == "hard":
-        targets, teacher = distilled.labels.to(device), None
+        targets = distilled.labels.to(device)
     elif teacher is not None:
-        targets = distilled.labels.to(device)  # unused: the teacher labels each augmented batch
-        teacher = teacher.to(device)
+        targets = logits_of(teacher.to(device), images)
     elif distilled.soft_labels is not None:
         targets = distilled.soft_labels.to(device)
     else:
         raise UserError(f"protocol '{protocol.name}' needs a teacher or a set with soft labels")
     augment = DSA.for_dataset(dataset.info.digit_like) if protocol.dsa else None
-    if augment is not None and teacher is None and protocol.targets == "soft":
-        augment = None  # stored soft labels belong to the un-augmented images
     accs, losses = [], []
     for seed in seeds:
         generator = generator_for(seed, "evaluate", eval_arch)
         model = create_network(
             eval_arch, dataset.num_classes, dataset.channels, dataset.resolution, generator
         ).to(device)
-        losses.append(train_network(model, images, targets, protocol, generator, augment, teacher, on_epoch))
+        losses.append(train_network(model, images, targets, protocol, generator, augment, on_epoch))
         accs.append(accuracy(model, dataset.test_images.to(device), dataset.test_labels.to(device)))
     return EvaluationResult(eval_arch, protocol, list(seeds), accs, losses)

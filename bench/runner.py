@@ -24,6 +24,7 @@ from bench.data import Dataset, load_dataset
 from bench.distilled import DistilledSet
 from bench.errors import Diverged, UserError
 from bench.evaluate import Protocol, evaluate_distilled, get_protocol
+from bench.experts import soft_protocol_teacher
 from bench.measure import environment_stamp, phase
 from bench.models import check_arch, create_network
 from bench.registry import create_method, list_methods, split_method_spec
@@ -48,6 +49,7 @@ class RunRequest:
     device: str = "auto"
     distill_seed: int = 0
     resume: bool = False
+    cache_dir: str | None = None
     suite: str | None = None
     method_options: dict = field(default_factory=dict)
 
@@ -123,6 +125,20 @@ def _progress(desc: str, total: int | None = None) -> tqdm:
     return tqdm(total=total, desc=desc, leave=False, disable=None, file=sys.stderr, dynamic_ncols=True)
 
 
+def log(message: str) -> None:
+    """A progress line on stderr that does not break the bars."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def protocol_for(protocol: Protocol, distilled: DistilledSet | None, quick: bool) -> Protocol:
+    """The protocol as it runs for this set: quick form; the lr a method hands over for this protocol
+    (``metadata["protocol_lr"][name]``, e.g. APM's ``lr_net`` for ``soft``) or its learned lr (MTT)."""
+    if distilled is None:
+        return protocol.resolve(quick)
+    handed = (distilled.metadata.get("protocol_lr") or {}).get(protocol.name)
+    return protocol.resolve(quick, handed if handed is not None else distilled.learned_lr)
+
+
 def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: dict) -> DistilledSet:
     """Run the method's distillation for one cell, with a progress bar and NaN detection."""
     from methods.base import DistillContext
@@ -144,14 +160,21 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
         arch=request.distill_arch,
         generator=generator_for(request.distill_seed, "distill", cell.dataset.name, str(cell.ipc)),
         device=device,
+        quick=request.quick,
+        cache_dir=request.cache_dir,
         _report=report,
         _start=start,
+        _log=log,
     )
     try:
-        with phase(phases, "distill", device):
+        with phase(phases, "distill", device) as figures:
             distilled = cell.method.distill(ctx)
     finally:
         bar.close()
+    if ctx.expert_wall_s:
+        phases["experts"] = dict(figures, wall_s=round(ctx.expert_wall_s, 4), trained=ctx.experts_trained)
+        figures["wall_s"] = round(figures["wall_s"] - ctx.expert_wall_s, 4)
+    stamp = environment_stamp()
     if not torch.isfinite(distilled.images).all():
         raise Diverged("the distilled images contain NaN or infinite values")
     if distilled.learned_lr is not None and not (0 < distilled.learned_lr < float("inf")):
@@ -166,8 +189,8 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
         ipc=cell.ipc,
         distill_arch=request.distill_arch,
         seed=request.distill_seed,
-        code_version=environment_stamp()["ddbench"],
-        git_sha=environment_stamp()["git_sha"],
+        code_version=stamp["ddbench"],
+        git_sha=stamp["git_sha"],
     )
     return distilled
 
@@ -195,6 +218,7 @@ def run(request: RunRequest, echo: Callable[[str], None] = print) -> list[dict]:
     protocol = get_protocol(request.protocol)
     done = existing_record_ids(request.results_dir) if request.resume else set()
     environment = environment_stamp()
+    teachers: dict[str, torch.nn.Module] = {}
     records = []
     for cell in cells:
         ids = {arch: record_id(_identity(cell, request, arch, protocol)) for arch in request.eval_archs}
@@ -232,7 +256,7 @@ def run(request: RunRequest, echo: Callable[[str], None] = print) -> list[dict]:
         for arch in request.eval_archs:
             if request.resume and ids[arch] in done:
                 continue
-            resolved = protocol.resolve(request.quick, distilled.learned_lr if distilled else None)
+            resolved = protocol_for(protocol, distilled, request.quick)
             record = dict(base, record_id=ids[arch], eval_arch=arch, protocol=protocol.name,
                           protocol_version=protocol.version, protocol_config=resolved.as_record(),
                           acc=[], acc_mean=None, acc_std=None, status=status, error=error,
@@ -241,9 +265,16 @@ def run(request: RunRequest, echo: Callable[[str], None] = print) -> list[dict]:
             if distilled is not None:
                 try:
                     bar = _progress(f"evaluate {arch} × {len(request.seeds)} seeds", resolved.epochs * len(request.seeds))
+                    teacher = None
+                    if resolved.targets == "soft" and distilled.soft_labels is None:
+                        key = cell.dataset.transform["kind"]
+                        if key not in teachers:
+                            teachers[key] = soft_protocol_teacher(cell.dataset, request.distill_arch, request.quick,
+                                                                  device, request.cache_dir, log)
+                        teacher = teachers[key]
                     with phase(cell_phases, "eval", device):
                         result = evaluate_distilled(distilled, cell.dataset, arch, resolved, request.seeds, device,
-                                                    on_epoch=lambda e, l: bar.update(1))
+                                                    teacher=teacher, on_epoch=lambda e, l: bar.update(1))
                     bar.close()
                     record.update(acc=[round(a, 4) for a in result.acc], acc_mean=round(result.acc_mean, 4),
                                   acc_std=round(result.acc_std, 4), final_train_loss=result.final_train_loss)

@@ -24,6 +24,7 @@ from bench.augment import DSA
 from bench.data import Dataset
 from bench.distilled import DistilledSet
 from bench.errors import Diverged
+from bench.experts import ExpertPool, expert_recipe
 from bench.models import create_network
 
 ReportFn = Callable[[int, dict[str, float]], None]
@@ -41,14 +42,34 @@ class DistillContext:
     arch: str  # the distillation architecture (a timm name or spec)
     generator: torch.Generator
     device: torch.device
+    quick: bool = False
+    cache_dir: str | None = None  # where expert pools are cached (None: $DDBENCH_CACHE or ~/.cache/ddbench)
     iterations_hint: int | None = None  # for the progress bar, set by the method through `start`
+    expert_wall_s: float = 0.0  # time spent obtaining experts (trained or loaded): the `experts` phase
+    experts_trained: int = 0
     _report: ReportFn | None = field(default=None, repr=False)
     _start: Callable[[int], None] | None = field(default=None, repr=False)
+    _log: Callable[[str], None] | None = field(default=None, repr=False)
 
     def make_network(self, arch: str | None = None) -> nn.Module:
         """A freshly initialised network (weights drawn from this context's generator) on the device."""
         d = self.dataset
         return create_network(arch or self.arch, d.num_classes, d.channels, d.resolution, self.generator).to(self.device)
+
+    def experts(self, recipe: str, count: int, epochs: int | None = None) -> ExpertPool:
+        """``count`` experts of the named recipe (``mtt`` or ``apm``) on this dataset and architecture.
+
+        Trained on first use and cached by content; the time they take is the harness's ``experts`` phase.
+        """
+        import time
+
+        start = time.perf_counter()
+        pool = ExpertPool(self.dataset, self.arch, expert_recipe(recipe, self.quick, epochs), count, self.device,
+                          self.cache_dir, log=self._log)
+        pool.ensure()
+        self.experts_trained += pool.trained_now
+        self.expert_wall_s += time.perf_counter() - start
+        return pool
 
     def augmentation(self) -> DSA:
         """DSA for this dataset (no flip on digits)."""
@@ -86,8 +107,8 @@ class Method(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     recipes: ClassVar[dict[str, dict]] = {}
     quick: ClassVar[dict] = {}  # the CPU-sized copy of any recipe: overrides applied last
+    smoke: ClassVar[dict] = {}  # on top of `quick`: a seconds-long run for the conformance test
     depends_on_ipc: ClassVar[bool] = True  # False for `full`: one set, whatever the ipc
-    needs_teacher: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig):
         self.config = config

@@ -52,6 +52,7 @@ def herding_order(features: Tensor, count: int) -> list[int]:
 class Herding(Method):
     Config = HerdingConfig
     quick = {"embed_epochs": 10}
+    smoke = {"embed_epochs": 1}
 
     def distill(self, ctx: DistillContext) -> DistilledSet:
         cfg: HerdingConfig = self.config  # type: ignore[assignment]

@@ -1,0 +1,197 @@
+"""Experts: networks trained on the real training set, shared by MTT, TESLA, APM and the ``soft`` protocol.
+
+MTT and TESLA need each expert's parameters after every epoch (a *trajectory*); APM and the soft protocol need
+the final network (a *teacher*). Experts are trained once through the harness's one training loop and cached
+by content — dataset and transform (including the ZCA fingerprint), architecture, recipe, seed and
+``EXPERT_CODE_VERSION`` — as safetensors under ``<cache>/experts/<key>/``. A pool that was interrupted resumes
+at the first expert whose file is missing; a second run of the same recipe trains nothing.
+
+Recipes (``notes/methods.md`` §4):
+
+* ``mtt`` — Cazenavette et al. 2022 ``buffer.py``: 50 epochs, SGD lr 0.01, no momentum, no weight decay,
+  batch 256, DSA; keeps the trajectory.
+* ``apm`` — Chen et al. 2023 ``model_train``: 100 epochs, SGD lr 0.05, momentum 0.9, wd 5e-4, lr ×0.1 at epoch 50,
+  DSA. The official code keeps each teacher's epoch with the best *test* accuracy; we keep the last epoch.
+
+Quick recipes are the same recipes with fewer epochs (and pools with fewer experts, chosen by the methods).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from bench.augment import DSA
+from bench.data import Dataset
+from bench.distilled import write_json_atomic
+from bench.evaluate import Protocol, train_network
+from bench.models import create_network
+from bench.seeding import generator_for
+from bench.store import stable_hash
+
+CACHE_ENV = "DDBENCH_CACHE"
+EXPERT_CODE_VERSION = 1  # bump when the training loop changes what an expert is
+
+
+@dataclass(frozen=True)
+class ExpertRecipe:
+    name: str
+    epochs: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch_size: int = 256
+    decay_epoch: int | None = None  # lr ×0.1 from this epoch on; None: constant lr
+    dsa: bool = True
+    keep_trajectory: bool = False
+
+    def as_protocol(self) -> Protocol:
+        return Protocol(
+            f"expert-{self.name}", EXPERT_CODE_VERSION, "hard", "ce", self.epochs, self.epochs, self.lr,
+            self.momentum, self.weight_decay, self.batch_size, self.dsa,
+            decay_epoch=self.epochs if self.decay_epoch is None else self.decay_epoch,
+        )
+
+    def quick(self, epochs: int) -> "ExpertRecipe":
+        """The same recipe over fewer epochs (the decay epoch scaled with it)."""
+        decay = None if self.decay_epoch is None else max(1, round(self.decay_epoch * epochs / self.epochs))
+        return replace(self, name=f"{self.name}-quick{epochs}", epochs=epochs, decay_epoch=decay)
+
+
+EXPERT_RECIPES = {
+    "mtt": ExpertRecipe("mtt", epochs=50, lr=0.01, momentum=0.0, weight_decay=0.0, keep_trajectory=True),
+    "apm": ExpertRecipe("apm", epochs=100, lr=0.05, momentum=0.9, weight_decay=5e-4, decay_epoch=50),
+}
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``--cache-dir`` if given, else ``$DDBENCH_CACHE``, else ``~/.cache/ddbench``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ddbench"
+
+
+class ExpertPool:
+    """``count`` experts of one recipe on one dataset and architecture, trained on demand and cached."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        arch: str,
+        recipe: ExpertRecipe,
+        count: int,
+        device: torch.device | str,
+        cache_dir: str | os.PathLike | None = None,
+        seed: int = 0,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.dataset, self.arch, self.recipe, self.count = dataset, arch, recipe, count
+        self.device, self.seed, self.log = torch.device(device), seed, log or (lambda message: None)
+        self.identity = {
+            "dataset": dataset.name,
+            "transform": dataset.transform,
+            "n_train": int(dataset.train_images.shape[0]),
+            "arch": arch,
+            "recipe": asdict(recipe),
+            "seed": seed,
+            "code_version": EXPERT_CODE_VERSION,
+        }
+        self.key = stable_hash(self.identity, 16)
+        self.folder = resolve_cache_dir(cache_dir) / "experts" / self.key
+        self.trained_now = 0  # experts trained (not loaded) by this pool object
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"expert_{index:04d}.safetensors"
+
+    def ensure(self, on_epoch: Callable[[int, int, float], None] | None = None) -> None:
+        """Train every missing expert, in order; those already cached are kept."""
+        missing = [i for i in range(self.count) if not self.path(i).is_file()]
+        if not missing:
+            self.log(f"experts: {self.count} × {self.recipe.name} on {self.dataset.name}/{self.arch} loaded from cache {self.folder}")
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.folder / "identity.json", self.identity)
+        self.log(f"experts: training {len(missing)} of {self.count} × {self.recipe.name} on {self.dataset.name}/{self.arch} into {self.folder}")
+        for index in missing:
+            self._train(index, on_epoch)
+            self.trained_now += 1
+
+    def _train(self, index: int, on_epoch: Callable[[int, int, float], None] | None) -> None:
+        generator = generator_for(self.seed, "expert", self.key, str(index))
+        data = self.dataset
+        model = create_network(self.arch, data.num_classes, data.channels, data.resolution, generator).to(self.device)
+        snapshots: dict[str, Tensor] = {}
+
+        def snapshot(epoch: int) -> None:
+            for name, param in model.named_parameters():
+                snapshots[f"epoch{epoch:04d}/{name}"] = param.detach().cpu().clone()
+
+        def after_epoch(epoch: int, loss: float) -> None:
+            if self.recipe.keep_trajectory:
+                snapshot(epoch + 1)
+            if on_epoch is not None:
+                on_epoch(index, epoch, loss)
+
+        if self.recipe.keep_trajectory:
+            snapshot(0)
+        augment = DSA.for_dataset(data.info.digit_like) if self.recipe.dsa else None
+        train_network(model, data.train_images, data.train_labels, self.recipe.as_protocol(), generator, augment, after_epoch)
+        final = {f"final/{name}": t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+        tmp = self.path(index).with_suffix(".tmp")
+        save_file({**snapshots, **final}, str(tmp))
+        os.replace(tmp, self.path(index))
+
+    def _load(self, index: int) -> dict[str, Tensor]:
+        if not self.path(index).is_file():
+            self.ensure()
+        return load_file(str(self.path(index)), device=str(self.device))
+
+    def network(self, index: int) -> nn.Module:
+        """Expert ``index``'s final network (last epoch), in eval mode on the device."""
+        tensors = self._load(index)
+        data = self.dataset
+        model = create_network(self.arch, data.num_classes, data.channels, data.resolution, torch.Generator().manual_seed(0))
+        model.load_state_dict({k.removeprefix("final/"): v for k, v in tensors.items() if k.startswith("final/")})
+        return model.to(self.device).eval()
+
+    def trajectory(self, index: int) -> list[dict[str, Tensor]]:
+        """Expert ``index``'s parameters at epochs 0 (initialisation) … ``epochs``, as name → tensor dicts."""
+        if not self.recipe.keep_trajectory:
+            raise ValueError(f"expert recipe '{self.recipe.name}' keeps no trajectory")
+        tensors = self._load(index)
+        epochs: list[dict[str, Tensor]] = [dict() for _ in range(self.recipe.epochs + 1)]
+        for key, value in tensors.items():
+            if key.startswith("epoch"):
+                epoch, name = key.split("/", 1)
+                epochs[int(epoch.removeprefix("epoch"))][name] = value
+        return epochs
+
+
+QUICK_EXPERT_EPOCHS = {"mtt": 10, "apm": 20}  # the CPU-sized expert recipes (`--quick`)
+
+
+def expert_recipe(name: str, quick: bool, epochs: int | None = None) -> ExpertRecipe:
+    """A named expert recipe; ``quick`` shortens it to ``QUICK_EXPERT_EPOCHS`` unless ``epochs`` is given."""
+    recipe = EXPERT_RECIPES[name]
+    epochs = epochs if epochs is not None else (QUICK_EXPERT_EPOCHS[name] if quick else None)
+    return recipe if epochs is None or epochs == recipe.epochs else recipe.quick(epochs)
+
+
+def soft_protocol_teacher(
+    dataset: Dataset, arch: str, quick: bool, device: torch.device | str, cache_dir: str | os.PathLike | None,
+    log: Callable[[str], None] | None = None,
+) -> nn.Module:
+    """The teacher of the ``soft`` protocol: expert 0 of APM's teacher pool (the same for every method).
+
+    Fixed by index, never chosen by test accuracy, so every method is evaluated against the same teacher.
+    """
+    pool = ExpertPool(dataset, arch, expert_recipe("apm", quick), 1, device, cache_dir, log=log)
+    pool.ensure()
+    return pool.network(0)
