@@ -155,6 +155,18 @@ def resolve_config(name: str, recipe: str | None, quick: bool, overrides: dict) 
     return config, dataclasses.asdict(config)
 
 
+DATASET_RECIPE_ALIASES = {"tiny_imagenet": "tiny", "imagenet64": "imagenet"}
+
+
+def default_recipe(name: str, dataset: str, ipc: int | None) -> str | None:
+    """The method's paper recipe for this setting (``<dataset>_ipc<k>``), if it has one."""
+    cls = get_method_class(name)
+    for key in (f"{dataset}_ipc{ipc}", f"{DATASET_RECIPE_ALIASES.get(dataset, dataset)}_ipc{ipc}"):
+        if key in cls.recipes:
+            return key
+    return None
+
+
 def create_method(spec: str, quick: bool = False, **overrides: object) -> object:
     """Build a method from ``name[.recipe]``; the instance carries ``recipe``, ``quick`` and ``resolved_config``."""
     name, recipe = split_method_spec(spec)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +27,7 @@ from bench.evaluate import Protocol, evaluate_distilled, get_protocol
 from bench.experts import soft_protocol_teacher
 from bench.measure import environment_stamp, phase
 from bench.models import check_arch, create_network
-from bench.registry import create_method, list_methods, split_method_spec
+from bench.registry import create_method, default_recipe, get_method_class, list_methods, split_method_spec
 from bench.seeding import generator_for
 from bench.store import existing_record_ids, record_id, stable_hash, write_record
 
@@ -94,7 +94,8 @@ def plan(request: RunRequest) -> list[Cell]:
         if ipc < 1:
             raise UserError(f"ipc must be at least 1, got {ipc}")
     specs = list_methods() if request.methods == ["all"] else request.methods
-    methods = {spec: create_method(spec, quick=request.quick, **request.method_options.get(spec, {})) for spec in specs}
+    for spec in specs:  # fail fast on a bad name, recipe or option, before any data is read
+        create_method(spec, quick=request.quick, **request.method_options.get(spec, {}))
     get_protocol(request.protocol)
     for arch in [request.distill_arch, *request.eval_archs]:
         check_arch(arch)
@@ -102,19 +103,25 @@ def plan(request: RunRequest) -> list[Cell]:
     datasets: dict[bool, Dataset] = {}
     device = resolve_device(request.device)
     cells = []
-    for spec, method in methods.items():
-        zca = bool(getattr(method.config, "zca", False))
-        if zca not in datasets:
-            datasets[zca] = load_dataset(request.dataset, request.data_root, zca=zca, device=device)
-        dataset = datasets[zca]
-        smallest = min(dataset.class_counts())
-        for ipc in request.ipcs:
-            if ipc > smallest:
-                raise UserError(
-                    f"ipc {ipc} is larger than the smallest class of {dataset.name} ({smallest} training images)"
-                )
-        ipcs = request.ipcs if method.depends_on_ipc else [None]
-        cells.extend(Cell(spec, method, ipc, dataset) for ipc in ipcs)
+    for spec in specs:
+        name, recipe = split_method_spec(spec)
+        depends_on_ipc = get_method_class(name).depends_on_ipc
+        for ipc in request.ipcs if depends_on_ipc else [None]:
+            # no recipe named: the method's paper recipe for this dataset and ipc, where it has one
+            resolved_spec = spec if recipe or default_recipe(name, request.dataset, ipc) is None else \
+                f"{name}.{default_recipe(name, request.dataset, ipc)}"
+            method = create_method(resolved_spec, quick=request.quick, **request.method_options.get(spec, {}))
+            zca = bool(getattr(method.config, "zca", False))
+            if zca not in datasets:
+                datasets[zca] = load_dataset(request.dataset, request.data_root, zca=zca, device=device)
+            dataset = datasets[zca]
+            smallest = min(dataset.class_counts())
+            for wanted in request.ipcs:
+                if wanted > smallest:
+                    raise UserError(
+                        f"ipc {wanted} is larger than the smallest class of {dataset.name} ({smallest} training images)"
+                    )
+            cells.append(Cell(resolved_spec, method, ipc, dataset))
     for dataset in datasets.values():
         for arch in dict.fromkeys([request.distill_arch, *request.eval_archs]):
             _check_arch_runs(arch, dataset.to("cpu") if dataset.device.type != "cpu" else dataset)
@@ -131,12 +138,21 @@ def log(message: str) -> None:
 
 
 def protocol_for(protocol: Protocol, distilled: DistilledSet | None, quick: bool) -> Protocol:
-    """The protocol as it runs for this set: quick form; the lr a method hands over for this protocol
-    (``metadata["protocol_lr"][name]``, e.g. APM's ``lr_net`` for ``soft``) or its learned lr (MTT)."""
+    """The protocol as it runs for this set.
+
+    A method may hand over settings for a protocol in ``metadata["protocol_overrides"][name]`` — APM gives the
+    ``soft`` protocol its recipe's ``lr`` and ``epochs`` (Table A9) — and a learned lr (MTT) replaces the lr of
+    protocols that accept one. Under ``quick`` the quick epochs stand.
+    """
     if distilled is None:
         return protocol.resolve(quick)
-    handed = (distilled.metadata.get("protocol_lr") or {}).get(protocol.name)
-    return protocol.resolve(quick, handed if handed is not None else distilled.learned_lr)
+    handed = dict((distilled.metadata.get("protocol_overrides") or {}).get(protocol.name) or {})
+    resolved = protocol.resolve(quick, None if "lr" in handed else distilled.learned_lr)
+    if "lr" in handed:
+        resolved = replace(resolved, lr=float(handed["lr"]))
+    if "epochs" in handed and not quick:
+        resolved = replace(resolved, epochs=int(handed["epochs"]), decay_epoch=int(handed["epochs"]) // 2 + 1)
+    return resolved
 
 
 def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: dict) -> DistilledSet:

@@ -1,0 +1,113 @@
+"""APM: segment accumulation, one-image segments, checkpoints, teacher cadence, subgroups, divergence."""
+
+import pytest
+import torch
+
+from bench.data import load_dataset
+from bench.errors import Diverged, UserError
+from bench.models import create_network
+from bench.registry import create_method
+from methods.apm import APM, CheckpointRecorder, checkpoint_epochs, image_step
+from methods.base import DistillContext
+
+
+def tiny_networks(count):
+    g = torch.Generator().manual_seed(0)
+    nets = [create_network("convnet[width=8]", 10, 1, 8, g).double().eval() for _ in range(count)]
+    for net in nets:
+        net.requires_grad_(False)
+    return nets
+
+
+def gradient(segment, images, labels, batch, teacher, students):
+    u = images.clone().requires_grad_(True)
+    losses = image_step(u, labels, batch, teacher, students, ce=0.1, segment=segment)
+    return u.grad, losses
+
+
+def test_segment_accumulation_equals_one_segment():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(7, 1, 8, 8, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6])
+    teacher, *students = tiny_networks(4)
+    batch = torch.tensor([6, 0, 3, 2, 5])  # a subset, in random order, as an update draws it
+    whole, losses_whole = gradient(5, images, labels, batch, teacher, students)
+    for segment in (1, 2, 3):  # 1: one-image segments keep their batch dimension
+        parts, losses = gradient(segment, images, labels, batch, teacher, students)
+        assert torch.allclose(parts, whole, rtol=1e-10, atol=1e-12), segment
+        assert losses["loss"] == pytest.approx(losses_whole["loss"], rel=1e-10)
+    assert whole[[1, 4]].abs().sum() == 0  # images outside the update get no gradient
+    assert whole[batch].abs().sum() > 0
+
+
+def test_image_step_is_ce_minus_disagreement():
+    images = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    labels = torch.tensor([1, 2, 3])
+    teacher, s1, s2 = tiny_networks(3)
+    _, losses = gradient(3, images, labels, torch.arange(3), teacher, [s1, s2])
+    t = teacher(images)
+    expected_gap = float(torch.nn.functional.l1_loss(s1(images), t) + torch.nn.functional.l1_loss(s2(images), t))
+    expected_ce = float(torch.nn.functional.cross_entropy(t, labels))
+    assert losses["disagreement"] == pytest.approx(expected_gap)
+    assert losses["loss"] == pytest.approx(0.1 * expected_ce - expected_gap)
+
+
+def test_checkpoints_are_evenly_spaced_and_frozen():
+    assert checkpoint_epochs(250, 5) == [50, 100, 150, 200, 250]
+    assert checkpoint_epochs(10, 3) == [3, 6, 10]
+    with pytest.raises(UserError):
+        checkpoint_epochs(4, 5)
+    net = torch.nn.Linear(2, 2)
+    recorder = CheckpointRecorder(net, [1, 3])
+    for epoch in range(3):
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        recorder(epoch, 0.0)
+    assert len(recorder.saved) == 2
+    assert not torch.equal(recorder.saved[0].weight, recorder.saved[1].weight)
+    assert not any(p.requires_grad for p in recorder.saved[0].parameters())
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def context(dataset, ipc=1, seed=0):
+    return DistillContext(dataset, ipc, "convnet", torch.Generator().manual_seed(seed), torch.device("cpu"), quick=True)
+
+
+def test_teacher_and_student_every_mid_gap_plus_one(digits, monkeypatch):
+    trained = []
+    original = APM.train_students
+
+    def spy(self, ctx, images, teacher, generator):
+        trained.append(len(images))
+        return original(self, ctx, images, teacher, generator)
+
+    monkeypatch.setattr(APM, "train_students", spy)
+    create_method("apm", quick=True, **dict(APM.smoke, iterations=7, mid_gap=2)).distill(context(digits))
+    assert trained == [10, 10, 10]  # iterations 0, 3, 6
+
+
+def test_subgroups_merge_class_balanced_sets(digits):
+    out = create_method("apm", quick=True, **dict(APM.smoke, subgroups=2)).distill(context(digits, ipc=2))
+    assert out.labels.tolist() == [c for c in range(10) for _ in range(2)]
+    assert not torch.equal(out.images[0], out.images[1])
+    with pytest.raises(UserError, match="subgroups"):
+        create_method("apm", quick=True, **dict(APM.smoke, subgroups=2)).distill(context(digits, ipc=3))
+
+
+def test_divergence_is_detected(digits):
+    with pytest.raises(Diverged):
+        create_method("apm", quick=True, **dict(APM.smoke, lr_img=1e38)).distill(context(digits))
+
+
+def test_soft_protocol_gets_the_recipe_lr(digits):
+    from bench.evaluate import get_protocol
+    from bench.runner import protocol_for
+
+    out = create_method("apm.cifar10_ipc50", quick=True, **APM.smoke).distill(context(digits))
+    assert protocol_for(get_protocol("soft"), out, quick=False).lr == 0.02
+    assert protocol_for(get_protocol("soft"), out, quick=False).epochs == 1000
+    assert protocol_for(get_protocol("standard"), out, quick=False).lr == 0.01

@@ -1,0 +1,53 @@
+"""The expert cache: content keys, reuse, resume, trajectories."""
+
+import torch
+
+from bench.data import load_dataset
+from bench.experts import EXPERT_RECIPES, ExpertPool, expert_recipe
+
+
+def pool(dataset, cache, recipe=None, count=2, arch="convnet[width=8]"):
+    return ExpertPool(dataset, arch, recipe or EXPERT_RECIPES["mtt"].quick(2), count, "cpu", cache)
+
+
+def test_equal_recipe_hits_changed_recipe_misses(tmp_path):
+    digits = load_dataset("digits")
+    first = pool(digits, tmp_path)
+    first.ensure()
+    assert first.trained_now == 2
+    again = pool(digits, tmp_path)
+    again.ensure()
+    assert again.trained_now == 0 and again.key == first.key
+    assert pool(digits, tmp_path, EXPERT_RECIPES["mtt"].quick(3)).key != first.key
+    assert pool(digits, tmp_path, arch="convnet[width=16]").key != first.key
+    assert pool(load_dataset("digits", zca=True), tmp_path).key != first.key
+    for index in range(2):
+        assert torch.equal(first.network(index).classifier.weight, again.network(index).classifier.weight)
+
+
+def test_interrupted_pool_resumes_at_the_missing_expert(tmp_path):
+    digits = load_dataset("digits")
+    full = pool(digits, tmp_path, count=3)
+    full.ensure()
+    before = full.network(2).classifier.weight.clone()
+    full.path(1).unlink()
+    resumed = pool(digits, tmp_path, count=3)
+    resumed.ensure()
+    assert resumed.trained_now == 1
+    assert torch.equal(resumed.network(2).classifier.weight, before)
+
+
+def test_trajectory_runs_from_init_to_final(tmp_path):
+    digits = load_dataset("digits")
+    p = pool(digits, tmp_path, count=1)
+    trajectory = p.trajectory(0)
+    assert len(trajectory) == 3  # epochs 0, 1, 2
+    final = dict(p.network(0).named_parameters())
+    assert all(torch.equal(trajectory[-1][name], final[name].detach()) for name in final)
+    assert not torch.equal(trajectory[0]["classifier.weight"], trajectory[-1]["classifier.weight"])
+
+
+def test_quick_recipes_are_shorter_copies():
+    full, quick = EXPERT_RECIPES["apm"], expert_recipe("apm", quick=True)
+    assert quick.epochs < full.epochs and quick.lr == full.lr and quick.momentum == full.momentum
+    assert quick.decay_epoch == quick.epochs // 2
