@@ -146,11 +146,17 @@ def resolve_config(name: str, recipe: str | None, quick: bool, overrides: dict) 
     hints = typing.get_type_hints(cls.Config)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     values: dict = {}
-    for layer in (cls.recipes.get(recipe, {}) if recipe else {}, cls.quick if quick else {}, overrides):
+
+    def apply(layer: dict) -> None:
         for key, value in layer.items():
             if key not in fields:
                 raise UnknownNameError(unknown_name_message(f"option of method '{name}'", key, sorted(fields)))
             values[key] = _check_value(name, key, value, hints[key])
+
+    apply(cls.recipes.get(recipe, {}) if recipe else {})
+    if quick:  # a dict of overrides, or a function of the recipe's resolved config (scaled copies)
+        apply(cls.quick(dataclasses.asdict(cls.Config(**values))) if callable(cls.quick) else cls.quick)
+    apply(overrides)
     config = cls.Config(**values)
     return config, dataclasses.asdict(config)
 

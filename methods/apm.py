@@ -36,7 +36,7 @@ Deviations from the official code, on purpose (``notes/methods.md`` §7):
 
 The paper has no recipe for ipc 1 or for CIFAR-10 ipc 10; ours (``cifar10_ipc1``, ``cifar10_ipc10``,
 ``cifar100_ipc1``) reuse the CIFAR-10 ipc 50 recipe (ZCA, lr_img 1, lr_net 0.02, all images per update), the
-nearest published setting. ``subgroups = G`` distils G independent class-balanced subsets (ipc/G images per
+nearest published setting. For ``digits`` (not in the paper) the recipes keep CIFAR-10 ipc 50's per-image step. ``subgroups = G`` distils G independent class-balanced subsets (ipc/G images per
 class each, each with its own generator) one after another and merges them — the paper's parallelisability
 experiment.
 """
@@ -123,10 +123,23 @@ class APM(Method):
         "imagenet_ipc50": _recipe(False, 20.0, 0.1, 500, 600, segment=100),
         "imagenet_ipc100": _recipe(False, 20.0, 0.1, 500, 600, segment=100),
     }
-    # The CPU copy: the same game, shorter (iterations, student epochs, teacher pool; teachers get the quick
-    # expert recipe through the context). E/K, mid_gap, ce and the optimisers are unchanged.
-    quick = {"iterations": 60, "num_experts": 3}
+    recipes |= {
+        # Ours, for the embedded default: the per-image step of cifar10_ipc50 (lr_img 1 at 500 images per update;
+        # the loss is a batch mean, so each image's step shrinks as 1/batch): lr_img = batch / 500.
+        "digits_ipc1": dict(lr_img=1.0 * 10 / 500),
+        "digits_ipc10": dict(lr_img=1.0 * 100 / 500),
+        "digits_ipc50": dict(lr_img=1.0 * 500 / 500),
+    }
     smoke = {"iterations": 3, "student_epochs": 5, "num_experts": 1, "expert_epochs": 1}
+
+    @staticmethod
+    def quick(config: dict) -> dict:
+        """The CPU copy of any recipe: 300 iterations with the same total image-step budget (lr_img scaled by
+        iterations / 300), a pool of 3 teachers trained with the quick expert recipe; E, K, mid_gap, ce, the
+        student's and the images' optimisers unchanged."""
+        iterations = min(300, config["iterations"])
+        return {"iterations": iterations, "num_experts": min(3, config["num_experts"]),
+                "lr_img": config["lr_img"] * config["iterations"] / iterations}
 
     def distill(self, ctx: DistillContext) -> DistilledSet:
         cfg: APMConfig = self.config  # type: ignore[assignment]
