@@ -25,11 +25,24 @@ def _cell(group: pd.DataFrame) -> str:
     return f"{row['acc_mean']:.1f} ± {row['acc_std']:.1f}"
 
 
+def _row_label(record: pd.Series) -> str:
+    """The method, plus its recipe when that is not the one picked for this setting (``<dataset>_ipc<k>``)."""
+    from bench.registry import DATASET_RECIPE_ALIASES
+
+    recipe = record.get("recipe")
+    if not isinstance(recipe, str):
+        return record["method"]
+    ipc = None if pd.isna(record.get("ipc")) else int(record["ipc"])
+    dataset = record["dataset"]
+    automatic = {f"{dataset}_ipc{ipc}", f"{DATASET_RECIPE_ALIASES.get(dataset, dataset)}_ipc{ipc}"}
+    return record["method"] if recipe in automatic else f"{record['method']}.{recipe}"
+
+
 def accuracy_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
     """(title, Markdown table) for every dataset × evaluation architecture × protocol × quick group."""
     tables = []
     frame = frame.copy()
-    frame["label"] = frame.apply(lambda r: r["method"] + (f".{r['recipe']}" if isinstance(r.get("recipe"), str) else ""), axis=1)
+    frame["label"] = frame.apply(_row_label, axis=1)
     for (dataset, arch, protocol, quick), group in frame.groupby(["dataset", "eval_arch", "protocol", "quick"], sort=True):
         ipcs = sorted({int(i) for i in group["ipc"].dropna()})
         labels = sorted(set(group["label"]), key=lambda m: (ROW_ORDER.index(m) if m in ROW_ORDER else len(ROW_ORDER), m))

@@ -134,10 +134,10 @@ class APM(Method):
 
     @staticmethod
     def quick(config: dict) -> dict:
-        """The CPU copy of any recipe: 300 iterations with the same total image-step budget (lr_img scaled by
-        iterations / 300), a pool of 3 teachers trained with the quick expert recipe; E, K, mid_gap, ce, the
+        """The CPU copy of any recipe: 100 iterations with the same total image-step budget (lr_img scaled by
+        iterations / 100), a pool of 3 teachers trained with the quick expert recipe; E, K, mid_gap, ce, the
         student's and the images' optimisers unchanged."""
-        iterations = min(300, config["iterations"])
+        iterations = min(100, config["iterations"])
         return {"iterations": iterations, "num_experts": min(3, config["num_experts"]),
                 "lr_img": config["lr_img"] * config["iterations"] / iterations}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +89,20 @@ class DistillContext:
             raise Diverged(f"non-finite {', '.join(bad)} at iteration {iteration}")
         if self._report is not None:
             self._report(iteration, values)
+
+    def class_batches(self, images: Tensor, batch_real: int, augment: DSA | None = None) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """For every class c: (c, a real batch of class c, the synthetic images of class c).
+
+        ``images`` holds ``ipc`` images per class, class by class. With ``augment``, both batches of a class get
+        one siamese augmentation (the same operation and parameters), drawn afresh per class.
+        """
+        for c in range(self.dataset.num_classes):
+            real = self.dataset.sample_class(c, batch_real, self.generator)
+            syn = images[c * self.ipc : (c + 1) * self.ipc]
+            if augment is not None:
+                siamese = augment.siamese(real, self.generator)
+                real, syn = augment.apply(real, siamese), augment.apply(syn, siamese)
+            yield c, real, syn
 
     def hard_labels(self, per_class: int) -> Tensor:
         """Labels 0,0,…,1,1,… for ``per_class`` images of every class, on the device."""

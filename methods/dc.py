@@ -168,15 +168,9 @@ class DC(Method):
         With ``augment`` (DSA), each class step draws one siamese augmentation and applies it to both batches.
         """
         cfg: DCConfig = self.config  # type: ignore[assignment]
-        data, ipc = ctx.dataset, ctx.ipc
         params = [p for p in net.parameters() if p.dim() > 1]  # 1-D parameters have distance 0
         loss = images.new_zeros(())
-        for c in range(data.num_classes):
-            real = data.sample_class(c, cfg.batch_real, ctx.generator)
-            syn = images[c * ipc : (c + 1) * ipc]
-            if augment is not None:
-                siamese = augment.siamese(real, ctx.generator)
-                real, syn = augment.apply(real, siamese), augment.apply(syn, siamese)
+        for c, real, syn in ctx.class_batches(images, cfg.batch_real, augment):
             target_real = torch.full((real.shape[0],), c, dtype=torch.long, device=real.device)
             target_syn = torch.full((syn.shape[0],), c, dtype=torch.long, device=syn.device)
             grads_real = torch.autograd.grad(F.cross_entropy(net(real), target_real), params)

@@ -70,16 +70,10 @@ class DM(Method):
     def matching_loss(self, net: nn.Module, images: Tensor, ctx: DistillContext, augment: DSA | None) -> Tensor:
         """Σ over classes of the squared distance between the mean embeddings of real and synthetic images."""
         cfg: DMConfig = self.config  # type: ignore[assignment]
-        data, ipc = ctx.dataset, ctx.ipc
         joint = bool(batchnorm_layers(net))  # BatchNorm: one batch of all classes, as the official code
         reals, syns = [], []
         loss = images.new_zeros(())
-        for c in range(data.num_classes):
-            real = data.sample_class(c, cfg.batch_real, ctx.generator)
-            syn = images[c * ipc : (c + 1) * ipc]
-            if augment is not None:
-                siamese = augment.siamese(real, ctx.generator)
-                real, syn = augment.apply(real, siamese), augment.apply(syn, siamese)
+        for _, real, syn in ctx.class_batches(images, cfg.batch_real, augment):
             if joint:
                 reals.append(real)
                 syns.append(syn)
