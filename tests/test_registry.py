@@ -43,3 +43,37 @@ def test_unknown_method_option_and_recipe_and_type():
         resolve_config("herding", None, False, {"embed_epochs": "many"})
     with pytest.raises(UnknownNameError, match="did you mean 'random'"):
         create_method("randomm")
+
+
+def test_third_party_methods_register_through_entry_points(monkeypatch):
+    """A package that declares `[project.entry-points."ddbench.methods"] mine = "pkg.module:MyMethod"`."""
+    import importlib.metadata
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    import bench.registry as registry
+    from methods.base import Method, MethodConfig
+
+    module = types.ModuleType("third_party_distiller")
+
+    @dataclass
+    class MineConfig(MethodConfig):
+        strength: float = 1.0
+
+    class Mine(Method):
+        Config = MineConfig
+
+        def distill(self, ctx):  # pragma: no cover - only registration is tested here
+            raise NotImplementedError
+
+    module.Mine = Mine
+    monkeypatch.setitem(sys.modules, "third_party_distiller", module)
+    entry = importlib.metadata.EntryPoint("mine", "third_party_distiller:Mine", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [entry] if group == registry.ENTRY_POINT_GROUP else [])
+    registry.list_methods()  # the built-ins first, as in any run
+    monkeypatch.setattr(registry.METHODS, "_entries", dict(registry.METHODS._entries))  # restored afterwards
+    monkeypatch.setattr(registry, "_loaded", False)
+    assert "mine" in registry.list_methods() and "apm" in registry.list_methods()
+    assert registry.create_method("mine", strength=2).config.strength == 2.0
