@@ -140,7 +140,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from bench.distilled import DistilledSet
     from bench.evaluate import evaluate_distilled, get_protocol
     from bench.runner import _check_arch_runs, resolve_device
-    from bench.store import stable_hash, write_record
+    from bench.measure import environment_stamp, phase
+    from bench.store import evaluation_fields, set_fields, stable_hash, write_record
 
     distilled = DistilledSet.load(args.path)
     meta = distilled.metadata
@@ -163,24 +164,22 @@ def _evaluate(args: argparse.Namespace) -> None:
         from bench.runner import log
 
         teacher = soft_protocol_teacher(dataset, meta.get("distill_arch") or "convnet", args.quick, device, args.cache_dir, log)
+    environment, phases = environment_stamp(), {arch: {} for arch in args.archs}
     for arch in args.archs:
-        result = evaluate_distilled(distilled, dataset, arch, resolved, args.seeds, device, teacher=teacher)
+        with phase(phases[arch], "eval", device):
+            result = evaluate_distilled(distilled, dataset, arch, resolved, args.seeds, device, teacher=teacher)
         print(f"{meta['dataset']} {meta.get('method', '?')} ipc {meta.get('ipc')} → {arch} [{protocol.name}"
               f"{', quick' if args.quick else ''}]: {result.acc_mean:.2f} ± {result.acc_std:.2f} "
               f"(seeds {args.seeds}: {', '.join(f'{a:.2f}' for a in result.acc)})")
         if args.results:
             identity = {"set": str(Path(args.path).resolve()), "eval_arch": arch, "protocol": [protocol.name, protocol.version],
                         "quick": args.quick, "seeds": args.seeds}
-            write_record(args.results, {
-                "record_id": stable_hash(identity), "method": meta.get("method"), "recipe": meta.get("recipe"),
-                "config": meta.get("config"), "dataset": meta["dataset"], "transform": meta.get("transform"),
-                "ipc": meta.get("ipc"), "distill_arch": meta.get("distill_arch"), "distill_seed": meta.get("seed"),
-                "eval_arch": arch, "protocol": protocol.name, "protocol_version": protocol.version,
-                "protocol_config": resolved.as_record(), "quick": args.quick, "seeds": args.seeds,
-                "acc": [round(a, 4) for a in result.acc], "acc_mean": round(result.acc_mean, 4),
-                "acc_std": round(result.acc_std, 4), "status": "ok", "error": None, "distilled_path": str(args.path),
-            })
-
+            write_record(args.results, dict(
+                set_fields(meta), record_id=stable_hash(identity), suite=None, environment=environment,
+                quick=bool(args.quick or meta.get("quick")), learned_lr=distilled.learned_lr,
+                distilled_path=str(args.path), phases=phases[arch], status="ok", error=None,
+                **evaluation_fields(arch, protocol, resolved, args.seeds, result),
+            ))
 
 def _run(args: argparse.Namespace) -> None:
     from bench.runner import RunRequest, run

@@ -29,7 +29,7 @@ from bench.measure import environment_stamp, phase
 from bench.models import check_arch, create_network
 from bench.registry import create_method, default_recipe, get_method_class, list_methods, split_method_spec
 from bench.seeding import generator_for
-from bench.store import existing_record_ids, record_id, stable_hash, write_record
+from bench.store import evaluation_fields, existing_record_ids, record_id, set_fields, stable_hash, write_record
 
 DISTILLED_DIR = "distilled"
 
@@ -155,6 +155,21 @@ def protocol_for(protocol: Protocol, distilled: DistilledSet | None, quick: bool
     return resolved
 
 
+def cell_metadata(cell: Cell, request: RunRequest) -> dict:
+    """What a cell's distilled set is: the metadata it is saved with, and the set fields of its records."""
+    return {
+        "method": split_method_spec(cell.method_spec)[0],
+        "recipe": cell.method.recipe,
+        "config": cell.method.resolved_config,
+        "quick": request.quick,
+        "dataset": cell.dataset.name,
+        "transform": cell.dataset.transform,
+        "ipc": cell.ipc,
+        "distill_arch": request.distill_arch,
+        "seed": request.distill_seed,
+    }
+
+
 def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: dict) -> DistilledSet:
     """Run the method's distillation for one cell, with a progress bar and NaN detection."""
     from methods.base import DistillContext
@@ -195,19 +210,7 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
         raise Diverged("the distilled images contain NaN or infinite values")
     if distilled.learned_lr is not None and not (0 < distilled.learned_lr < float("inf")):
         raise Diverged(f"the learned learning rate is {distilled.learned_lr}")
-    distilled.metadata.update(
-        method=name,
-        recipe=cell.method.recipe,
-        config=cell.method.resolved_config,
-        quick=request.quick,
-        dataset=cell.dataset.name,
-        transform=cell.dataset.transform,
-        ipc=cell.ipc,
-        distill_arch=request.distill_arch,
-        seed=request.distill_seed,
-        code_version=stamp["ddbench"],
-        git_sha=stamp["git_sha"],
-    )
+    distilled.metadata.update(cell_metadata(cell, request), code_version=stamp["ddbench"], git_sha=stamp["git_sha"])
     return distilled
 
 
@@ -242,21 +245,8 @@ def run(request: RunRequest, echo: Callable[[str], None] = print) -> list[dict]:
             echo(f"skip {cell.method_spec} ipc {cell.ipc}: records exist (--resume)")
             continue
         phases: dict = {}
-        base = {
-            "suite": request.suite,
-            "method": split_method_spec(cell.method_spec)[0],
-            "recipe": cell.method.recipe,
-            "config": cell.method.resolved_config,
-            "config_hash": stable_hash(cell.method.resolved_config),
-            "dataset": cell.dataset.name,
-            "transform": cell.dataset.transform,
-            "ipc": cell.ipc,
-            "distill_arch": request.distill_arch,
-            "distill_seed": request.distill_seed,
-            "quick": request.quick,
-            "seeds": list(request.seeds),
-            "environment": environment,
-        }
+        base = dict(set_fields(cell_metadata(cell, request)), suite=request.suite, quick=request.quick,
+                    environment=environment)
         distilled, status, error = None, "ok", None
         try:
             distilled = distill_cell(cell, request, device, phases)
@@ -273,10 +263,8 @@ def run(request: RunRequest, echo: Callable[[str], None] = print) -> list[dict]:
             if request.resume and ids[arch] in done:
                 continue
             resolved = protocol_for(protocol, distilled, request.quick)
-            record = dict(base, record_id=ids[arch], eval_arch=arch, protocol=protocol.name,
-                          protocol_version=protocol.version, protocol_config=resolved.as_record(),
-                          acc=[], acc_mean=None, acc_std=None, status=status, error=error,
-                          iter_time_s=None, flops_per_iter=None)
+            record = dict(base, record_id=ids[arch], status=status, error=error,
+                          **evaluation_fields(arch, protocol, resolved, request.seeds))
             cell_phases = dict(phases)
             if distilled is not None:
                 try:
@@ -292,8 +280,7 @@ def run(request: RunRequest, echo: Callable[[str], None] = print) -> list[dict]:
                         result = evaluate_distilled(distilled, cell.dataset, arch, resolved, request.seeds, device,
                                                     teacher=teacher, on_epoch=lambda e, l: bar.update(1))
                     bar.close()
-                    record.update(acc=[round(a, 4) for a in result.acc], acc_mean=round(result.acc_mean, 4),
-                                  acc_std=round(result.acc_std, 4), final_train_loss=result.final_train_loss)
+                    record.update(evaluation_fields(arch, protocol, resolved, request.seeds, result))
                 except Exception as exc:
                     record.update(status="failed", error="".join(traceback.format_exception_only(exc)).strip())
                     traceback.print_exc(file=sys.stderr)

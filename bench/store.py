@@ -47,6 +47,39 @@ def record_filename(record: dict) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-=" else "-" for ch in name)
 
 
+def set_fields(metadata: dict) -> dict:
+    """The record fields that describe a distilled set, from its metadata (as ``runner.cell_metadata`` writes it)."""
+    config = metadata.get("config")
+    return {
+        "method": metadata.get("method"),
+        "recipe": metadata.get("recipe"),
+        "config": config,
+        "config_hash": stable_hash(config),
+        "dataset": metadata.get("dataset"),
+        "transform": metadata.get("transform"),
+        "ipc": metadata.get("ipc"),
+        "distill_arch": metadata.get("distill_arch"),
+        "distill_seed": metadata.get("seed"),
+    }
+
+
+def evaluation_fields(eval_arch: str, protocol, resolved, seeds: list[int], result=None) -> dict:
+    """The record fields of one evaluation (``protocol`` as registered, ``resolved`` as it ran); empty without a result."""
+    return {
+        "eval_arch": eval_arch,
+        "protocol": protocol.name,
+        "protocol_version": protocol.version,
+        "protocol_config": resolved.as_record(),
+        "seeds": list(seeds),
+        "acc": [] if result is None else [round(a, 4) for a in result.acc],
+        "acc_mean": None if result is None else round(result.acc_mean, 4),
+        "acc_std": None if result is None else round(result.acc_std, 4),
+        "final_train_loss": None if result is None else result.final_train_loss,
+        "iter_time_s": None,
+        "flops_per_iter": None,
+    }
+
+
 def write_record(results_dir: str | os.PathLike, record: dict) -> Path:
     """Write one record atomically under ``<results_dir>/records/``; returns its path."""
     record = {"schema_version": SCHEMA_VERSION, **record}

@@ -32,7 +32,7 @@ def one_point(checkpoints: int, epochs: int, segment: int, ipc: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from bench.data import Dataset, DatasetInfo, RawSplits
+    from bench.data import Dataset, DatasetInfo
     from bench.models import create_network
     from bench.registry import create_method
     from methods.base import DistillContext

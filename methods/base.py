@@ -13,6 +13,7 @@ its named recipes (``recipes``) and its reduced CPU recipe (``quick``, overrides
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterator
@@ -44,7 +45,6 @@ class DistillContext:
     device: torch.device
     quick: bool = False
     cache_dir: str | None = None  # where expert pools are cached (None: $DDBENCH_CACHE or ~/.cache/ddbench)
-    iterations_hint: int | None = None  # for the progress bar, set by the method through `start`
     expert_wall_s: float = 0.0  # time spent obtaining experts (trained or loaded): the `experts` phase
     experts_trained: int = 0
     _report: ReportFn | None = field(default=None, repr=False)
@@ -61,8 +61,6 @@ class DistillContext:
 
         Trained on first use and cached by content; the time they take is the harness's ``experts`` phase.
         """
-        import time
-
         start = time.perf_counter()
         pool = ExpertPool(self.dataset, self.arch, expert_recipe(recipe, self.quick, epochs), count, self.device,
                           self.cache_dir, log=self._log)
@@ -77,7 +75,6 @@ class DistillContext:
 
     def start(self, iterations: int) -> None:
         """Announce how many iterations ``report`` will be called for."""
-        self.iterations_hint = iterations
         if self._start is not None:
             self._start(iterations)
 

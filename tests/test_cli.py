@@ -73,7 +73,17 @@ def test_distill_then_evaluate_with_timm_models(capsys, tmp_path):
     assert code == 0, err
     lines = [line for line in out.splitlines() if "→" in line]
     assert len(lines) == 2 and "resnet18" in lines[0] and "vit_tiny_patch16_224" in lines[1]
-    assert len(list((tmp_path / "res" / "records").glob("*.json"))) == 2
+    records = sorted((tmp_path / "res" / "records").glob("*.json"))
+    assert len(records) == 2
+    import json
+
+    evaluated = json.loads(records[0].read_text())
+    code, _, err = run_cli(capsys, *RUN, "--results", str(tmp_path / "grid"))
+    assert code == 0, err
+    (grid_record,) = (tmp_path / "grid" / "records").glob("*.json")
+    ran = json.loads(grid_record.read_text())
+    assert set(ran) - {"distilled_path"} <= set(evaluated), "`evaluate` and `run` records must share one schema"
+    assert evaluated["phases"]["eval"]["wall_s"] > 0 and evaluated["config_hash"] == ran["config_hash"]
 
 
 def test_evaluate_missing_set(capsys, tmp_path):

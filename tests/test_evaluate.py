@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from bench.data import load_dataset
-from bench.distilled import DistilledSet
 from bench.errors import UserError
 from bench.evaluate import evaluate_distilled, get_protocol, list_protocols, accuracy
 from bench.registry import create_method
@@ -55,11 +54,19 @@ def test_soft_protocol_uses_the_teacher_or_stored_logits(digits):
     s = random_set(digits, 2)
     with pytest.raises(UserError, match="teacher"):
         evaluate_distilled(s, digits, "convnet", short("soft", epochs=2), [0], "cpu")
+    torch_gen = torch.Generator().manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    for net in (teacher, other):
+        for p in net.parameters():
+            p.data = torch.randn(p.shape, generator=torch_gen)
     with_teacher = evaluate_distilled(s, digits, "convnet", short("soft", epochs=5), [0], "cpu", teacher=teacher)
+    with_other = evaluate_distilled(s, digits, "convnet", short("soft", epochs=5), [0], "cpu", teacher=other)
     s.soft_labels = teacher(s.images).detach()
     stored = evaluate_distilled(s, digits, "convnet", short("soft", epochs=5), [0], "cpu")
-    assert with_teacher.final_train_loss[0] > 0 and stored.final_train_loss[0] > 0
+    # the teacher's logits on the un-augmented images, fixed once, are exactly the stored soft labels
+    assert with_teacher.final_train_loss == stored.final_train_loss and with_teacher.acc == stored.acc
+    assert with_other.final_train_loss != with_teacher.final_train_loss
 
 
 def test_transform_mismatch_is_refused(digits):
