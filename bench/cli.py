@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--protocol", default="standard")
     run.add_argument("--results", default="results/runs/default", help="folder for records and distilled sets")
     run.add_argument("--resume", action="store_true", help="skip cells whose records exist")
+    run.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                     help="run each cell in a fresh child process (default): its own memory peaks, and a crash or "
+                          "out-of-memory kill costs only that cell")
     _common(run)
 
     report = sub.add_parser("report", help="Markdown tables from the records under a results folder")
@@ -138,10 +141,10 @@ def _distill(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from bench.data import load_dataset
     from bench.distilled import DistilledSet
-    from bench.evaluate import evaluate_distilled, get_protocol
-    from bench.runner import _check_arch_runs, resolve_device
-    from bench.measure import environment_stamp, phase
-    from bench.store import evaluation_fields, set_fields, stable_hash, write_record
+    from bench.evaluate import get_protocol
+    from bench.measure import environment_stamp
+    from bench.runner import NOT_DISTILLED_HERE, _check_arch_runs, measured_evaluation, protocol_for, resolve_device
+    from bench.store import set_fields, stable_hash, write_record
 
     distilled = DistilledSet.load(args.path)
     meta = distilled.metadata
@@ -152,8 +155,6 @@ def _evaluate(args: argparse.Namespace) -> None:
     zca = (meta.get("transform") or {}).get("kind") == "zca"
     device = resolve_device(args.device)
     dataset = load_dataset(meta["dataset"], args.data_root, zca=zca, device=device)
-    from bench.runner import protocol_for
-
     protocol = get_protocol(args.protocol)
     resolved = protocol_for(protocol, distilled, args.quick)
     for arch in args.archs:
@@ -164,22 +165,22 @@ def _evaluate(args: argparse.Namespace) -> None:
         from bench.runner import log
 
         teacher = soft_protocol_teacher(dataset, meta.get("distill_arch") or "convnet", args.quick, device, args.cache_dir, log)
-    environment, phases = environment_stamp(), {arch: {} for arch in args.archs}
+    env = environment_stamp()
     for arch in args.archs:
-        with phase(phases[arch], "eval", device):
-            result = evaluate_distilled(distilled, dataset, arch, resolved, args.seeds, device, teacher=teacher)
+        phases: dict = {}
+        fields = measured_evaluation(distilled, dataset, arch, protocol, resolved, args.seeds, device, phases, teacher)
         print(f"{meta['dataset']} {meta.get('method', '?')} ipc {meta.get('ipc')} → {arch} [{protocol.name}"
-              f"{', quick' if args.quick else ''}]: {result.acc_mean:.2f} ± {result.acc_std:.2f} "
-              f"(seeds {args.seeds}: {', '.join(f'{a:.2f}' for a in result.acc)})")
+              f"{', quick' if args.quick else ''}]: {fields['acc_mean']:.2f} ± {fields['acc_std']:.2f} "
+              f"(seeds {args.seeds}: {', '.join(f'{a:.2f}' for a in fields['acc'])})")
         if args.results:
             identity = {"set": str(Path(args.path).resolve()), "eval_arch": arch, "protocol": [protocol.name, protocol.version],
                         "quick": args.quick, "seeds": args.seeds}
             write_record(args.results, dict(
-                set_fields(meta), record_id=stable_hash(identity), suite=None, environment=environment,
+                set_fields(meta), record_id=stable_hash(identity), suite=None, env=env, isolated=False,
                 quick=bool(args.quick or meta.get("quick")), learned_lr=distilled.learned_lr,
-                distilled_path=str(args.path), phases=phases[arch], status="ok", error=None,
-                **evaluation_fields(arch, protocol, resolved, args.seeds, result),
+                distilled_path=str(args.path), phases=phases, status="ok", error=None, **NOT_DISTILLED_HERE, **fields,
             ))
+
 
 def _run(args: argparse.Namespace) -> None:
     from bench.runner import RunRequest, run
@@ -188,7 +189,7 @@ def _run(args: argparse.Namespace) -> None:
                          seeds=args.seeds, results_dir=Path(args.results), protocol=args.protocol,
                          distill_arch=args.distill_arch, quick=args.quick, data_root=args.data_root,
                          device=args.device, distill_seed=args.distill_seed, resume=args.resume,
-                         cache_dir=args.cache_dir)
+                         cache_dir=args.cache_dir, isolate=args.isolate)
     run(request)
 
 

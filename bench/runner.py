@@ -11,7 +11,9 @@ method — so methods that start from real images start from the same ones.
 
 from __future__ import annotations
 
+import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,18 +22,19 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from bench.data import Dataset, load_dataset
+from bench.data import Dataset, load_dataset, resolve_data_root
 from bench.distilled import DistilledSet
 from bench.errors import Diverged, UserError
 from bench.evaluate import Protocol, evaluate_distilled, get_protocol
-from bench.experts import soft_protocol_teacher
-from bench.measure import environment_stamp, phase
+from bench.experts import resolve_cache_dir, soft_protocol_teacher
+from bench.measure import FlopCounter, MemorySampler, environment_stamp, iteration_stats, phase, process_peak_rss_mb
 from bench.models import check_arch, create_network
 from bench.registry import create_method, default_recipe, get_method_class, list_methods, split_method_spec
 from bench.seeding import generator_for
 from bench.store import evaluation_fields, existing_record_ids, record_id, set_fields, stable_hash, write_record
 
 DISTILLED_DIR = "distilled"
+ITERATION_WARMUP = 2  # iterations left out of the per-iteration time statistics
 
 
 @dataclass
@@ -52,6 +55,7 @@ class RunRequest:
     cache_dir: str | None = None
     suite: str | None = None
     method_options: dict = field(default_factory=dict)
+    isolate: bool = True  # each cell in a fresh child process (its own memory peaks; a crash costs one cell)
 
 
 @dataclass
@@ -170,17 +174,80 @@ def cell_metadata(cell: Cell, request: RunRequest) -> dict:
     }
 
 
+class IterationMeter:
+    """Times every iteration the method reports and counts the FLOPs of one window of iterations.
+
+    The window (``period`` iterations: the method's repeating unit, e.g. APM's teacher/student switch) starts
+    after ``warmup`` iterations; its iterations are left out of the timing statistics, since counting FLOPs
+    slows them down. Warm-up iterations are dropped from the statistics too.
+    """
+
+    def __init__(self, device: torch.device, period: int = 1, warmup: int = ITERATION_WARMUP):
+        self.device, self.period, self.warmup = device, max(1, period), warmup
+        self.reported = 0
+        self.durations: list[float] = []  # of the iterations outside the counting window
+        self.counter = FlopCounter()
+        self.flops: int | None = None
+        self.flop_reason: str | None = "the method reported no iterations"
+        self._flop_start = 0
+        self._counting = self._counted = False
+        self._last = time.perf_counter()
+
+    def start(self, total: int) -> None:
+        self._flop_start = min(self.warmup, max(0, total - self.period))
+        self._last = time.perf_counter()
+        self._maybe_begin_count()
+
+    def iteration_done(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.reported += 1
+        if self._counting:
+            if self.reported == self._flop_start + self.period:
+                self.flops, self.flop_reason = self.counter.stop(), self.counter.reason
+                self._counting = False
+        else:
+            self.durations.append(now - self._last)
+        self._maybe_begin_count()
+        self._last = time.perf_counter()
+
+    def _maybe_begin_count(self) -> None:
+        if not self._counted and self.reported == self._flop_start:
+            self._counting = self._counted = True
+            self.counter.start()
+
+    def fields(self) -> dict:
+        if self._counting:  # the method stopped inside the window
+            self.counter.stop()
+            self._counting = False
+            self.flop_reason = f"the run ended inside the {self.period}-iteration FLOP-counting window"
+        return {
+            "iterations": self.reported,
+            "iter_time_s": iteration_stats(self.durations, self.warmup),
+            "flops_per_iter": None if self.flops is None else self.flops // self.period,
+            "flops_reason": None if self.flops is not None else self.flop_reason,
+        }
+
+
 def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: dict) -> DistilledSet:
-    """Run the method's distillation for one cell, with a progress bar and NaN detection."""
+    """Run the method's distillation for one cell, with a progress bar, NaN detection and measurement.
+
+    ``phases`` receives ``distill`` (and ``experts`` when the method uses them; the distill phase excludes it)
+    and ``phases["_iterations"]`` the iteration statistics.
+    """
     from methods.base import DistillContext
 
     name, _ = split_method_spec(cell.method_spec)
     bar = _progress(f"distill {name} ipc{cell.ipc if cell.ipc is not None else '-'}")
+    meter = IterationMeter(device, getattr(cell.method, "iteration_period", 1))
 
     def start(total: int) -> None:
         bar.reset(total=total)
+        meter.start(total)
 
     def report(iteration: int, losses: dict[str, float]) -> None:
+        meter.iteration_done()
         bar.update(1)
         if losses:
             bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
@@ -196,15 +263,16 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
         _report=report,
         _start=start,
         _log=log,
+        _phase=lambda phase_name: phase(phases, phase_name, device),
     )
     try:
-        with phase(phases, "distill", device) as figures:
+        with phase(phases, "distill", device):
             distilled = cell.method.distill(ctx)
     finally:
         bar.close()
-    if ctx.expert_wall_s:
-        phases["experts"] = dict(figures, wall_s=round(ctx.expert_wall_s, 4), trained=ctx.experts_trained)
-        figures["wall_s"] = round(figures["wall_s"] - ctx.expert_wall_s, 4)
+    if "experts" in phases:
+        phases["experts"].update(trained=ctx.experts_trained, cached=ctx.experts_cached)
+    phases["_iterations"] = meter.fields()
     stamp = environment_stamp()
     if not torch.isfinite(distilled.images).all():
         raise Diverged("the distilled images contain NaN or infinite values")
@@ -230,65 +298,225 @@ def _identity(cell: Cell, request: RunRequest, eval_arch: str, protocol: Protoco
     }
 
 
-def run(request: RunRequest, echo: Callable[[str], None] = print) -> list[dict]:
-    """Plan, then distil and evaluate every cell; returns the records written."""
-    cells = plan(request)
+def _failure(exc: BaseException) -> tuple[str, str]:
+    """(status, one-line error) of an exception that ended a cell or an evaluation."""
+    text = "".join(traceback.format_exception_only(exc)).strip()
+    if isinstance(exc, Diverged):
+        return "diverged", str(exc)
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return "oom", text
+    return "failed", text
+
+
+class EvalFlops:
+    """An evaluation's ``on_epoch`` hook that counts the FLOPs of one training epoch (the second, of the first seed)."""
+
+    def __init__(self, bar: tqdm):
+        self.bar, self.calls, self.counter = bar, 0, FlopCounter()
+        self.flops: int | None = None
+
+    def __call__(self, epoch: int, loss: float) -> None:
+        self.bar.update(1)
+        self.calls += 1
+        if self.calls == 1:
+            self.counter.start()
+        elif self.calls == 2:
+            self.flops = self.counter.stop()
+
+    def result(self) -> tuple[int | None, str | None]:
+        if self.calls < 2:
+            if self.calls == 1:
+                self.counter.stop()
+            return None, "fewer than two evaluation epochs ran"
+        return self.flops, self.counter.reason
+
+
+def measured_evaluation(distilled: DistilledSet, dataset: Dataset, arch: str, protocol: Protocol, resolved: Protocol,
+                        seeds: list[int], device: torch.device, phases: dict,
+                        teacher: torch.nn.Module | None = None) -> dict:
+    """Evaluate ``distilled`` on ``arch`` as the ``eval`` phase of ``phases``: the record's evaluation fields,
+    with the FLOPs of one training epoch."""
+    bar = _progress(f"evaluate {arch} × {len(seeds)} seeds", resolved.epochs * len(seeds))
+    eval_flops = EvalFlops(bar)
+    try:
+        with phase(phases, "eval", device):
+            result = evaluate_distilled(distilled, dataset, arch, resolved, seeds, device, teacher=teacher,
+                                        on_epoch=eval_flops)
+    finally:
+        bar.close()
+    flops, reason = eval_flops.result()
+    return dict(evaluation_fields(arch, protocol, resolved, seeds, result), flops_per_eval_epoch=flops,
+                eval_flops_reason=reason)
+
+
+NOT_DISTILLED_HERE = {"iterations": None, "iter_time_s": None, "flops_per_iter": None, "process_peak_rss_mb": None,
+                      "flops_reason": "an existing set was evaluated: its distillation was not measured here"}
+
+
+def _base_record(cell: Cell, request: RunRequest, arch: str, ids: dict[str, str], protocol: Protocol) -> dict:
+    """The fields every record of this cell and evaluation architecture carries, whatever happened."""
+    return dict(set_fields(cell_metadata(cell, request)), suite=request.suite, quick=request.quick,
+                record_id=ids[arch], status="ok", error=None, isolated=request.isolate,
+                flops_per_eval_epoch=None, eval_flops_reason="no evaluation ran",
+                **evaluation_fields(arch, protocol, protocol_for(protocol, None, request.quick), request.seeds))
+
+
+def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str],
+             teachers: dict[str, torch.nn.Module] | None = None) -> list[dict]:
+    """Distil one cell and evaluate the set on each of ``archs``: the cell's records, measured, not yet written."""
     device = resolve_device(request.device)
     protocol = get_protocol(request.protocol)
-    done = existing_record_ids(request.results_dir) if request.resume else set()
-    environment = environment_stamp()
-    teachers: dict[str, torch.nn.Module] = {}
+    teachers = {} if teachers is None else teachers
+    env = environment_stamp()
+    phases: dict = {}
+    distilled, status, error, extra = None, "ok", None, {}
+    try:
+        distilled = distill_cell(cell, request, device, phases)
+        stem = Path(request.results_dir) / DISTILLED_DIR / f"{cell.dataset.name}_ipc{cell.ipc or 'all'}_{cell.method_spec}_{ids[archs[0]]}"
+        extra = {"distilled_path": str(distilled.save(stem)), "learned_lr": distilled.learned_lr}
+    except Exception as exc:  # a failing cell must not take the grid down
+        status, error = _failure(exc)
+        if status == "failed":
+            traceback.print_exc(file=sys.stderr)
+    iterations = phases.pop("_iterations", {"iterations": None, "iter_time_s": None, "flops_per_iter": None,
+                                            "flops_reason": "the distillation did not finish"})
+
     records = []
+    for arch in archs:
+        resolved = protocol_for(protocol, distilled, request.quick)
+        record = dict(_base_record(cell, request, arch, ids, protocol), status=status, error=error, env=env,
+                      process_peak_rss_mb=None, **extra, **iterations, **evaluation_fields(arch, protocol, resolved, request.seeds))
+        cell_phases = {name: dict(figures) for name, figures in phases.items()}
+        if distilled is not None:
+            try:
+                teacher = None
+                if resolved.targets == "soft" and distilled.soft_labels is None:
+                    key = cell.dataset.transform["kind"]
+                    if key not in teachers:
+                        teachers[key] = soft_protocol_teacher(cell.dataset, request.distill_arch, request.quick,
+                                                              device, request.cache_dir, log)
+                    teacher = teachers[key]
+                record.update(measured_evaluation(distilled, cell.dataset, arch, protocol, resolved, request.seeds,
+                                                  device, cell_phases, teacher))
+            except Exception as exc:
+                status_eval, error_eval = _failure(exc)
+                record.update(status=status_eval, error=error_eval)
+                traceback.print_exc(file=sys.stderr)
+        record["phases"] = cell_phases
+        records.append(record)
+    return records
+
+
+@dataclass
+class CellTask:
+    """What a child process needs to run a cell: the dataset is loaded there, not sent."""
+    method_spec: str
+    method: object
+    ipc: int | None
+    zca: bool
+    archs: list[str]
+    ids: dict[str, str]
+
+
+def _cell_child(connection, request: RunRequest, task: CellTask) -> None:
+    """Entry point of a cell's child process: run the cell and send its records (or the error) to the parent."""
+    try:
+        dataset = load_dataset(request.dataset, request.data_root, zca=task.zca, device=resolve_device(request.device))
+        cell = Cell(task.method_spec, task.method, task.ipc, dataset)
+        records = run_cell(cell, request, task.archs, task.ids)
+        for record in records:
+            record["process_peak_rss_mb"] = process_peak_rss_mb()
+        connection.send(records)
+    except BaseException as exc:  # reported by the parent as the cell's failure
+        status, error = _failure(exc)
+        connection.send({"status": status, "error": error})
+        raise
+    finally:
+        connection.close()
+
+
+_CHILD_CONTEXT = None
+
+
+def _child_context():
+    """A forkserver (spawn where there is none) whose server imports torch and the harness once for all cells."""
+    global _CHILD_CONTEXT
+    if _CHILD_CONTEXT is None:
+        import multiprocessing
+
+        methods_loaded = list(dict.fromkeys(type(m).__module__ for m in map(get_method_class, list_methods())))
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            _CHILD_CONTEXT = multiprocessing.get_context("forkserver")
+            _CHILD_CONTEXT.set_forkserver_preload(["bench.runner", *methods_loaded])
+        else:
+            _CHILD_CONTEXT = multiprocessing.get_context("spawn")
+    return _CHILD_CONTEXT
+
+
+def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str]) -> list[dict]:
+    """``run_cell`` in a fresh child process: peaks are the cell's own, and a crash or an out-of-memory kill
+    costs only this cell — its records then say so, with the peak RSS the parent saw."""
+    context = _child_context()
+    receiver, sender = context.Pipe(duplex=False)
+    task = CellTask(cell.method_spec, cell.method, cell.ipc, bool(getattr(cell.method.config, "zca", False)), archs, ids)
+    child = context.Process(target=_cell_child, args=(sender, request, task), name=f"ddbench-cell-{ids[archs[0]]}")
+    child.start()
+    sender.close()
+    watcher = MemorySampler(pid=child.pid).start()
+    try:
+        try:
+            message = receiver.recv()
+        except EOFError:
+            message = None
+        child.join()
+    except BaseException:
+        child.terminate()
+        child.join()
+        raise
+    finally:
+        seen = watcher.stop().get("cpu_peak_rss_mb")
+    if isinstance(message, list):
+        return message
+    if isinstance(message, dict):
+        status, error = message["status"], message["error"]
+    elif child.exitcode is not None and child.exitcode < 0:
+        name = signal.Signals(-child.exitcode).name
+        status = "oom" if name == "SIGKILL" else "failed"
+        error = f"the cell's process was killed by {name}" + (
+            " (most likely the kernel's out-of-memory killer)" if name == "SIGKILL" else "")
+    else:
+        status, error = "failed", f"the cell's process exited with code {child.exitcode} without a result"
+    protocol = get_protocol(request.protocol)
+    return [dict(_base_record(cell, request, arch, ids, protocol), status=status, error=error, env=environment_stamp(),
+                 phases={}, crash_peak_rss_mb=seen) for arch in archs]
+
+
+def run(request: RunRequest, echo: Callable[[str], None] = print) -> list[dict]:
+    """Plan, then distil and evaluate every cell (each in its own process unless ``isolate`` is off); the parent
+    alone writes the records. Returns the records written."""
+    cells = plan(request)
+    # children must see the same cache and data folders even if the environment changes under the parent
+    request = replace(request, cache_dir=str(resolve_cache_dir(request.cache_dir)),
+                      data_root=str(resolve_data_root(request.data_root)))
+    protocol = get_protocol(request.protocol)
+    done = existing_record_ids(request.results_dir) if request.resume else set()
+    teachers: dict[str, torch.nn.Module] = {}
+    written = []
     for cell in cells:
         ids = {arch: record_id(_identity(cell, request, arch, protocol)) for arch in request.eval_archs}
-        if all(ids[arch] in done for arch in request.eval_archs):
+        archs = [arch for arch in request.eval_archs if ids[arch] not in done]
+        if not archs:
             echo(f"skip {cell.method_spec} ipc {cell.ipc}: records exist (--resume)")
             continue
-        phases: dict = {}
-        base = dict(set_fields(cell_metadata(cell, request)), suite=request.suite, quick=request.quick,
-                    environment=environment)
-        distilled, status, error = None, "ok", None
-        try:
-            distilled = distill_cell(cell, request, device, phases)
-            stem = Path(request.results_dir) / DISTILLED_DIR / f"{cell.dataset.name}_ipc{cell.ipc or 'all'}_{cell.method_spec}_{ids[request.eval_archs[0]]}"
-            base["distilled_path"] = str(distilled.save(stem))
-            base["learned_lr"] = distilled.learned_lr
-        except Diverged as exc:
-            status, error = "diverged", str(exc)
-        except Exception as exc:  # a failing cell must not take the grid down
-            status, error = "failed", "".join(traceback.format_exception_only(exc)).strip()
-            traceback.print_exc(file=sys.stderr)
-
-        for arch in request.eval_archs:
-            if request.resume and ids[arch] in done:
-                continue
-            resolved = protocol_for(protocol, distilled, request.quick)
-            record = dict(base, record_id=ids[arch], status=status, error=error,
-                          **evaluation_fields(arch, protocol, resolved, request.seeds))
-            cell_phases = dict(phases)
-            if distilled is not None:
-                try:
-                    bar = _progress(f"evaluate {arch} × {len(request.seeds)} seeds", resolved.epochs * len(request.seeds))
-                    teacher = None
-                    if resolved.targets == "soft" and distilled.soft_labels is None:
-                        key = cell.dataset.transform["kind"]
-                        if key not in teachers:
-                            teachers[key] = soft_protocol_teacher(cell.dataset, request.distill_arch, request.quick,
-                                                                  device, request.cache_dir, log)
-                        teacher = teachers[key]
-                    with phase(cell_phases, "eval", device):
-                        result = evaluate_distilled(distilled, cell.dataset, arch, resolved, request.seeds, device,
-                                                    teacher=teacher, on_epoch=lambda e, l: bar.update(1))
-                    bar.close()
-                    record.update(evaluation_fields(arch, protocol, resolved, request.seeds, result))
-                except Exception as exc:
-                    record.update(status="failed", error="".join(traceback.format_exception_only(exc)).strip())
-                    traceback.print_exc(file=sys.stderr)
-            record["phases"] = cell_phases
+        if request.isolate:
+            records = run_cell_isolated(cell, request, archs, ids)
+        else:
+            records = run_cell(cell, request, archs, ids, teachers)
+        for record in records:
             path = write_record(request.results_dir, record)
-            records.append(record)
+            written.append(record)
             summary = (f"{record['acc_mean']:.2f} ± {record['acc_std']:.2f} (n={len(record['acc'])})"
                        if record["status"] == "ok" else f"{record['status']}: {record['error']}")
             echo(f"{cell.dataset.name} ipc {cell.ipc if cell.ipc is not None else 'all'} {cell.method_spec} → "
-                 f"{arch} [{protocol.name}{', quick' if request.quick else ''}]: {summary}  ({path})")
-    return records
+                 f"{record['eval_arch']} [{protocol.name}{', quick' if request.quick else ''}]: {summary}  ({path})")
+    return written

@@ -1,4 +1,4 @@
-"""Result records: one JSON file per (distilled set × evaluation architecture × protocol), schema version 1.
+"""Result records: one JSON file per (distilled set × evaluation architecture × protocol), schema version 2.
 
 Records are written atomically (temporary file + rename), so a crash never leaves half a record and a rerun
 can tell what is done. ``load_results(dir)`` reads every record under a folder into a pandas DataFrame.
@@ -7,8 +7,18 @@ Top-level keys that scripts and reports rely on: ``schema_version``, ``record_id
 ``dataset``, ``ipc``, ``distill_arch``, ``eval_arch``, ``protocol``, ``quick``, ``seeds``, ``acc`` (per-seed, %),
 ``acc_mean``, ``acc_std``, ``status`` (ok / failed / oom / diverged), ``error``. Also: ``suite``, ``config`` and
 ``config_hash``, ``protocol_version`` and ``protocol_config``, ``distill_seed``, ``transform``, ``learned_lr``,
-``phases`` (per phase: wall time and memory peaks — null with a reason where not measured, never 0),
-``iter_time_s``, ``flops_per_iter``, ``environment``, ``distilled_path``, ``created_at``.
+``distilled_path``, ``learned_lr``, and the costs:
+
+* ``phases``: phase name (``experts``, ``distill``, ``eval``) → ``{wall_s, cpu_peak_rss_mb, gpu_nvml_peak_mb,
+  gpu_torch_allocated_peak_mb, gpu_torch_reserved_peak_mb, gpu_reason, gpu_nvml_source}``; GPU figures are null
+  with a reason where they cannot be measured, never 0. ``experts`` also counts experts ``trained`` / ``cached``.
+* ``iterations``, ``iter_time_s`` ``{median, p90, n}`` (after warm-up, outside the FLOP-counting window),
+  ``flops_per_iter`` (or ``flops_reason``), ``flops_per_eval_epoch``;
+* ``process_peak_rss_mb`` (``ru_maxrss`` of the cell's own process when ``isolated``), ``crash_peak_rss_mb``
+  (the largest RSS the parent saw of a cell whose process died);
+* ``env``: the environment stamp (``bench.measure.environment_stamp``).
+
+Version 1 records (no measurement; ``environment`` instead of ``env``) are still read.
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ import pandas as pd
 
 from bench.distilled import write_json_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 RECORDS_DIR = "records"
 ACC_DIRECTION = "↑"  # higher accuracy is better; costs (memory, time, FLOPs) are ↓
 
@@ -75,8 +86,6 @@ def evaluation_fields(eval_arch: str, protocol, resolved, seeds: list[int], resu
         "acc_mean": None if result is None else round(result.acc_mean, 4),
         "acc_std": None if result is None else round(result.acc_std, 4),
         "final_train_loss": None if result is None else result.final_train_loss,
-        "iter_time_s": None,
-        "flops_per_iter": None,
     }
 
 
@@ -100,7 +109,9 @@ def load_records(results_dir: str | os.PathLike) -> list[dict]:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(record, dict) and record.get("schema_version") == SCHEMA_VERSION:
+        if isinstance(record, dict) and record.get("schema_version") in READABLE_SCHEMA_VERSIONS:
+            if record["schema_version"] == 1:
+                record["env"] = record.pop("environment", None)
             record["_path"] = str(path)
             records.append(record)
     return records
@@ -110,9 +121,11 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     """The records under ``results_dir`` as a DataFrame: one row per record, phases flattened to columns."""
     rows = []
     for record in load_records(results_dir):
-        row = {k: v for k, v in record.items() if k not in ("phases", "environment", "config", "protocol_config")}
+        row = {k: v for k, v in record.items() if k not in ("phases", "env", "config", "protocol_config", "iter_time_s")}
         for phase, figures in (record.get("phases") or {}).items():
             for key, value in (figures or {}).items():
                 row[f"{phase}_{key}"] = value
+        for key, value in (record.get("iter_time_s") or {}).items():
+            row[f"iter_time_s_{key}"] = value
         rows.append(row)
     return pd.DataFrame(rows)

@@ -141,6 +141,10 @@ class APM(Method):
         return {"iterations": iterations, "num_experts": min(3, config["num_experts"]),
                 "lr_img": config["lr_img"] * config["iterations"] / iterations}
 
+    @property
+    def iteration_period(self) -> int:
+        return self.config.mid_gap + 1  # type: ignore[attr-defined]
+
     def distill(self, ctx: DistillContext) -> DistilledSet:
         cfg: APMConfig = self.config  # type: ignore[assignment]
         if ctx.ipc % cfg.subgroups:

@@ -103,7 +103,8 @@ def test_run_writes_records_and_report(capsys, tmp_path):
                 "quick", "seeds", "acc", "acc_mean", "acc_std", "status", "error"):
         assert key in r
     assert r["status"] == "ok" and r["quick"] is True and len(r["acc"]) == 1
-    assert r["phases"]["distill"]["cpu_peak_rss_mb"] is None and r["phases"]["distill"]["gpu_reason"]
+    distill = r["phases"]["distill"]
+    assert distill["cpu_peak_rss_mb"] > 0 and distill["gpu_nvml_peak_mb"] is None and distill["gpu_reason"]
     code, out, _ = run_cli(capsys, "report", "--results", str(res), "--out", str(tmp_path / "rep"))
     assert code == 0 and "| random" in (tmp_path / "rep" / "res.md").read_text()
     code, out, _ = run_cli(capsys, *RUN, "--results", str(res), "--resume")
