@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 DEFAULT_SAMPLE_INTERVAL_S = 0.01  # 100 samples a second: ~40-120 µs of one core each (MemorySampler.thread_cpu_s)
 PHASE_FIELDS = ("wall_s", "cpu_peak_rss_mb", "gpu_nvml_peak_mb", "gpu_torch_allocated_peak_mb",
@@ -111,10 +113,35 @@ def nvml_handle_for(device: torch.device | str) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # memory
 
-class MemorySampler:
-    """One daemon thread sampling, every ``interval_s``, the memory of process ``pid`` (default: this process).
+def _reset_rss_high_water_mark() -> bool:
+    """Reset this process's peak-RSS mark (Linux ≥ 4.0: write 5 to /proc/self/clear_refs); False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _rss_high_water_mark() is not None
+    except OSError:
+        return False
 
-    It samples the resident set size (psutil) and — when ``device`` is a CUDA device and NVML works — the GPU
+
+def _rss_high_water_mark() -> int | None:
+    """VmHWM of this process in bytes: the kernel's exact peak RSS since the last reset."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class MemorySampler:
+    """The memory peaks of process ``pid`` (default: this process) between start() and stop().
+
+    CPU: for this process on Linux, the kernel's own peak-RSS mark, reset at start() and read at stop() — exact
+    and free (``cpu_peak_source="kernel_high_water_mark"``); otherwise (another process, no /proc) a daemon thread
+    samples the resident set size (psutil) every ``interval_s`` (``"sampled"``). GPU: the thread samples,
+    when ``device`` is a CUDA device and NVML works, — when ``device`` is a CUDA device and NVML works — the GPU
     memory used by that process: the process's own entry in NVML's list of compute processes
     (``gpu_nvml_source="process"``), or, where NVML gives none (a MIG instance that does not report processes,
     a container whose PIDs NVML cannot see), the device's used memory minus what was used at start()
@@ -136,6 +163,7 @@ class MemorySampler:
         self.thread_cpu_s: float | None = None
         self._process: psutil.Process | None = None
         self._rss_peak: int | None = None
+        self._rss_from_kernel = False
         self._nvml = None
         self._handle = None
         self._by_process = True  # until NVML refuses to list processes
@@ -144,6 +172,7 @@ class MemorySampler:
         self._gpu_device_peak: int | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._started = False
         self._result: dict | None = None
 
     @property
@@ -152,7 +181,7 @@ class MemorySampler:
         return None if self._rss_peak is None else _mb(self._rss_peak)
 
     def start(self) -> MemorySampler:
-        if self._thread is not None:
+        if self._started:
             raise RuntimeError("a MemorySampler starts once")
         try:
             self._process = psutil.Process(self.pid)
@@ -167,6 +196,11 @@ class MemorySampler:
             except Exception as e:
                 self._handle, self.gpu_reason = None, f"NVML cannot read {self.device}: {e}"
         self._sample()
+        if self._process is not None and self.pid == os.getpid() and _reset_rss_high_water_mark():
+            self._rss_from_kernel = True
+        self._started = True
+        if self._rss_from_kernel and self._handle is None:
+            return self  # nothing left to sample periodically: no thread
         self._thread = threading.Thread(target=self._run, name=f"ddbench-memory-sampler-{self.pid}", daemon=True)
         self._thread.start()
         return self
@@ -177,15 +211,22 @@ class MemorySampler:
             self._stopping.set()
             if self._thread is not None:
                 self._thread.join()
+            if self._started:
                 self._sample()
+            if self._rss_from_kernel:
+                mark = _rss_high_water_mark()
+                if mark is not None and (self._rss_peak is None or mark > self._rss_peak):
+                    self._rss_peak = mark
             source = "process" if self._gpu_process_peak is not None else (
                 "device_minus_baseline" if self._gpu_device_peak is not None else None)
             gpu_peak = self._gpu_process_peak if source == "process" else self._gpu_device_peak
             if source is None and self.gpu_reason is None:
-                self.gpu_reason = "the sampler was never started" if self._thread is None else (
+                self.gpu_reason = "the sampler was never started" if not self._started else (
                     "NVML reported no memory for this process")
             self._result = {
                 "cpu_peak_rss_mb": self.cpu_peak_rss_mb,
+                "cpu_peak_source": None if self._rss_peak is None else (
+                    "kernel_high_water_mark" if self._rss_from_kernel else "sampled"),
                 "gpu_nvml_peak_mb": None if gpu_peak is None else _mb(gpu_peak),
                 "gpu_nvml_source": source,
                 "gpu_reason": self.gpu_reason,  # beside a figure: why sampling ended early
@@ -204,7 +245,7 @@ class MemorySampler:
         self.thread_cpu_s = time.thread_time()
 
     def _sample(self) -> None:
-        if self._process is not None:
+        if self._process is not None and not self._rss_from_kernel:
             try:
                 rss = self._process.memory_info().rss
                 if self._rss_peak is None or rss > self._rss_peak:
@@ -337,8 +378,28 @@ def iteration_stats(durations_s: list[float], warmup: int = 2) -> dict:
     return {"median": float(np.median(kept)), "p90": float(np.percentile(kept, 90)), "n": len(kept)}
 
 
+class _CountingMode(TorchDispatchMode):
+    """Runs every op unchanged and adds up torch's FLOP formulas (``torch.utils.flop_counter.flop_registry``) for
+    those that have one (convolutions, matrix products, attention — forward and backward). Unlike
+    ``FlopCounterMode`` it tracks no module hierarchy and decomposes nothing, so it costs little and cannot change
+    what is computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
 class FlopCounter:
-    """Counts floating-point operations between start() and stop() with torch's FlopCounterMode.
+    """Counts floating-point operations between start() and stop() (the same FLOP formulas as torch's
+    ``FlopCounterMode``: a multiply-add is 2 FLOPs; element-wise ops are not counted).
 
     start() and stop() may be called from different functions — the mode stays entered in between — but from
     the same thread. stop() returns the total, or None with ``self.reason`` set when counting failed; a failure
@@ -347,18 +408,16 @@ class FlopCounter:
 
     def __init__(self) -> None:
         self.reason: str | None = None
-        self._mode = None
+        self._mode: _CountingMode | None = None
 
     def start(self) -> None:
         if self._mode is not None:
             return
         try:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            mode = FlopCounterMode(display=False)
+            mode = _CountingMode()
             mode.__enter__()
         except Exception as e:
-            self.reason = f"FlopCounterMode could not be entered: {e!r}"
+            self.reason = f"the FLOP-counting mode could not be entered: {e!r}"
             return
         self._mode, self.reason = mode, None
 
@@ -369,9 +428,9 @@ class FlopCounter:
             return None
         try:
             mode.__exit__(None, None, None)
-            return int(mode.get_total_flops())
+            return int(mode.total)
         except Exception as e:
-            self.reason = f"FlopCounterMode could not be exited: {e!r}"
+            self.reason = f"the FLOP-counting mode could not be exited: {e!r}"
             return None
 
 

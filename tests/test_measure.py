@@ -114,11 +114,20 @@ def test_sampler_of_a_missing_process_does_not_raise():
     assert result["cpu_peak_rss_mb"] is None
 
 
-def test_sampler_thread_is_cheap():
-    sampler = MemorySampler().start()
-    time.sleep(0.5)
-    sampler.stop()
-    assert sampler.thread_cpu_s < 0.05 * 0.5  # typically ~1% of one core on a loaded 2-core VM
+def test_own_process_needs_no_thread_on_linux_and_a_watched_one_is_sampled_cheaply():
+    own = MemorySampler().start()
+    if sys.platform == "linux":  # the kernel's high-water mark: exact, and no thread at all
+        assert sampler_threads() == []
+    assert own.stop()["cpu_peak_source"] in ("kernel_high_water_mark", "sampled")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    try:
+        watcher = MemorySampler(pid=child.pid).start()
+        time.sleep(0.5)
+        result = watcher.stop()
+    finally:
+        child.wait()
+    assert result["cpu_peak_source"] == "sampled" and result["cpu_peak_rss_mb"] > 0
+    assert watcher.thread_cpu_s < 0.05 * 0.5  # typically ~1% of one core on a loaded 2-core VM
 
 
 def test_iteration_stats_drops_the_warmup():
@@ -167,14 +176,10 @@ def test_flop_counter_on_a_conv_net_forward_and_backward():
 def test_flop_counter_never_raises_into_the_measured_code(monkeypatch):
     assert FlopCounter().stop() is None
 
-    class Broken:
-        def __init__(self, **kwargs):
-            pass
+    def broken_enter(self):
+        raise RuntimeError("no dispatch mode today")
 
-        def __enter__(self):
-            raise RuntimeError("no dispatch mode today")
-
-    monkeypatch.setattr("torch.utils.flop_counter.FlopCounterMode", Broken)
+    monkeypatch.setattr(measure._CountingMode, "__enter__", broken_enter)
     counter = FlopCounter()
     counter.start()
     assert counter.stop() is None
@@ -327,3 +332,19 @@ def test_a_phase_measured_twice_accumulates():
         with phase(phases, "experts"):
             time.sleep(0.05)
     assert phases["experts"]["wall_s"] >= 0.1
+
+
+def test_flop_counter_agrees_with_torchs_flop_counter_mode():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.models import create_network
+
+    net = create_network("convnet", 10, 1, 28, torch.Generator().manual_seed(0))
+    x = torch.randn(5, 1, 28, 28)
+    reference = FlopCounterMode(display=False)
+    with reference:
+        torch.nn.functional.cross_entropy(net(x), torch.arange(5)).backward()
+    ours = FlopCounter()
+    ours.start()
+    torch.nn.functional.cross_entropy(net(x), torch.arange(5)).backward()
+    assert ours.stop() == reference.get_total_flops() > 0
