@@ -113,8 +113,13 @@ def nvml_handle_for(device: torch.device | str) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # memory
 
+_PEAK_BEFORE_RESETS = 0  # bytes: the largest high-water mark seen before a reset (the reset also clears ru_maxrss)
+
+
 def _reset_rss_high_water_mark() -> bool:
     """Reset this process's peak-RSS mark (Linux ≥ 4.0: write 5 to /proc/self/clear_refs); False if impossible."""
+    global _PEAK_BEFORE_RESETS
+    _PEAK_BEFORE_RESETS = max(_PEAK_BEFORE_RESETS, _rss_high_water_mark() or 0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -277,9 +282,11 @@ class MemorySampler:
 
 
 def process_peak_rss_mb() -> float:
-    """The peak RSS of this process over its whole life (``ru_maxrss``), in MB."""
+    """The peak RSS of this process over its whole life (``ru_maxrss``, and the marks seen before the phases reset
+    it), in MB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return _mb(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+    peak = peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+    return _mb(max(peak, _PEAK_BEFORE_RESETS))
 
 
 _PEAK_FIELDS = ("cpu_peak_rss_mb", "gpu_nvml_peak_mb", "gpu_torch_allocated_peak_mb", "gpu_torch_reserved_peak_mb")

@@ -348,3 +348,15 @@ def test_flop_counter_agrees_with_torchs_flop_counter_mode():
     ours.start()
     torch.nn.functional.cross_entropy(net(x), torch.arange(5)).backward()
     assert ours.stop() == reference.get_total_flops() > 0
+
+
+def test_process_peak_survives_the_phase_resets():
+    phases: dict = {}
+    with phase(phases, "big"):
+        block = torch.ones(75_000_000)  # ~300 MB
+        del block
+    with phase(phases, "small"):
+        pass
+    from bench.measure import process_peak_rss_mb
+
+    assert process_peak_rss_mb() >= phases["big"]["cpu_peak_rss_mb"] > phases["small"]["cpu_peak_rss_mb"] + 200
