@@ -1,7 +1,8 @@
 """Measurement: wall time and memory peaks of every phase, iteration times, FLOPs, and the environment stamp.
 
-A phase records its wall time, the peak resident set size of this process (sampled by psutil), and on CUDA the
-GPU memory the process used (sampled through NVML) beside the caching allocator's own peaks. A figure that
+A phase records its wall time, the peak resident set size of this process (the kernel's peak-RSS mark, reset at
+the phase's start; a psutil sampler where there is no such mark), and on CUDA the GPU memory the process used
+(sampled through NVML) beside the caching allocator's own peaks. A figure that
 cannot be measured is null with a reason string — never 0 — so that no table can mistake "not measured" for
 "free". Memory sizes are in MB (2**20 bytes), rounded to one decimal.
 
@@ -33,7 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-DEFAULT_SAMPLE_INTERVAL_S = 0.01  # 100 samples a second: ~40-120 µs of one core each (MemorySampler.thread_cpu_s)
+DEFAULT_SAMPLE_INTERVAL_S = 0.01  # NVML (and psutil where needed) 100 times a second: ~40-120 µs of one core each
 PHASE_FIELDS = ("wall_s", "cpu_peak_rss_mb", "gpu_nvml_peak_mb", "gpu_torch_allocated_peak_mb",
                 "gpu_torch_reserved_peak_mb", "gpu_reason")
 

@@ -436,6 +436,7 @@ def _cell_child(connection, request: RunRequest, task: CellTask) -> None:
 
 
 _CHILD_CONTEXT = None
+CRASH_WATCH_INTERVAL_S = 0.1  # the parent's RSS watch of a cell's process: only reported if the cell dies
 
 
 def _child_context():
@@ -462,7 +463,7 @@ def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: di
     child = context.Process(target=_cell_child, args=(sender, request, task), name=f"ddbench-cell-{ids[archs[0]]}")
     child.start()
     sender.close()
-    watcher = MemorySampler(pid=child.pid).start()
+    watcher = MemorySampler(pid=child.pid, interval_s=CRASH_WATCH_INTERVAL_S).start()  # wakes rarely: 2 cores are shared
     try:
         try:
             message = receiver.recv()
