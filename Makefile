@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 RESULTS ?= results/runs
 REPORTS ?= reports
 
-.PHONY: venv test bench report clean
+.PHONY: venv test clean
 
 venv: $(VENV)/.installed
 
@@ -21,16 +21,45 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	$(BIN)/python -m pytest -q
 
-# The main job on the embedded default (scikit-learn's digits): every registered method,
-# ipc 1 and 10, ConvNet, 3 seeds, the quick standard protocol; then the report.
-BENCH_GRID := --dataset digits --methods all --ipc 1,10 --eval-archs convnet --seeds 0,1,2 --protocol standard --quick
+# Where the datasets live (e.g. `make bench-mnist DATA_ROOT=../shared/data/mnist`); default: $DDBENCH_DATA or ./data.
+DATA_ROOT ?= $(or $(DDBENCH_DATA),data)
+# Full recipes on a machine with an NVIDIA GPU, the reduced (quick, flagged in every record) ones elsewhere.
+HAS_GPU := $(shell command -v nvidia-smi 2>/dev/null)
+QUICK ?= $(if $(HAS_GPU),,--quick)
+# MNIST's full grid (ipc 1/10/50) takes GPU-hours; on a CPU, bench-mnist runs the CPU-sized `mnist_cpu` suite.
+MNIST_SUITE ?= $(if $(HAS_GPU),mnist,mnist_cpu)
+BASELINE ?= results/baselines/quick-cpu
 
+SUITE_TARGETS := bench-cifar10 bench-cifar100 bench-tiny bench-imagenet bench-cross_arch bench-efficiency bench-efficiency_cpu bench-ablation_k
+.PHONY: bench bench-mnist $(SUITE_TARGETS) report regress
+
+# The main job on the embedded default (scikit-learn's digits): the `quick` suite (every method, ipc 1 and 10,
+# ConvNet, 3 seeds, the standard protocol, reduced CPU recipes), then its report.
 bench: venv
-	$(BIN)/ddbench run $(BENCH_GRID) --results $(RESULTS)/bench --resume
-	$(BIN)/ddbench report --results $(RESULTS)/bench --out $(REPORTS)
+	$(BIN)/ddbench run --suite quick --results $(RESULTS)/quick --resume
+	$(BIN)/ddbench report --suite quick --results $(RESULTS)/quick --out $(REPORTS)
+
+# Any other suite: `make bench-<suite>` runs bench/suites/<suite>.yaml on the data under DATA_ROOT, then its report.
+$(SUITE_TARGETS): bench-%: venv
+	$(BIN)/ddbench run --suite $* $(QUICK) --data-root $(DATA_ROOT) --results $(RESULTS)/$* --resume
+	$(BIN)/ddbench report --suite $* --results $(RESULTS)/$* --out $(REPORTS)
+
+bench-mnist: venv
+	$(BIN)/ddbench run --suite $(MNIST_SUITE) $(QUICK) --data-root $(DATA_ROOT) --results $(RESULTS)/$(MNIST_SUITE) --resume
+	$(BIN)/ddbench report --suite $(MNIST_SUITE) --results $(RESULTS)/$(MNIST_SUITE) --out $(REPORTS)
 
 report: venv
-	$(BIN)/ddbench report --results $(RESULTS)/bench --out $(REPORTS)
+	@for dir in $(RESULTS)/*/; do name=$$(basename $$dir); \
+	  if [ -d $$dir/records ]; then $(BIN)/ddbench report --results $$dir --out $(REPORTS) || exit $$?; fi; done
+
+# The quick suite from scratch (its own empty expert cache, so the experts' cost is always in it, as in the
+# baseline), compared with the committed CPU baseline: exit 1 when a cell got worse. Memory and time get looser
+# tolerances than `ddbench compare`'s defaults (15 %, 2×): the baseline was measured on another machine.
+REGRESS_TOLERANCES ?= --memory-rel-tol 0.15 --time-rel-tol 1.0
+regress: venv
+	rm -rf $(RESULTS)/regress $(RESULTS)/regress-cache
+	$(BIN)/ddbench run --suite quick --results $(RESULTS)/regress --cache-dir $(RESULTS)/regress-cache
+	$(BIN)/ddbench compare $(BASELINE) $(RESULTS)/regress $(REGRESS_TOLERANCES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

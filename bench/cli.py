@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("ls", help="list methods, datasets, architectures or protocols")
-    ls.add_argument("what", choices=["methods", "datasets", "archs", "protocols"])
+    ls.add_argument("what", choices=["methods", "datasets", "archs", "protocols", "suites"])
 
     distill = sub.add_parser("distill", help="distil one set and save it (safetensors + JSON)")
     distill.add_argument("--dataset", required=True)
@@ -75,25 +75,46 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--results", default=None, help="also write records into this folder")
     _common(evaluate)
 
-    run = sub.add_parser("run", help="distil and evaluate a grid, one record per cell × evaluation architecture")
+    run = sub.add_parser("run", help="distil and evaluate a grid (or a suite), one record per cell × evaluation architecture")
+    run.add_argument("--suite", default=None, help="a suite name (ddbench ls suites) or a suite YAML file; replaces the grid options")
+    run.add_argument("--only", action="append", metavar="KEY=VALUE",
+                     help="with --suite: keep only cells whose dataset, method, ipc or protocol is VALUE (repeatable)")
     run.add_argument("--dataset", default="digits")
-    run.add_argument("--methods", type=_names, required=True, help="comma-separated method[.recipe] names, or 'all'")
+    run.add_argument("--methods", type=_names, default=None, help="comma-separated method[.recipe] names, or 'all'")
     run.add_argument("--ipc", type=_ints, default=[1, 10])
     run.add_argument("--distill-arch", default="convnet")
     run.add_argument("--eval-archs", type=_archs, default=["convnet"])
     run.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="evaluation seeds (one fresh network each)")
     run.add_argument("--distill-seed", type=int, default=0)
     run.add_argument("--protocol", default="standard")
-    run.add_argument("--results", default="results/runs/default", help="folder for records and distilled sets")
+    run.add_argument("--results", default=None,
+                     help="folder for records and distilled sets (default: results/runs/<suite> or results/runs/default)")
     run.add_argument("--resume", action="store_true", help="skip cells whose records exist")
+    run.add_argument("--eval-epochs", type=int, default=None,
+                     help="smoke tests only: train each evaluation network this many epochs (recorded in every record)")
     run.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                      help="run each cell in a fresh child process (default): its own memory peaks, and a crash or "
                           "out-of-memory kill costs only that cell")
     _common(run)
 
-    report = sub.add_parser("report", help="Markdown tables from the records under a results folder")
-    report.add_argument("--results", default="results/runs")
+    validate = sub.add_parser("validate", help="resolve every cell of a suite and check its names, without running")
+    validate.add_argument("--suite", required=True)
+    validate.add_argument("--only", action="append", metavar="KEY=VALUE")
+    validate.add_argument("--quick", action="store_true")
+
+    report = sub.add_parser("report", help="Markdown, LaTeX and figures from the records under a results folder")
+    report.add_argument("--suite", default=None, help="report the records of this suite (results/runs/<suite>)")
+    report.add_argument("--results", default=None, help="a results folder (default: results/runs/<suite>)")
     report.add_argument("--out", default="reports")
+
+    compare = sub.add_parser("compare", help="regression check: exit 1 when a cell of CURRENT is worse than in BASELINE")
+    compare.add_argument("baseline", help="results folder of the baseline (e.g. results/baselines/quick-cpu)")
+    compare.add_argument("current", help="results folder to check")
+    compare.add_argument("--acc-tol", type=float, default=None, help="accuracy tolerance in points")
+    compare.add_argument("--acc-k", type=float, default=None, help="accuracy: k × standard error of the difference")
+    compare.add_argument("--memory-rel-tol", type=float, default=None)
+    compare.add_argument("--flops-rel-tol", type=float, default=None)
+    compare.add_argument("--time-rel-tol", type=float, default=None)
     return parser
 
 
@@ -105,6 +126,12 @@ def _ls(what: str) -> None:
             cls = get_method_class(name)
             recipes = ", ".join(f"{name}.{r}" for r in cls.recipes) or "-"
             print(f"{name:10s} recipes: {recipes}")
+    elif what == "suites":
+        from bench.suite import list_suites, load_suite
+
+        for name in list_suites():
+            suite = load_suite(name)
+            print(f"{name:12s} v{suite.version}{' quick' if suite.quick else ''}  {suite.description.splitlines()[0] if suite.description else ''}")
     elif what == "datasets":
         from bench.data import DATASETS
 
@@ -176,28 +203,72 @@ def _evaluate(args: argparse.Namespace) -> None:
             identity = {"set": str(Path(args.path).resolve()), "eval_arch": arch, "protocol": [protocol.name, protocol.version],
                         "quick": args.quick, "seeds": args.seeds}
             write_record(args.results, dict(
-                set_fields(meta), record_id=stable_hash(identity), suite=None, env=env, isolated=False,
+                set_fields(meta), label=meta.get("method"), record_id=stable_hash(identity), suite=None, env=env, isolated=False,
+                eval_epochs_override=None,
                 quick=bool(args.quick or meta.get("quick")), learned_lr=distilled.learned_lr,
                 distilled_path=str(args.path), phases=phases, status="ok", error=None, **NOT_DISTILLED_HERE, **fields,
             ))
 
 
 def _run(args: argparse.Namespace) -> None:
+    from bench.errors import UserError
     from bench.runner import RunRequest, run
 
+    if args.suite:
+        from bench.suite import load_suite, parse_only, run_suite
+
+        if args.methods:
+            raise UserError("--suite and --methods exclude each other: the suite names its methods")
+        suite = load_suite(args.suite)
+        results = Path(args.results or f"results/runs/{suite.name}")
+        run_suite(suite, results, quick=args.quick, only=parse_only(args.only), data_root=args.data_root,
+                  device=args.device, resume=args.resume, cache_dir=args.cache_dir, isolate=args.isolate,
+                  eval_epochs=args.eval_epochs)
+        return
+    if args.only:
+        raise UserError("--only filters a suite's cells; use it with --suite")
+    if not args.methods:
+        raise UserError("name the methods (--methods apm,random or --methods all) or a suite (--suite quick)")
     request = RunRequest(dataset=args.dataset, methods=args.methods, ipcs=args.ipc, eval_archs=args.eval_archs,
-                         seeds=args.seeds, results_dir=Path(args.results), protocol=args.protocol,
+                         seeds=args.seeds, results_dir=Path(args.results or "results/runs/default"), protocol=args.protocol,
                          distill_arch=args.distill_arch, quick=args.quick, data_root=args.data_root,
                          device=args.device, distill_seed=args.distill_seed, resume=args.resume,
-                         cache_dir=args.cache_dir, isolate=args.isolate)
+                         cache_dir=args.cache_dir, isolate=args.isolate, eval_epochs=args.eval_epochs)
     run(request)
 
 
+def _validate(args: argparse.Namespace) -> None:
+    from bench.suite import describe_cells, load_suite, parse_only, suite_requests
+
+    suite = load_suite(args.suite)
+    lines = describe_cells(suite_requests(suite, Path("."), quick=args.quick, only=parse_only(args.only)))
+    print("\n".join(lines))
+    print(f"suite {suite.name} v{suite.version} ({suite.path}): {len(lines)} cells, every name resolves")
+
+
 def _report(args: argparse.Namespace) -> None:
+    from bench.errors import UserError
     from bench.report import write_reports
 
-    for path in write_reports(args.results, args.out):
+    if not args.suite and not args.results:
+        raise UserError("name a suite (--suite quick) or a results folder (--results results/runs/quick)")
+    if args.suite:
+        from bench.suite import load_suite
+
+        args.suite = load_suite(args.suite).name
+    results = args.results or f"results/runs/{args.suite}"
+    if not Path(results).is_dir():
+        raise UserError(f"no results folder {results}: run the suite first (ddbench run --suite {args.suite or '…'})")
+    for path in write_reports(results, args.out, name=args.suite):
         print(path)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from bench.compare import main_compare
+
+    overrides = {key: value for key, value in dict(acc_tol=args.acc_tol, acc_k=args.acc_k, memory_rel_tol=args.memory_rel_tol,
+                 flops_rel_tol=args.flops_rel_tol, time_rel_tol=args.time_rel_tol).items() if value is not None}
+    return main_compare(args.baseline, args.current, **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,15 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     from bench.errors import UserError
 
     try:
-        {"ls": lambda: _ls(args.what), "distill": lambda: _distill(args), "evaluate": lambda: _evaluate(args),
-         "run": lambda: _run(args), "report": lambda: _report(args)}[args.command]()
+        code = {"ls": lambda: _ls(args.what), "distill": lambda: _distill(args), "evaluate": lambda: _evaluate(args),
+                "run": lambda: _run(args), "validate": lambda: _validate(args), "report": lambda: _report(args),
+                "compare": lambda: _compare(args)}[args.command]()
     except UserError as exc:
         print(f"ddbench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ddbench: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

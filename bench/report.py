@@ -1,28 +1,91 @@
-"""Reports from records: Markdown tables of test accuracy (↑), mean ± std over seeds.
+"""Reports from records: Markdown and LaTeX tables, figures, and an index of the report folder.
 
-One table per (dataset, evaluation architecture, protocol, quick): rows are methods, columns ipc. ``full`` does
-not depend on ipc and shows its one value in every column. Quick results are marked as such.
+``write_reports(results_dir, out_dir)`` reads the records under ``results_dir`` and writes
+
+* ``<out>/<name>.md`` and ``<out>/<name>.tex`` (a standalone document with booktabs tables) with
+  - test accuracy (↑): one table per evaluation architecture × protocol × quick flag; rows are methods (or the
+    labels of method variants), columns dataset × ipc, cells mean ± std over seeds, the best of each column in
+    bold (``full`` data excluded). ``full`` does not depend on ipc and shows its one value in every column;
+  - our numbers beside the published ones (``results/published.json``, see ``bench.published``);
+  - cross-architecture tables where one protocol was evaluated on more than one architecture;
+  - the costs (↓) of distillation: peak GPU memory (NVML and allocator), CPU peak RSS, seconds per iteration,
+    distillation time, FLOPs per iteration — a GPU figure that could not be measured is "–" with its reason;
+  - the failed, oom and diverged cells with their error;
+* figures under ``<out>/figures/<name>_*.png`` (``bench.figures``);
+* ``<out>/README.md``, an index of every report and figure in ``<out>``.
+
+Every file is written atomically (temporary file + rename).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+import unicodedata
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 from tabulate import tabulate
 
-from bench.store import ACC_DIRECTION, load_results
+from bench.errors import UserError
+from bench.published import Published, load_published
+from bench.store import ACC_DIRECTION, load_records, load_results, stable_hash
 
-ROW_ORDER = ("full", "random", "herding")
+ROW_ORDER = ("full", "random", "herding")  # then the rest alphabetically
+COST_DIRECTION = "↓"  # lower memory, time and FLOPs are better
+NOT_MEASURED = "–"
+FAILED_STATUSES = ("failed", "oom", "diverged")
+
+# Columns a report reads; older records may lack some of them.
+COLUMNS = ("suite", "label", "recipe", "ipc", "distill_arch", "eval_arch", "protocol", "quick", "seeds", "acc",
+           "acc_mean", "acc_std", "status", "error", "flops_per_iter", "distilled_path", "transform",
+           "distill_wall_s", "distill_cpu_peak_rss_mb", "distill_gpu_nvml_peak_mb",
+           "distill_gpu_torch_allocated_peak_mb", "distill_gpu_reason", "iter_time_s_median")
 
 
-def _cell(group: pd.DataFrame) -> str:
-    ok = group[group["status"] == "ok"]
-    if ok.empty:
-        return ", ".join(sorted(set(group["status"])))
-    row = ok.iloc[-1]
-    return f"{row['acc_mean']:.1f} ± {row['acc_std']:.1f}"
+# ----------------------------------------------------------------------------------------------------------------
+# Records → one DataFrame with a row label per method variant
+
+
+def load_report_frame(results_dir: str | os.PathLike) -> pd.DataFrame:
+    """The records under ``results_dir`` (``store.load_results``) plus each record's ``config``, ``device`` and row
+    ``label``; raises ``UserError`` when there are none."""
+    frame = load_results(results_dir)
+    if frame.empty:
+        raise UserError(f"no records under {results_dir}")
+    records = {record["_path"]: record for record in load_records(results_dir)}
+    frame["config"] = [records[path].get("config") for path in frame["_path"]]
+    frame["device"] = [_device(records[path].get("env")) for path in frame["_path"]]
+    return prepare_frame(frame)
+
+
+def prepare_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Fill the columns a report reads (older records lack some) and add the row ``label`` of every record."""
+    frame = frame.reset_index(drop=True).copy()
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = None
+    frame["config"] = [c if isinstance(c, dict) else {} for c in frame.get("config", [None] * len(frame))]
+    if "device" not in frame:
+        frame["device"] = None
+    frame["quick"] = frame["quick"].fillna(False).astype(bool)
+    frame["ipc"] = [_ipc(value) for value in frame["ipc"]]
+    frame["label"] = _labels(frame)
+    return frame
+
+
+def _ipc(value: object) -> int | None:
+    return None if value is None or pd.isna(value) else int(value)
+
+
+def _device(env: dict | None) -> str | None:
+    if not env:
+        return None
+    if env.get("gpu_name"):
+        return env["gpu_name"]
+    return f"CPU, {env['cpu_threads']} threads" if env.get("cpu_threads") else "CPU"
 
 
 def _row_label(record: pd.Series) -> str:
@@ -32,51 +95,529 @@ def _row_label(record: pd.Series) -> str:
     recipe = record.get("recipe")
     if not isinstance(recipe, str):
         return record["method"]
-    ipc = None if pd.isna(record.get("ipc")) else int(record["ipc"])
+    ipc = _ipc(record.get("ipc"))
     dataset = record["dataset"]
     automatic = {f"{dataset}_ipc{ipc}", f"{DATASET_RECIPE_ALIASES.get(dataset, dataset)}_ipc{ipc}"}
     return record["method"] if recipe in automatic else f"{record['method']}.{recipe}"
 
 
+def _labels(frame: pd.DataFrame) -> list[str]:
+    """The record's own ``label``, else ``_row_label``. Variants that would share a label in one table cell (older
+    records have no ``label``) are told apart by what differs in their configs, ``apm[segment=100]``, and so is
+    every other record with that label, so that a variant keeps one row across columns."""
+    labels = [row["label"] if isinstance(row["label"], str) and row["label"] else _row_label(row)
+              for _, row in frame.iterrows()]
+    settings = [dict(config, distill_arch=arch) for config, arch in zip(frame["config"], frame["distill_arch"])]
+    keyed = frame.assign(_label=labels, _config_hash=[stable_hash(s) for s in settings])
+    differing: dict[str, set[str]] = {}  # label → the config keys that tell its variants apart
+    for (label, *_), records in keyed.groupby(["_label", "dataset", "ipc", "eval_arch", "protocol", "quick"],
+                                               dropna=False, sort=False):
+        if records["_config_hash"].nunique() > 1:
+            mine = [settings[i] for i in records.index]
+            keys = {k for k in set().union(*mine) if len({repr(s.get(k)) for s in mine}) > 1}
+            differing.setdefault(label, set()).update(keys)
+    return [label + "[" + ",".join(f"{k}={setting.get(k)}" for k in sorted(differing[label])) + "]"
+            if label in differing else label for label, setting in zip(labels, settings)]
+
+
+def _label_order(labels: object) -> list[str]:
+    def key(label: str) -> tuple[int, str]:
+        return (ROW_ORDER.index(label) if label in ROW_ORDER else len(ROW_ORDER), label)
+
+    return sorted(set(labels), key=key)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A table, independent of its output format
+
+
+@dataclass
+class Cell:
+    text: str
+    bold: bool = False
+
+
+@dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[Cell]]
+    notes: list[str] = field(default_factory=list)
+    latex_columns: str | None = None  # tabular column spec; default: first column left, the rest right
+
+
+@dataclass
+class Section:
+    heading: str
+    tables: list[Table] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)  # paragraphs before the tables
+
+
+def _fmt_acc(mean: float | None, std: float | None) -> str:
+    return f"{mean:.1f}" if std is None or pd.isna(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def _fmt_signed(value: float) -> str:
+    return f"{value:+.1f}".replace("-", "−")
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and pd.isna(value))
+
+
+def _fmt_number(value: object, digits: int = 0) -> str:
+    return NOT_MEASURED if _is_missing(value) else f"{float(value):,.{digits}f}"
+
+
+def _fmt_seconds(value: object) -> str:
+    if _is_missing(value):
+        return NOT_MEASURED
+    value = float(value)
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:,.0f}"
+
+
+def _fmt_flops(value: object) -> str:
+    if _is_missing(value):
+        return NOT_MEASURED
+    value = float(value)
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f} {prefix}"
+    return f"{value:.0f}"
+
+
+def _ipc_text(ipc: object) -> str:
+    ipc = _ipc(ipc)
+    return "all" if ipc is None else str(ipc)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Accuracy
+
+
+def _n_seeds(record: pd.Series) -> int:
+    acc = record.get("acc")
+    return len(acc) if isinstance(acc, list) and acc else len(record["seeds"] or [])
+
+
+def _measured(records: pd.DataFrame) -> tuple[str, float | None, int | None]:
+    """(cell text, mean, seeds) of the last successful record (no std from a single seed); the statuses when none
+    succeeded."""
+    if records.empty:
+        return NOT_MEASURED, None, None
+    ok = records[records["status"] == "ok"]
+    if ok.empty:
+        return ", ".join(sorted(set(records["status"]))), None, None
+    row = ok.iloc[-1]
+    n = _n_seeds(row)
+    return _fmt_acc(row["acc_mean"], row["acc_std"] if n > 1 else None), float(row["acc_mean"]), n
+
+
+def _records_for(group: pd.DataFrame, label: str, dataset: str, ipc: int | None) -> pd.DataFrame:
+    """A label's records for one dataset × ipc column; a label evaluated without ipc (``full``) fills every column."""
+    mine = group[(group["label"] == label) & (group["dataset"] == dataset)]
+    if mine.empty or mine["ipc"].isna().all():
+        return mine
+    return mine[mine["ipc"] == ipc]
+
+
+def _columns(group: pd.DataFrame) -> list[tuple[str, int | None]]:
+    """The dataset × ipc columns of a group; a dataset measured only without ipc gets one column."""
+    columns = []
+    for dataset in sorted(set(group["dataset"])):
+        ipcs = sorted({int(i) for i in group.loc[group["dataset"] == dataset, "ipc"].dropna()})
+        columns += [(dataset, ipc) for ipc in ipcs] or [(dataset, None)]
+    return columns
+
+
+def _bold_best(rows: list[list[Cell]], means: list[list[float | None]], labels: list[str]) -> None:
+    """Bold the highest mean of every column (as printed, so ties are all bold), ``full`` excluded."""
+    for column in range(len(means[0]) if means else 0):
+        candidates = [round(m[column], 1) for m, label in zip(means, labels)
+                      if label != "full" and m[column] is not None]
+        if not candidates:
+            continue
+        for row, m, label in zip(rows, means, labels):
+            if label != "full" and m[column] is not None and round(m[column], 1) == max(candidates):
+                row[column + 1].bold = True
+
+
+def _accuracy_title(arch: str, protocol: str, quick: bool, seeds: set[int | None]) -> str:
+    seeds = {s for s in seeds if s}
+    n = seeds.pop() if len(seeds) == 1 else None
+    if n == 1:
+        what = "one seed, so no std"
+    else:
+        what = "mean ± std " + ("over n seeds, n in each cell" if n is None else f"over {n} seeds")
+    title = f"Test accuracy % {ACC_DIRECTION} ({what}), evaluated on {arch}, protocol {protocol}"
+    return title + (" — QUICK: reduced CPU recipes" if quick else "")
+
+
+def accuracy_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool) -> Table:
+    """Rows: labels; columns: dataset × ipc; the best per column in bold."""
+    columns, labels = _columns(group), _label_order(group["label"])
+    measured = {(label, column): _measured(_records_for(group, label, *column))
+                for label in labels for column in columns}
+    seeds = {n for _, _, n in measured.values()}
+    show_n = len({s for s in seeds if s}) > 1
+    rows, means = [], []
+    for label in labels:
+        cells = [measured[label, column] for column in columns]
+        rows.append([Cell(label)] + [Cell(f"{text} (n={n})" if show_n and n else text) for text, _, n in cells])
+        means.append([mean for _, mean, _ in cells])
+    _bold_best(rows, means, labels)
+    notes = ["Bold: the best of each column (full data excluded)."]
+    if "full" in labels:
+        notes.append("full: trained on the whole training set; it does not depend on ipc, so its one value fills every "
+                     "column of its dataset.")
+    headers = ["method"] + [f"{dataset} ipc {_ipc_text(ipc)}" for dataset, ipc in columns]
+    return Table(_accuracy_title(arch, protocol, quick, seeds), headers, rows, notes)
+
+
+def published_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool, published: Published) -> Table | None:
+    """Ours beside the published number of every cell that has one (rows whose label is the plain method name)."""
+    rows, seen = [], set()
+    for label in _label_order(group["label"]):
+        for dataset, ipc in _columns(group):
+            records = _records_for(group, label, dataset, ipc)
+            if records.empty or set(records["method"]) != {label}:
+                continue
+            if records["ipc"].isna().all():  # full data: one row per dataset, not one per ipc column
+                ipc = None
+                if (label, dataset) in seen:
+                    continue
+                seen.add((label, dataset))
+            entry = published.accuracy(dataset, label, ipc, protocol, arch)
+            if entry is None:
+                continue
+            text, mean, _ = _measured(records)
+            difference = NOT_MEASURED if mean is None else _fmt_signed(mean - entry["mean"])
+            rows.append([Cell(label), Cell(dataset), Cell(_ipc_text(ipc)), Cell(text),
+                         Cell(_fmt_acc(entry["mean"], entry["std"])), Cell(entry["source"]), Cell(difference)])
+    if not rows:
+        return None
+    title = f"Ours beside published numbers, evaluated on {arch}, protocol {protocol}"
+    notes = ["difference = ours − published, in percentage points; published numbers are as the source reports "
+             "them (ConvNet; std blank where the source gives none)."]
+    if quick:
+        title += " — ours are QUICK (reduced CPU recipes)"
+        notes.insert(0, "Ours come from the QUICK reduced CPU recipes, the published numbers from full recipes: "
+                        "the difference is what the quick recipe costs, not a failed reproduction.")
+    headers = ["method", "dataset", "ipc", f"ours {ACC_DIRECTION}", "published", "source", "difference"]
+    return Table(title, headers, rows, notes, latex_columns="lllrrlr")
+
+
+def accuracy_section(frame: pd.DataFrame, published: Published) -> Section:
+    section = Section("Test accuracy")
+    for (arch, protocol, quick), group in frame.groupby(["eval_arch", "protocol", "quick"], sort=True):
+        section.tables.append(accuracy_table(group, arch, protocol, quick))
+        beside = published_table(group, arch, protocol, quick, published)
+        if beside is not None:
+            section.tables.append(beside)
+    return section
+
+
 def accuracy_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
-    """(title, Markdown table) for every dataset × evaluation architecture × protocol × quick group."""
-    tables = []
-    frame = frame.copy()
-    frame["label"] = frame.apply(_row_label, axis=1)
-    for (dataset, arch, protocol, quick), group in frame.groupby(["dataset", "eval_arch", "protocol", "quick"], sort=True):
-        ipcs = sorted({int(i) for i in group["ipc"].dropna()})
-        labels = sorted(set(group["label"]), key=lambda m: (ROW_ORDER.index(m) if m in ROW_ORDER else len(ROW_ORDER), m))
+    """(title, Markdown table) for every evaluation architecture × protocol × quick group of ``frame``
+    (``store.load_results``); the rows are methods, the columns dataset × ipc."""
+    frame = prepare_frame(frame)
+    return [(table.title, markdown_table(table))
+            for (arch, protocol, quick), group in frame.groupby(["eval_arch", "protocol", "quick"], sort=True)
+            for table in [accuracy_table(group, arch, protocol, quick)]]
+
+
+def cross_architecture_section(frame: pd.DataFrame) -> Section | None:
+    """Per protocol × quick flag evaluated on several architectures: rows labels, columns architectures, one table
+    per dataset × ipc."""
+    section = Section("Across evaluation architectures")
+    for (protocol, quick), group in frame.groupby(["protocol", "quick"], sort=True):
+        if group["eval_arch"].nunique() < 2:
+            continue
+        for dataset, ipc in _columns(group):
+            here = group[(group["dataset"] == dataset) & ((group["ipc"] == ipc) if ipc is not None else True)]
+            archs = sorted(set(here["eval_arch"]))
+            if len(archs) < 2:  # this dataset × ipc was evaluated on one architecture only
+                continue
+            labels = [label for label in _label_order(group.loc[group["dataset"] == dataset, "label"])
+                      if not _records_for(group, label, dataset, ipc).empty]
+            rows, means = [], []
+            for label in labels:
+                cells = [_measured(_records_for(group[group["eval_arch"] == arch], label, dataset, ipc))
+                         for arch in archs]
+                rows.append([Cell(label)] + [Cell(text) for text, _, _ in cells])
+                means.append([mean for _, mean, _ in cells])
+            _bold_best(rows, means, labels)
+            distilled_on = ", ".join(sorted({str(a) for a in group["distill_arch"].dropna()})) or "–"
+            title = (f"{dataset} ipc {_ipc_text(ipc)}: test accuracy % {ACC_DIRECTION} (mean ± std) by evaluation "
+                     f"architecture, protocol {protocol}, distilled on {distilled_on}")
+            title += " — QUICK: reduced CPU recipes" if quick else ""
+            notes = ["Bold: the best of each column (full data excluded)."]
+            section.tables.append(Table(title, ["method", *archs], rows, notes))
+    return section if section.tables else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Costs of distillation
+
+
+def distilled_sets(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per distilled set (label × dataset × ipc × quick): its first successful record, else its first."""
+    rows = []
+    for _, records in frame.groupby(["label", "dataset", "ipc", "quick"], dropna=False, sort=False):
+        ok = records[records["status"] == "ok"]
+        rows.append((ok if not ok.empty else records).iloc[0])
+    order = {label: i for i, label in enumerate(_label_order(frame["label"]))}
+    sets = pd.DataFrame(rows)
+    sets["ipc"] = pd.Series([_ipc(i) for i in sets["ipc"]], index=sets.index, dtype=object)
+    sets["_order"] = [order[label] for label in sets["label"]]
+    return sets.sort_values(["quick", "dataset", "ipc", "_order"], na_position="first").drop(columns="_order")
+
+
+def _gpu_cell(value: object, reason: object, reasons: dict[str, int]) -> Cell:
+    """A GPU memory figure, or "–" with the number of the footnote that gives the reason (never 0)."""
+    if not _is_missing(value):
+        return Cell(_fmt_number(value))
+    reason = reason if isinstance(reason, str) and reason else "not measured"
+    return Cell(f"{NOT_MEASURED} [{reasons.setdefault(reason, len(reasons) + 1)}]")
+
+
+def cost_section(frame: pd.DataFrame, published: Published) -> Section | None:
+    """One table per quick flag: the distillation costs of every distilled set, with published figures beside
+    where they match (APM's ImageNet-1K figures per segment length, TESLA's)."""
+    sets = distilled_sets(frame)
+    sets = sets[sets["label"] != "full"]
+    if sets.empty:
+        return None
+    section = Section(f"Costs of distillation {COST_DIRECTION}", text=[
+        "Distillation phase of each distilled set (one row per set, whatever it was evaluated on). GPU peak: NVML "
+        "process peak and the PyTorch allocator peak; CPU: peak resident set size; s/iteration: median after "
+        "warm-up; FLOPs: one distillation iteration."])
+    for quick, group in sets.groupby("quick", sort=True):
+        reasons: dict[str, int] = {}  # why a GPU figure is missing → its footnote number
+        pub_rows = [published.cost(r["dataset"], r["method"], r["ipc"], r["config"].get("segment"))
+                    for _, r in group.iterrows()]
         rows = []
-        for label in labels:
-            mine = group[group["label"] == label]
-            if mine["ipc"].isna().all():
-                value = _cell(mine)
-                rows.append([label, *[value] * max(1, len(ipcs))])
-            else:
-                rows.append([label, *[_cell(mine[mine["ipc"] == ipc]) if (mine["ipc"] == ipc).any() else "–" for ipc in ipcs]])
-        seeds = sorted({len(s) for s in group["seeds"]})
-        title = (f"{dataset} — test accuracy % {ACC_DIRECTION} (mean ± std over {'/'.join(map(str, seeds))} seeds), "
-                 f"evaluated on {arch}, protocol {protocol}{' (QUICK: reduced CPU recipes)' if quick else ''}")
-        headers = ["method", *[f"ipc {i}" for i in ipcs]] if ipcs else ["method", "all"]
-        tables.append((title, tabulate(rows, headers=headers, tablefmt="github")))
-    return tables
+        for (_, r), pub in zip(group.iterrows(), pub_rows):
+            row = [Cell(r["label"]), Cell(r["dataset"]), Cell(_ipc_text(r["ipc"])), Cell(r["device"] or NOT_MEASURED),
+                   _gpu_cell(r["distill_gpu_nvml_peak_mb"], r["distill_gpu_reason"], reasons),
+                   _gpu_cell(r["distill_gpu_torch_allocated_peak_mb"], r["distill_gpu_reason"], reasons),
+                   Cell(_fmt_number(r["distill_cpu_peak_rss_mb"])), Cell(_fmt_seconds(r["iter_time_s_median"])),
+                   Cell(_fmt_seconds(r["distill_wall_s"])), Cell(_fmt_flops(r["flops_per_iter"]))]
+            if any(pub_rows):
+                row += ([Cell(f"{pub['gpu_peak_gb']:.1f}"), Cell(f"{pub['s_per_iter']:.1f}"), Cell(pub["source"])]
+                        if pub else [Cell(NOT_MEASURED) for _ in range(3)])
+            rows.append(row)
+        d = COST_DIRECTION
+        headers = ["method", "dataset", "ipc", "device", f"GPU peak NVML (MB) {d}", f"GPU peak allocator (MB) {d}",
+                   f"CPU peak RSS (MB) {d}", f"s/iteration {d}", f"distill time (s) {d}", f"FLOPs/iteration {d}"]
+        columns = "llll" + "r" * 6
+        notes = [f"[{n}] GPU figures not measured: {reason}." for reason, n in reasons.items()]
+        if any(pub_rows):
+            headers += ["published GPU peak (GB)", "published s/iteration", "source"]
+            columns += "rrl"
+            hardware = {p["hardware"] for p in pub_rows if p}
+            notes.append(f"Published figures: hardware {', '.join(sorted(hardware))}; "
+                         "ours ran on the device in the device column.")
+        title = "Distillation costs" + (" — QUICK: reduced CPU recipes" if quick else "")
+        section.tables.append(Table(title, headers, rows, notes, latex_columns=columns))
+    return section
 
 
-def write_reports(results_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``<out>/<results folder name>.md``; returns the paths written."""
-    frame = load_results(results_dir)
+# ----------------------------------------------------------------------------------------------------------------
+# Failures
+
+
+def _error_summary(error: object, limit: int = 240) -> str:
+    """The last non-empty line of an error (the exception itself, after any traceback), shortened."""
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    text = lines[-1] if lines else "(no error text)"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def failure_section(frame: pd.DataFrame) -> Section | None:
+    failed = frame[frame["status"].isin(FAILED_STATUSES)]
+    if failed.empty:
+        return None
+    rows = [[Cell(r["label"]), Cell(r["dataset"]), Cell(_ipc_text(r["ipc"])), Cell(str(r["eval_arch"])),
+             Cell(str(r["protocol"])), Cell(r["status"]), Cell(_error_summary(r["error"]))]
+            for _, r in failed.iterrows()]
+    table = Table(f"{len(rows)} cell(s) without a result", ["method", "dataset", "ipc", "eval arch", "protocol",
+                                                               "status", "error"],
+                  rows, ["error: the last line of the record's error text."], latex_columns="llllllp{0.4\\linewidth}")
+    return Section("Failed, out-of-memory and diverged cells", [table])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Markdown and LaTeX
+
+
+def markdown_table(table: Table) -> str:
+    def text(cell: Cell) -> str:
+        value = cell.text.replace("|", "\\|").replace("\n", " ")
+        return f"**{value}**" if cell.bold else value
+
+    return tabulate([[text(c) for c in row] for row in table.rows], headers=table.headers, tablefmt="github",
+                    disable_numparse=True)
+
+
+LATEX_REPLACEMENTS = {
+    "\\": r"$\backslash$", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+    "~": r"\~{}", "^": r"\^{}", "<": r"$<$", ">": r"$>$", "|": r"$|$", "±": r"$\pm$", "↑": r"$\uparrow$",
+    "↓": r"$\downarrow$", "−": r"$-$", "–": "--", "—": "---", "×": r"$\times$", "≈": r"$\approx$",
+    "…": r"\ldots{}", "·": r"$\cdot$", "“": "``", "”": "''", "‘": "`", "’": "'",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Text → LaTeX that pdflatex compiles with no extra package or font (nothing from the TS1 text-companion
+    fonts): specials escaped, known symbols as math, any other non-ASCII character as its closest ASCII form
+    (or ``?``)."""
+    out = []
+    for char in str(text):
+        if char in LATEX_REPLACEMENTS:
+            out.append(LATEX_REPLACEMENTS[char])
+        elif ord(char) < 128:
+            out.append(char)
+        else:
+            ascii_form = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
+            out.append("".join(LATEX_REPLACEMENTS.get(c, c) for c in ascii_form) or "?")
+    return "".join(out)
+
+
+def latex_table(table: Table) -> str:
+    def text(cell: Cell) -> str:
+        value = latex_escape(cell.text)
+        value = f"\\textbf{{{value}}}" if cell.bold else value
+        return "{}" + value if value.startswith("[") else value  # a row must not start with '[' after '\\'
+
+    columns = table.latex_columns or "l" + "r" * (len(table.headers) - 1)
+    lines = [f"\\par\\medskip\\noindent\\textbf{{{latex_escape(table.title)}}}\\par\\smallskip",
+             "\\begin{center}", "\\fittable{%", f"\\begin{{tabular}}{{{columns}}}", "\\toprule",
+             " & ".join(latex_escape(h) for h in table.headers) + " \\\\", "\\midrule"]
+    lines += [" & ".join(text(c) for c in row) + " \\\\" for row in table.rows]
+    lines += ["\\bottomrule", "\\end{tabular}}", "\\end{center}"]
+    lines += [f"{{\\footnotesize {latex_escape(note)}\\par}}" for note in table.notes]
+    return "\n".join(lines)
+
+
+def _sources_used(sections: list[Section], published: Published) -> dict[str, str]:
+    cited = {cell.text for s in sections for t in s.tables if "source" in t.headers
+             for row in t.rows for cell in [row[t.headers.index("source")]]}
+    return {key: text for key, text in published.sources.items() if key in cited}
+
+
+def render_markdown(name: str, intro: list[str], sections: list[Section], figures: list,
+                    sources: dict[str, str]) -> str:
+    parts = [f"# ddbench report: {name}", "", *[line + "\n" for line in intro]]
+    for section in sections:
+        parts += [f"## {section.heading}", ""]
+        parts += [paragraph + "\n" for paragraph in section.text]
+        for table in section.tables:
+            parts += [f"### {table.title}", "", markdown_table(table), ""]
+            parts += [note + "  " for note in table.notes] + ([""] if table.notes else [])
+    if figures:
+        parts += ["## Figures", ""]
+        for figure in figures:
+            parts += [f"### {figure.title}", "", f"![{figure.title}](figures/{quote(figure.path.name)})", ""]
+    if sources:
+        parts += ["## Sources of the published numbers", ""]
+        parts += [f"- **{key}**: {text}" for key, text in sources.items()] + [""]
+    return "\n".join(parts)
+
+
+LATEX_PREAMBLE = r"""\documentclass[10pt]{article}
+\usepackage[margin=2cm]{geometry}
+\usepackage{booktabs}
+\usepackage{graphicx}
+\newsavebox{\tablebox}
+% a table wider than the text is scaled down to the text width
+\newcommand{\fittable}[1]{\sbox{\tablebox}{#1}%
+  \ifdim\wd\tablebox>\linewidth\resizebox{\linewidth}{!}{\usebox{\tablebox}}\else\usebox{\tablebox}\fi}
+\setlength{\parindent}{0pt}
+"""
+
+
+def render_latex(name: str, intro: list[str], sections: list[Section], figures: list, sources: dict[str, str]) -> str:
+    parts = [LATEX_PREAMBLE, "\\begin{document}", f"{{\\Large\\bfseries ddbench report: {latex_escape(name)}\\par}}",
+             "\\medskip", *[latex_escape(line.replace("`", "")) + "\\par" for line in intro]]
+    for section in sections:
+        parts += [f"\\section*{{{latex_escape(section.heading)}}}", *[latex_escape(p) + "\\par" for p in section.text]]
+        parts += [latex_table(table) for table in section.tables]
+    if figures:
+        parts.append("\\section*{Figures}")
+        for figure in figures:
+            path = f"figures/{figure.path.name}"
+            parts += [f"\\par\\medskip\\noindent\\textbf{{{latex_escape(figure.title)}}}\\par",
+                      f"\\IfFileExists{{{path}}}{{\\begin{{center}}\\includegraphics[width=0.9\\linewidth,"
+                      f"height=0.4\\textheight,keepaspectratio]{{{path}}}\\end{{center}}}}{{(figure file missing)}}"]
+    if sources:
+        parts.append("\\section*{Sources of the published numbers}")  # no itemize: its bullet needs a TS1 font
+        parts += [f"\\textbf{{{latex_escape(k)}}}: {latex_escape(v)}\\par" for k, v in sources.items()]
+    parts.append("\\end{document}")
+    return "\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_index(out_dir: str | os.PathLike) -> Path:
+    """Rebuild ``<out>/README.md``: every report (``*.md``, ``*.tex``) in ``out_dir`` and every figure under
+    ``figures/``, grouped by report name (a figure ``<name>_*.png`` belongs to the longest matching name)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name = Path(results_dir).resolve().name
-    path = out / f"{name}.md"
-    if frame.empty:
-        from bench.errors import UserError
+    documents = [p for p in sorted(out.glob("*.md")) + sorted(out.glob("*.tex")) if p.name != "README.md"]
+    names = sorted({p.stem for p in documents})
+    figures: dict[str | None, list[Path]] = {}
+    for figure in sorted((out / "figures").glob("*.png")):
+        owners = [n for n in names if figure.name.startswith(n + "_")]
+        figures.setdefault(max(owners, key=len) if owners else None, []).append(figure)
+    lines = ["# Reports", "", "This index is rebuilt by `ddbench report` (`bench.report.write_reports`) from the files "
+             "in this folder.", ""]
+    for name in names + ([None] if None in figures else []):
+        lines += [f"## {name if name else 'Other figures'}", ""]
+        for document in (p for p in documents if p.stem == name):
+            kind = "Markdown" if document.suffix == ".md" else "LaTeX (compile with pdflatex)"
+            lines.append(f"- [{document.name}]({quote(document.name)}) — {kind}")
+        lines += [f"- figure: [{f.name}](figures/{quote(f.name)})" for f in figures.get(name, [])]
+        lines.append("")
+    return write_text_atomic(out / "README.md", "\n".join(lines))
 
-        raise UserError(f"no records under {results_dir}")
-    parts = [f"# ddbench report: {name}\n", f"Generated from the records under `{results_dir}`.\n"]
-    for title, table in accuracy_tables(frame):
-        parts += [f"## {title}\n", table, ""]
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(parts) + "\n")
-    tmp.replace(path)
-    return [path]
+
+def write_reports(results_dir: str | os.PathLike, out_dir: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Write ``<out>/<name>.md``, ``<out>/<name>.tex``, ``<out>/figures/<name>_*.png`` and ``<out>/README.md`` from the
+    records under ``results_dir``; ``name`` defaults to the results folder's name. Returns the paths written."""
+    from bench.figures import write_figures  # matplotlib is slow to import; only reports need it
+
+    frame = load_report_frame(results_dir)
+    name = name or Path(results_dir).resolve().name
+    out = Path(out_dir)
+    published = load_published()
+    sections = [s for s in (accuracy_section(frame, published), cross_architecture_section(frame),
+                            cost_section(frame, published), failure_section(frame)) if s is not None]
+    figures = write_figures(frame, distilled_sets(frame), _label_order(frame["label"]), out / "figures", name,
+                            Path(results_dir))
+    suites = sorted({s for s in frame["suite"].dropna()})
+    intro = [f"Generated from the {len(frame)} records under `{results_dir}`"
+             + (f" (suite {', '.join(suites)})." if suites else "."),
+             f"Accuracy {ACC_DIRECTION}: higher is better; costs {COST_DIRECTION}: lower is better."]
+    if frame["quick"].any():
+        intro.append("QUICK marks results of the reduced CPU recipes (for checking the pipeline, not the papers' "
+                     "settings).")
+    sources = _sources_used(sections, published)
+    paths = [write_text_atomic(out / f"{name}.md", render_markdown(name, intro, sections, figures, sources)),
+             write_text_atomic(out / f"{name}.tex", render_latex(name, intro, sections, figures, sources))]
+    return paths + [figure.path for figure in figures] + [write_index(out)]

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from bench.data import Dataset, load_dataset, resolve_data_root
+from bench.data import DATASETS, Dataset, load_dataset, resolve_data_root
 from bench.distilled import DistilledSet
 from bench.errors import Diverged, UserError
 from bench.evaluate import Protocol, evaluate_distilled, get_protocol
@@ -55,6 +55,8 @@ class RunRequest:
     cache_dir: str | None = None
     suite: str | None = None
     method_options: dict = field(default_factory=dict)
+    method_labels: dict = field(default_factory=dict)  # spec → row label in reports (a suite's variant names)
+    eval_epochs: int | None = None  # a smoke test's override of the protocol's epochs (recorded, part of the identity)
     isolate: bool = True  # each cell in a fresh child process (its own memory peaks; a crash costs one cell)
 
 
@@ -64,6 +66,7 @@ class Cell:
     method: object
     ipc: int | None  # None: the method ignores ipc (`full`)
     dataset: Dataset
+    label: str | None = None  # the row label in reports (default: the method spec as given)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -88,32 +91,48 @@ def _check_arch_runs(arch: str, dataset: Dataset) -> None:
         raise UserError(f"architecture '{arch}' cannot run on {dataset.name} ({dataset.resolution}×{dataset.resolution}): {exc}".splitlines()[0]) from None
 
 
-def plan(request: RunRequest) -> list[Cell]:
-    """Validate the whole request and return its cells; raises ``UserError`` before anything is written."""
+def check_request(request: RunRequest) -> list[str]:
+    """Check every name and option of a request without reading data; returns its method specs."""
     if not request.methods:
         raise UserError("no methods given")
-    if not request.seeds:
+    if request.eval_archs and not request.seeds:
         raise UserError("no seeds given")
     for ipc in request.ipcs:
         if ipc < 1:
             raise UserError(f"ipc must be at least 1, got {ipc}")
+    if request.eval_epochs is not None and request.eval_epochs < 1:
+        raise UserError(f"--eval-epochs must be at least 1, got {request.eval_epochs}")
+    DATASETS.get(request.dataset)
     specs = list_methods() if request.methods == ["all"] else request.methods
     for spec in specs:  # fail fast on a bad name, recipe or option, before any data is read
         create_method(spec, quick=request.quick, **request.method_options.get(spec, {}))
     get_protocol(request.protocol)
     for arch in [request.distill_arch, *request.eval_archs]:
         check_arch(arch)
+    return specs
 
+
+def resolved_methods(request: RunRequest, spec: str) -> list[tuple[str, int | None]]:
+    """(spec with the recipe picked for the setting, ipc) for every ipc of ``spec`` in the request.
+
+    No recipe named: the method's paper recipe for this dataset and ipc (``<dataset>_ipc<k>``), where it has one.
+    """
+    name, recipe = split_method_spec(spec)
+    cells = []
+    for ipc in request.ipcs if get_method_class(name).depends_on_ipc else [None]:
+        picked = None if recipe else default_recipe(name, request.dataset, ipc)
+        cells.append((f"{name}.{picked}" if picked else spec, ipc))
+    return cells
+
+
+def plan(request: RunRequest) -> list[Cell]:
+    """Validate the whole request and return its cells; raises ``UserError`` before anything is written."""
+    specs = check_request(request)
     datasets: dict[bool, Dataset] = {}
     device = resolve_device(request.device)
     cells = []
     for spec in specs:
-        name, recipe = split_method_spec(spec)
-        depends_on_ipc = get_method_class(name).depends_on_ipc
-        for ipc in request.ipcs if depends_on_ipc else [None]:
-            # no recipe named: the method's paper recipe for this dataset and ipc, where it has one
-            resolved_spec = spec if recipe or default_recipe(name, request.dataset, ipc) is None else \
-                f"{name}.{default_recipe(name, request.dataset, ipc)}"
+        for resolved_spec, ipc in resolved_methods(request, spec):
             method = create_method(resolved_spec, quick=request.quick, **request.method_options.get(spec, {}))
             zca = bool(getattr(method.config, "zca", False))
             if zca not in datasets:
@@ -125,7 +144,7 @@ def plan(request: RunRequest) -> list[Cell]:
                     raise UserError(
                         f"ipc {wanted} is larger than the smallest class of {dataset.name} ({smallest} training images)"
                     )
-            cells.append(Cell(resolved_spec, method, ipc, dataset))
+            cells.append(Cell(resolved_spec, method, ipc, dataset, request.method_labels.get(spec, spec)))
     for dataset in datasets.values():
         for arch in dict.fromkeys([request.distill_arch, *request.eval_archs]):
             _check_arch_runs(arch, dataset.to("cpu") if dataset.device.type != "cpu" else dataset)
@@ -141,13 +160,16 @@ def log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def protocol_for(protocol: Protocol, distilled: DistilledSet | None, quick: bool) -> Protocol:
+def protocol_for(protocol: Protocol, distilled: DistilledSet | None, quick: bool, epochs: int | None = None) -> Protocol:
     """The protocol as it runs for this set.
 
     A method may hand over settings for a protocol in ``metadata["protocol_overrides"][name]`` — APM gives the
     ``soft`` protocol its recipe's ``lr`` and ``epochs`` (Table A9) — and a learned lr (MTT) replaces the lr of
-    protocols that accept one. Under ``quick`` the quick epochs stand.
+    protocols that accept one. Under ``quick`` the quick epochs stand. ``epochs`` (a smoke test's
+    ``--eval-epochs``) overrides them all.
     """
+    if epochs is not None:
+        return replace(protocol_for(protocol, distilled, quick), epochs=epochs, decay_epoch=epochs // 2 + 1)
     if distilled is None:
         return protocol.resolve(quick)
     handed = dict((distilled.metadata.get("protocol_overrides") or {}).get(protocol.name) or {})
@@ -177,15 +199,17 @@ def cell_metadata(cell: Cell, request: RunRequest) -> dict:
 class IterationMeter:
     """Times every iteration the method reports and counts the FLOPs of one window of iterations.
 
-    The window (``period`` iterations: the method's repeating unit, e.g. APM's teacher/student switch) starts
-    after ``warmup`` iterations; its iterations are left out of the timing statistics, since counting FLOPs
-    slows them down. Warm-up iterations are dropped from the statistics too.
+    The window is one ``period`` (the method's repeating unit: APM trains a new student every ``mid_gap + 1``
+    iterations, so its iterations alternate long and short); it starts at the first period boundary after
+    ``warmup`` iterations, and its iterations are left out of the timing statistics, since counting FLOPs slows
+    them down. Warm-up iterations are dropped too. With a period longer than one, the time per iteration is that
+    of whole periods (period time / period), so the long iterations are neither hidden by a median nor missed.
     """
 
     def __init__(self, device: torch.device, period: int = 1, warmup: int = ITERATION_WARMUP):
         self.device, self.period, self.warmup = device, max(1, period), warmup
         self.reported = 0
-        self.durations: list[float] = []  # of the iterations outside the counting window
+        self.durations: dict[int, float] = {}  # iteration index → seconds, outside the counting window
         self.counter = FlopCounter()
         self.flops: int | None = None
         self.flop_reason: str | None = "the method reported no iterations"
@@ -194,7 +218,8 @@ class IterationMeter:
         self._last = time.perf_counter()
 
     def start(self, total: int) -> None:
-        self._flop_start = min(self.warmup, max(0, total - self.period))
+        first_boundary = -(-self.warmup // self.period) * self.period
+        self._flop_start = min(first_boundary, max(0, total - self.period))
         self._last = time.perf_counter()
         self._maybe_begin_count()
 
@@ -208,7 +233,7 @@ class IterationMeter:
                 self.flops, self.flop_reason = self.counter.stop(), self.counter.reason
                 self._counting = False
         else:
-            self.durations.append(now - self._last)
+            self.durations[self.reported - 1] = now - self._last
         self._maybe_begin_count()
         self._last = time.perf_counter()
 
@@ -217,6 +242,18 @@ class IterationMeter:
             self._counting = self._counted = True
             self.counter.start()
 
+    def _time_per_iteration(self) -> dict:
+        if self.period == 1:
+            return iteration_stats([self.durations[i] for i in sorted(self.durations)], self.warmup)
+        whole_periods = []
+        for start in range(0, self.reported, self.period):
+            indices = range(start, start + self.period)
+            if start >= self.warmup and all(i in self.durations for i in indices):
+                whole_periods.append(sum(self.durations[i] for i in indices) / self.period)
+        if not whole_periods:  # too short a run for one whole timed period: every timed iteration
+            return dict(iteration_stats([self.durations[i] for i in sorted(self.durations)], self.warmup), per_period=None)
+        return dict(iteration_stats(whole_periods, 0), per_period=self.period)
+
     def fields(self) -> dict:
         if self._counting:  # the method stopped inside the window
             self.counter.stop()
@@ -224,7 +261,7 @@ class IterationMeter:
             self.flop_reason = f"the run ended inside the {self.period}-iteration FLOP-counting window"
         return {
             "iterations": self.reported,
-            "iter_time_s": iteration_stats(self.durations, self.warmup),
+            "iter_time_s": self._time_per_iteration(),
             "flops_per_iter": None if self.flops is None else self.flops // self.period,
             "flops_reason": None if self.flops is not None else self.flop_reason,
         }
@@ -295,6 +332,7 @@ def _identity(cell: Cell, request: RunRequest, eval_arch: str, protocol: Protoco
         "eval_arch": eval_arch,
         "protocol": [protocol.name, protocol.version],
         "seeds": request.seeds,
+        **({"eval_epochs": request.eval_epochs} if request.eval_epochs is not None else {}),
     }
 
 
@@ -355,10 +393,12 @@ NOT_DISTILLED_HERE = {"iterations": None, "iter_time_s": None, "flops_per_iter":
 
 def _base_record(cell: Cell, request: RunRequest, arch: str, ids: dict[str, str], protocol: Protocol) -> dict:
     """The fields every record of this cell and evaluation architecture carries, whatever happened."""
-    return dict(set_fields(cell_metadata(cell, request)), suite=request.suite, quick=request.quick,
-                record_id=ids[arch], status="ok", error=None, isolated=request.isolate,
+    return dict(set_fields(cell_metadata(cell, request)), label=cell.label or cell.method_spec, suite=request.suite,
+                quick=request.quick,
+                record_id=ids[arch], status="ok", error=None, isolated=request.isolate, eval_epochs_override=request.eval_epochs,
                 flops_per_eval_epoch=None, eval_flops_reason="no evaluation ran",
-                **evaluation_fields(arch, protocol, protocol_for(protocol, None, request.quick), request.seeds))
+                **evaluation_fields(arch, protocol, protocol_for(protocol, None, request.quick, request.eval_epochs),
+                                    request.seeds))
 
 
 def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str],
@@ -383,11 +423,11 @@ def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, s
 
     records = []
     for arch in archs:
-        resolved = protocol_for(protocol, distilled, request.quick)
+        resolved = protocol_for(protocol, distilled, request.quick, request.eval_epochs)
         record = dict(_base_record(cell, request, arch, ids, protocol), status=status, error=error, env=env,
                       process_peak_rss_mb=None, **extra, **iterations, **evaluation_fields(arch, protocol, resolved, request.seeds))
         cell_phases = {name: dict(figures) for name, figures in phases.items()}
-        if distilled is not None:
+        if distilled is not None and arch is not None:  # arch None: a cost-only cell, not evaluated
             try:
                 teacher = None
                 if resolved.targets == "soft" and distilled.soft_labels is None:
@@ -416,13 +456,14 @@ class CellTask:
     zca: bool
     archs: list[str]
     ids: dict[str, str]
+    label: str | None = None
 
 
 def _cell_child(connection, request: RunRequest, task: CellTask) -> None:
     """Entry point of a cell's child process: run the cell and send its records (or the error) to the parent."""
     try:
         dataset = load_dataset(request.dataset, request.data_root, zca=task.zca, device=resolve_device(request.device))
-        cell = Cell(task.method_spec, task.method, task.ipc, dataset)
+        cell = Cell(task.method_spec, task.method, task.ipc, dataset, task.label)
         records = run_cell(cell, request, task.archs, task.ids)
         for record in records:
             record["process_peak_rss_mb"] = process_peak_rss_mb()
@@ -459,7 +500,8 @@ def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: di
     costs only this cell — its records then say so, with the peak RSS the parent saw."""
     context = _child_context()
     receiver, sender = context.Pipe(duplex=False)
-    task = CellTask(cell.method_spec, cell.method, cell.ipc, bool(getattr(cell.method.config, "zca", False)), archs, ids)
+    task = CellTask(cell.method_spec, cell.method, cell.ipc, bool(getattr(cell.method.config, "zca", False)), archs, ids,
+                    cell.label)
     child = context.Process(target=_cell_child, args=(sender, request, task), name=f"ddbench-cell-{ids[archs[0]]}")
     child.start()
     sender.close()
@@ -492,10 +534,10 @@ def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: di
                  phases={}, crash_peak_rss_mb=seen) for arch in archs]
 
 
-def run(request: RunRequest, echo: Callable[[str], None] = print) -> list[dict]:
-    """Plan, then distil and evaluate every cell (each in its own process unless ``isolate`` is off); the parent
-    alone writes the records. Returns the records written."""
-    cells = plan(request)
+def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Cell] | None = None) -> list[dict]:
+    """Plan (unless ``cells`` were planned already), then distil and evaluate every cell (each in its own process
+    unless ``isolate`` is off); the parent alone writes the records. Returns the records written."""
+    cells = plan(request) if cells is None else cells
     # children must see the same cache and data folders even if the environment changes under the parent
     request = replace(request, cache_dir=str(resolve_cache_dir(request.cache_dir)),
                       data_root=str(resolve_data_root(request.data_root)))
@@ -504,8 +546,8 @@ def run(request: RunRequest, echo: Callable[[str], None] = print) -> list[dict]:
     teachers: dict[str, torch.nn.Module] = {}
     written = []
     for cell in cells:
-        ids = {arch: record_id(_identity(cell, request, arch, protocol)) for arch in request.eval_archs}
-        archs = [arch for arch in request.eval_archs if ids[arch] not in done]
+        ids = {arch: record_id(_identity(cell, request, arch, protocol)) for arch in request.eval_archs or [None]}
+        archs = [arch for arch in ids if ids[arch] not in done]
         if not archs:
             echo(f"skip {cell.method_spec} ipc {cell.ipc}: records exist (--resume)")
             continue
@@ -516,8 +558,12 @@ def run(request: RunRequest, echo: Callable[[str], None] = print) -> list[dict]:
         for record in records:
             path = write_record(request.results_dir, record)
             written.append(record)
-            summary = (f"{record['acc_mean']:.2f} ± {record['acc_std']:.2f} (n={len(record['acc'])})"
-                       if record["status"] == "ok" else f"{record['status']}: {record['error']}")
+            if record["status"] != "ok":
+                summary = f"{record['status']}: {record['error']}"
+            elif record["eval_arch"] is None:
+                summary = f"not evaluated; {record['iterations']} iterations in {record['phases']['distill']['wall_s']:.1f} s"
+            else:
+                summary = f"{record['acc_mean']:.2f} ± {record['acc_std']:.2f} (n={len(record['acc'])})"
             echo(f"{cell.dataset.name} ipc {cell.ipc if cell.ipc is not None else 'all'} {cell.method_spec} → "
-                 f"{record['eval_arch']} [{protocol.name}{', quick' if request.quick else ''}]: {summary}  ({path})")
+                 f"{record['eval_arch'] or 'no evaluation'} [{protocol.name}{', quick' if request.quick else ''}]: {summary}  ({path})")
     return written

@@ -54,7 +54,7 @@ def record_filename(record: dict) -> str:
     name = f"{record['dataset']}_ipc{ipc}_{record['method']}"
     if record.get("recipe"):
         name += f".{record['recipe']}"
-    name += f"_{record['eval_arch']}_{record['protocol']}_{record['record_id']}.json"
+    name += f"_{record['eval_arch'] or 'noeval'}_{record['protocol']}_{record['record_id']}.json"
     return "".join(ch if ch.isalnum() or ch in "._-=" else "-" for ch in name)
 
 

@@ -35,7 +35,7 @@ def crashing():
 
 
 def test_every_run_record_carries_phases_iterations_flops_and_env(tmp_path):
-    apm = {"iterations": 8, "student_epochs": 5, "num_experts": 1, "expert_epochs": 1}
+    apm = {"iterations": 12, "student_epochs": 5, "num_experts": 1, "expert_epochs": 1}
     records = run(_request(tmp_path, ["random", "apm"], method_options={"apm": apm}), echo=lambda _: None)
     assert [r["status"] for r in records] == ["ok", "ok"]
     for record in load_records(tmp_path / "results"):
@@ -51,9 +51,10 @@ def test_every_run_record_carries_phases_iterations_flops_and_env(tmp_path):
         assert set(ENV_KEYS) <= set(record["env"])
         assert record["flops_per_eval_epoch"] > 0
     apm_record = next(r for r in load_records(tmp_path / "results") if r["method"] == "apm")
-    assert apm_record["iterations"] == 8
-    # 8 iterations: 2 warm-up, a 3-iteration FLOP window (APM's period, mid_gap + 1), 3 timed
-    assert apm_record["iter_time_s"]["n"] == 3 and 0 < apm_record["iter_time_s"]["median"] <= apm_record["iter_time_s"]["p90"]
+    assert apm_record["iterations"] == 12
+    # 12 iterations = 4 periods of 3 (mid_gap + 1): warm-up, the FLOP window, then 2 whole periods timed
+    assert apm_record["iter_time_s"]["n"] == 2 and apm_record["iter_time_s"]["per_period"] == 3
+    assert 0 < apm_record["iter_time_s"]["median"] <= apm_record["iter_time_s"]["p90"]
     assert apm_record["flops_per_iter"] > 1e6
     assert apm_record["phases"]["experts"]["trained"] + apm_record["phases"]["experts"]["cached"] == 1
     frame = load_results(tmp_path / "results")
@@ -77,3 +78,26 @@ def test_isolated_and_in_process_runs_give_the_same_accuracy(tmp_path):
     in_process = run(_request(tmp_path / "b", ["random"], isolate=False), echo=lambda _: None)
     assert isolated[0]["acc"] == in_process[0]["acc"]
     assert in_process[0]["isolated"] is False and in_process[0]["process_peak_rss_mb"] is None
+
+
+def test_periodic_methods_are_timed_by_whole_periods():
+    """APM-like: a long iteration (student training) then two short ones. A median over single iterations would
+    report a short one; the meter reports whole periods, skipping warm-up and the FLOP window."""
+    import torch
+
+    from bench.runner import IterationMeter
+
+    meter = IterationMeter(torch.device("cpu"), period=3, warmup=2)
+    meter.start(15)
+    assert meter._flop_start == 3  # the window starts on a period boundary
+    for _ in range(15):
+        meter.iteration_done()
+    meter.durations = {i: (3.0 if i % 3 == 0 else 0.5) + i / 1000 for i in meter.durations}
+    stats = meter.fields()["iter_time_s"]
+    assert stats["per_period"] == 3 and stats["n"] == 3  # periods starting at 6, 9 and 12
+    assert abs(stats["median"] - (3.0 + 0.5 + 0.5 + (9 + 10 + 11) / 1000) / 3) < 1e-9
+    single = IterationMeter(torch.device("cpu"), period=1, warmup=2)
+    single.start(6)
+    for _ in range(6):
+        single.iteration_done()
+    assert single.fields()["iter_time_s"]["n"] == 3 and "per_period" not in single.fields()["iter_time_s"]

@@ -1,0 +1,274 @@
+"""``bench.compare``: regression checks between a baseline and a current results folder."""
+
+import copy
+import os
+
+import pytest
+
+from bench.compare import Thresholds, compare_results, format_comparison, main_compare
+from bench.errors import UserError
+from bench.store import stable_hash, write_record
+
+METHODS = {"random": 30.0, "dm": 45.0, "mtt": 60.0}  # method → mean accuracy at ipc 1 (+10 points at ipc 10)
+IPCS = (1, 10)
+
+
+def make_record(method: str, ipc: int | None, accs: list[float], **overrides) -> dict:
+    """A realistic ok record of a GPU run: 3 seeds, phases with CPU and GPU peaks, iteration time, FLOPs."""
+    scale = 1 if ipc is None else ipc
+    record = {
+        "method": method, "recipe": None, "dataset": "cifar10", "ipc": ipc, "distill_arch": "convnet",
+        "eval_arch": "convnet", "protocol": "standard", "quick": True, "suite": None,
+        "config": {"iterations": 20}, "config_hash": "c0ffee", "seeds": list(range(len(accs))),
+        "acc": list(accs), "acc_mean": sum(accs) / len(accs), "acc_std": 0.0, "status": "ok", "error": None,
+        "process_peak_rss_mb": 900.0 + scale, "iterations": 20,
+        "iter_time_s": {"median": 0.05 * scale, "p90": 0.06 * scale, "n": 15},
+        "flops_per_iter": 2_000_000_000 * scale, "flops_per_eval_epoch": 200_000_000,
+        "phases": {
+            "experts": {"wall_s": 12.0, "cpu_peak_rss_mb": 600.0, "gpu_nvml_peak_mb": 700.0,
+                        "gpu_torch_allocated_peak_mb": 300.0, "trained": 0, "cached": 3},
+            "distill": {"wall_s": 30.0 * scale, "cpu_peak_rss_mb": 800.0 + scale, "gpu_nvml_peak_mb": 1500.0 * scale,
+                        "gpu_torch_allocated_peak_mb": 1000.0 * scale, "gpu_torch_reserved_peak_mb": 1200.0 * scale,
+                        "gpu_reason": None},
+            "eval": {"wall_s": 20.0, "cpu_peak_rss_mb": 700.0, "gpu_nvml_peak_mb": 900.0,
+                     "gpu_torch_allocated_peak_mb": 400.0, "gpu_reason": None},
+        },
+    }
+    record.update(overrides)
+    record["record_id"] = stable_hash([method, ipc, record.get("label"), record["config"]])
+    return record
+
+
+def baseline_records() -> list[dict]:
+    return [make_record(method, ipc, [acc + 10 * (ipc == 10) + d for d in (-0.5, 0.0, 0.5)])
+            for method, acc in METHODS.items() for ipc in IPCS]
+
+
+def write_folder(path, records) -> str:
+    for record in records:
+        write_record(path, record)
+    return str(path)
+
+
+@pytest.fixture
+def baseline(tmp_path):
+    return write_folder(tmp_path / "baseline", baseline_records())
+
+
+def current_folder(tmp_path, change=lambda record: None) -> str:
+    """The baseline's records, each passed through ``change`` (which edits it in place) before writing."""
+    records = copy.deepcopy(baseline_records())
+    for record in records:
+        change(record)
+    return write_folder(tmp_path / "current", records)
+
+
+def regressed(comparison) -> set[tuple[str, int, str]]:
+    return {(c.cell.label, c.cell.ipc, c.metric) for c in comparison.regressions}
+
+
+def test_folder_against_itself_passes(baseline, capsys):
+    assert main_compare(baseline, baseline) == 0
+    out = capsys.readouterr().out
+    assert "6 cells compared, 0 regressions" in out and "nothing moved" in out
+    assert compare_results(baseline, baseline).changes and not compare_results(baseline, baseline).regressions
+
+
+def test_accuracy_drop_of_five_points_regresses(baseline, tmp_path, capsys):
+    def lower_dm(record):
+        if record["method"] == "dm" and record["ipc"] == 10:
+            record["acc"] = [a - 5 for a in record["acc"]]
+            record["acc_mean"] -= 5
+
+    current = current_folder(tmp_path, lower_dm)
+    assert main_compare(baseline, current) == 1
+    out = capsys.readouterr().out
+    assert "cifar10 ipc10 dm" in out and "acc ↑" in out and "-5.00 pts" in out and "1 regression," in out
+    assert regressed(compare_results(baseline, current)) == {("dm", 10, "acc ↑")}
+
+
+def test_cpu_memory_rise_of_20_percent_regresses(baseline, tmp_path):
+    def grow(record):
+        if record["method"] == "mtt" and record["ipc"] == 1:
+            record["phases"]["distill"]["cpu_peak_rss_mb"] *= 1.2
+
+    current = current_folder(tmp_path, grow)
+    assert main_compare(baseline, current) == 1
+    assert regressed(compare_results(baseline, current)) == {("mtt", 1, "distill cpu_peak_rss_mb ↓")}
+
+
+def test_flops_rise_of_5_percent_regresses(baseline, tmp_path):
+    def grow(record):
+        if record["method"] == "random" and record["ipc"] == 10:
+            record["flops_per_iter"] = int(record["flops_per_iter"] * 1.05)
+
+    current = current_folder(tmp_path, grow)
+    assert main_compare(baseline, current) == 1
+    assert regressed(compare_results(baseline, current)) == {("random", 10, "flops_per_iter ↓")}
+
+
+def _without_gpu(record):
+    for phase in record["phases"].values():
+        phase.update(gpu_nvml_peak_mb=None, gpu_torch_allocated_peak_mb=None, gpu_reason="cpu run: no CUDA device")
+
+
+def test_null_gpu_memory_on_both_sides_is_not_a_regression(tmp_path):
+    records = baseline_records()
+    for record in records:
+        _without_gpu(record)
+    baseline = write_folder(tmp_path / "baseline", records)
+    current = current_folder(tmp_path, _without_gpu)
+    assert main_compare(baseline, current) == 0
+    gpu = [c for c in compare_results(baseline, current).changes if "gpu" in c.metric]
+    assert len(gpu) == 12 and {c.verdict for c in gpu} == {"n/a"}
+
+
+def test_gpu_memory_null_on_one_side_is_not_read_as_zero(baseline, tmp_path, capsys):
+    current = current_folder(tmp_path, _without_gpu)  # a current run on CPU: its GPU peaks are null, not 0
+    assert main_compare(baseline, current) == 0
+    out = capsys.readouterr().out
+    assert "0 improvements" in out and "measured on one side only" in out
+
+
+def test_uniformly_slower_machine_passes_with_speed_factor_2(baseline, tmp_path, capsys):
+    def twice_as_slow(record):
+        for phase in record["phases"].values():
+            phase["wall_s"] *= 2
+        record["iter_time_s"] = {**record["iter_time_s"], "median": record["iter_time_s"]["median"] * 2,
+                                 "p90": record["iter_time_s"]["p90"] * 2}
+
+    current = current_folder(tmp_path, twice_as_slow)
+    assert main_compare(baseline, current) == 0
+    assert compare_results(baseline, current).speed_factor == pytest.approx(2.0)
+    assert "speed factor 2.00" in capsys.readouterr().out
+
+
+def test_one_method_three_times_slower_regresses(baseline, tmp_path):
+    def slow_mtt(record):
+        if record["method"] == "mtt":
+            record["phases"]["distill"]["wall_s"] *= 3
+            record["phases"]["eval"]["wall_s"] *= 3  # even its evaluation: the median speed factor stays 1
+            record["iter_time_s"]["median"] *= 3
+
+    current = current_folder(tmp_path, slow_mtt)
+    assert main_compare(baseline, current) == 1
+    comparison = compare_results(baseline, current)
+    assert comparison.speed_factor == pytest.approx(1.0)
+    assert regressed(comparison) == {("mtt", ipc, metric) for ipc in IPCS
+                                     for metric in ("distill wall_s ↓", "iter_time_s median ↓")}
+
+
+def test_tiny_iteration_times_never_fail(tmp_path):
+    records = baseline_records()
+    for record in records:
+        record["iter_time_s"]["median"] = 0.001
+        record["phases"]["distill"]["wall_s"] = 0.1
+    baseline = write_folder(tmp_path / "baseline", records)
+
+    def noisy(record):
+        record["iter_time_s"]["median"] = 0.004  # 4× slower, but under 5 ms
+        record["phases"]["distill"]["wall_s"] = 0.4  # 4× slower, but 0.3 s more only
+
+    assert main_compare(baseline, current_folder(tmp_path, noisy)) == 0
+
+
+def test_missing_cell_regresses(baseline, tmp_path, capsys):
+    records = [r for r in baseline_records() if not (r["method"] == "random" and r["ipc"] == 1)]
+    current = write_folder(tmp_path / "current", records)
+    assert main_compare(baseline, current) == 1
+    assert "missing" in capsys.readouterr().out
+    assert regressed(compare_results(baseline, current)) == {("random", 1, "cell")}
+
+
+def test_cell_that_failed_now_regresses(baseline, tmp_path, capsys):
+    def fail(record):
+        if record["method"] == "dm" and record["ipc"] == 1:
+            record.update(status="failed", error="Traceback …\nRuntimeError: boom", acc=[], acc_mean=None)
+
+    assert main_compare(baseline, current_folder(tmp_path, fail)) == 1
+    assert "now failed: RuntimeError: boom" in capsys.readouterr().out
+
+
+def test_new_cell_in_current_is_listed_and_passes(baseline, tmp_path, capsys):
+    current = current_folder(tmp_path)
+    write_record(current, make_record("dm", 50, [70.0, 71.0, 72.0]))
+    assert main_compare(baseline, current) == 0
+    out = capsys.readouterr().out
+    assert "new cells" in out and "cifar10 ipc50 dm" in out and "1 new" in out
+
+
+def test_accuracy_improvement_is_listed_as_improved(baseline, tmp_path, capsys):
+    def raise_mtt(record):
+        if record["method"] == "mtt" and record["ipc"] == 1:
+            record["acc"] = [a + 5 for a in record["acc"]]
+            record["acc_mean"] += 5
+
+    current = current_folder(tmp_path, raise_mtt)
+    assert main_compare(baseline, current) == 0
+    assert "improved" in capsys.readouterr().out
+    improved = compare_results(baseline, current).improvements
+    assert [(c.cell.label, c.cell.ipc, c.metric) for c in improved] == [("mtt", 1, "acc ↑")]
+
+
+def test_noisy_accuracy_drop_inside_standard_error_passes(tmp_path):
+    records = baseline_records()
+    records[0].update(acc=[56.0, 60.0, 64.0], acc_mean=60.0, acc_std=4.0)  # std 4 over 3 seeds
+    baseline = write_folder(tmp_path / "baseline", records)
+    records[0].update(acc=[53.0, 57.0, 61.0], acc_mean=57.0)  # 3 points lower: more than acc_tol, < 2·SE ≈ 6.5
+    current = write_folder(tmp_path / "current", records)
+    assert main_compare(baseline, current) == 0
+    assert main_compare(baseline, current, acc_k=0.0) == 1  # the spread, not acc_tol, is what let it pass
+
+
+def test_threshold_overrides(baseline, tmp_path):
+    def lower(record):
+        record["acc"] = [a - 5 for a in record["acc"]]
+        record["acc_mean"] -= 5
+
+    current = current_folder(tmp_path, lower)
+    assert main_compare(baseline, current) == 1
+    assert main_compare(baseline, current, acc_tol=6.0, memory_rel_tol=None) == 0
+    with pytest.raises(UserError):
+        Thresholds(acc_tol=-1.0)
+
+
+def test_duplicate_records_prefer_the_ok_one(baseline, tmp_path, capsys):
+    current = current_folder(tmp_path)
+    failed = make_record("dm", 1, [1.0, 1.0, 1.0], status="failed", error="boom", config={"iterations": 99})
+    newest = write_record(current, failed)
+    os.utime(newest, (2e9, 2e9))  # newer than the ok record of the same cell
+    assert main_compare(baseline, current) == 0
+    assert "2 records for cifar10 ipc1 dm" in capsys.readouterr().out
+
+
+def test_label_keys_cells_and_config_hash_does_not(tmp_path):
+    records = baseline_records()
+    for record in records:
+        record["label"] = f"{record['method']}-seg100"
+    baseline = write_folder(tmp_path / "baseline", records)
+
+    def other_config(record):
+        record.update(label=f"{record['method']}-seg100", config={"iterations": 40}, config_hash="deadbeef")
+        record["record_id"] = stable_hash([record["record_id"], "new config"])
+
+    comparison = compare_results(baseline, current_folder(tmp_path, other_config))
+    assert comparison.cells_compared == 6 and not comparison.new_cells and not comparison.regressions
+    assert {c.cell.label for c in comparison.changes} == {"random-seg100", "dm-seg100", "mtt-seg100"}
+
+
+def test_empty_or_missing_folder_is_a_user_error(baseline, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no records"):
+        main_compare(baseline, str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="not found"):
+        main_compare(str(tmp_path / "nowhere"), baseline)
+
+
+def test_table_shows_only_what_moved(baseline, tmp_path):
+    def grow(record):
+        if record["method"] == "dm" and record["ipc"] == 1:
+            record["flops_per_eval_epoch"] *= 2
+
+    text = format_comparison(compare_results(baseline, current_folder(tmp_path, grow)))
+    table_rows = [line for line in text.splitlines() if line.startswith("| cifar10")]
+    assert len(table_rows) == 1 and "flops_per_eval_epoch ↓" in table_rows[0] and "regressed" in table_rows[0]

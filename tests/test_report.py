@@ -1,0 +1,285 @@
+"""Reports: Markdown/LaTeX tables, published numbers beside ours, costs, failures, figures and the index."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench.distilled import DistilledSet
+from bench.figures import displayable
+from bench.published import PUBLISHED_PATH, load_published
+from bench.report import latex_escape, write_reports
+from bench.store import write_record
+
+NO_GPU = "cpu run: no CUDA device"
+MEAN, STD = 0.1307, 0.3081  # MNIST's normalisation, as a distilled set's metadata records it
+
+
+def make_record(method, ipc, acc, *, eval_arch="convnet", status="ok", error=None, label=None, config=None,
+                iter_s=0.2, rss=500.0, distilled_path=None, quick=False):
+    acc = [] if status != "ok" else acc
+    return {
+        "record_id": f"{method}-{label}-{ipc}-{eval_arch}", "method": method, "recipe": None, "label": label,
+        "suite": "unit", "dataset": "mnist", "ipc": ipc, "distill_arch": "convnet", "eval_arch": eval_arch,
+        "protocol": "standard", "quick": quick, "seeds": [0, 1, 2], "acc": acc,
+        "acc_mean": float(np.mean(acc)) if acc else None, "acc_std": float(np.std(acc)) if acc else None,
+        "status": status, "error": error, "config": config or {}, "flops_per_iter": 2.5e9,
+        "iter_time_s": {"median": iter_s, "n": 10} if iter_s else None, "distilled_path": distilled_path,
+        "env": {"gpu_name": None, "cpu_threads": 2},
+        "phases": {"distill": {"wall_s": 12.0, "cpu_peak_rss_mb": rss, "gpu_nvml_peak_mb": None,
+                               "gpu_torch_allocated_peak_mb": None, "gpu_reason": NO_GPU}},
+    }
+
+
+def save_distilled_set(folder):
+    """A 10-class set of 2 images per class whose pixels, un-normalised, are known: class c is all c/10."""
+    pixels = torch.arange(10, dtype=torch.float32).repeat_interleave(2).view(20, 1, 1, 1).expand(20, 1, 8, 8) / 10
+    distilled = DistilledSet((pixels - MEAN) / STD, torch.arange(10).repeat_interleave(2),
+                             metadata={"method": "dc", "dataset": "mnist", "ipc": 2,
+                                       "transform": {"kind": "mean_std", "mean": [MEAN], "std": [STD]}})
+    return distilled.save(folder / "distilled" / "mnist_ipc2_dc")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """Records for mnist × {full, random, dc, apm variants} × ipc {1, 10}, two eval archs at ipc 1, one oom."""
+    results = tmp_path_factory.mktemp("results") / "unit_suite"
+    set_path = save_distilled_set(results)
+    records = [
+        make_record("full", None, [99.5, 99.6, 99.7], iter_s=None),
+        make_record("random", 1, [64.0, 65.0, 66.0], iter_s=None),
+        make_record("random", 10, [94.0, 95.0, 96.0], iter_s=None),
+        make_record("dc", 1, [91.0, 91.5, 92.0], iter_s=0.5, distilled_path=str(set_path)),
+        make_record("dc", 10, [97.0, 97.2, 97.4], iter_s=0.5),
+        make_record("dm", 1, [89.0, 89.0, 89.0], iter_s=0.1),
+        make_record("dm", 10, [], status="oom", error="Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory"),
+        make_record("dc", 1, [80.0, 81.0, 82.0], eval_arch="resnet18_cifar", iter_s=0.5),
+        make_record("random", 1, [50.0, 51.0, 52.0], eval_arch="resnet18_cifar", iter_s=None),
+    ]
+    for k, acc in ((2, [93.0, 93.0, 93.0]), (5, [95.0, 95.0, 95.0])):  # APM variants differing in K
+        records.append(make_record("apm", 10, acc, label=f"apm-K{k}", config={"checkpoints": k, "segment": 100},
+                                   iter_s=1.0 + k, rss=600.0 + 10 * k))
+    for record in records:
+        write_record(results, record)
+    out = tmp_path_factory.mktemp("reports")
+    (out / "older.md").write_text("# an older report\n")  # the index lists every report in the folder
+    paths = write_reports(results, out)
+    return out, paths, (out / "unit_suite.md").read_text()
+
+
+def markdown_tables(text):
+    """'### title' → the table that follows it, as rows of cells (header row first, separator dropped)."""
+    tables, title = {}, None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            title = line[4:]
+        elif line.startswith("|") and title is not None:
+            if not re.fullmatch(r"\|[-|: ]+\|", line):
+                tables.setdefault(title, []).append([cell.strip() for cell in line.strip("|").split("|")])
+    return tables
+
+
+def find_table(text, *words):
+    matches = [rows for title, rows in markdown_tables(text).items() if all(w in title for w in words)]
+    assert len(matches) == 1, (words, list(markdown_tables(text)))
+    return matches[0]
+
+
+def accuracy_rows(text, arch="convnet"):
+    header, *rows = find_table(text, "Test accuracy", f"evaluated on {arch},")
+    return header, {row[0]: row[1:] for row in rows}
+
+
+def test_accuracy_table_has_one_row_per_method_and_one_column_per_ipc(report):
+    _, _, text = report
+    header, rows = accuracy_rows(text)
+    assert header == ["method", "mnist ipc 1", "mnist ipc 10"]
+    assert list(rows) == ["full", "random", "apm-K2", "apm-K5", "dc", "dm"]  # full, random, herding, then a–z
+    assert "over 3 seeds" in text
+
+
+def test_accuracy_cells_mean_std_bold_best_and_failures(report):
+    _, _, text = report
+    _, rows = accuracy_rows(text)
+    assert rows["dc"] == ["**91.5 ± 0.4**", "**97.2 ± 0.2**"]  # best of each column (full excluded)
+    assert rows["full"] == ["99.6 ± 0.1", "99.6 ± 0.1"]  # one value in every column, never bold
+    assert rows["random"] == ["65.0 ± 0.8", "95.0 ± 0.8"]
+    assert rows["apm-K2"] == ["–", "93.0 ± 0.0"]
+    assert rows["dm"] == ["89.0 ± 0.0", "oom"]
+
+
+def test_published_value_and_source_beside_matching_cells(report):
+    _, _, text = report
+    header, *rows = find_table(text, "published", "evaluated on convnet,")
+    assert header[:7] == ["method", "dataset", "ipc", "ours ↑", "published", "source", "difference"]
+    by_key = {(r[0], r[2]): r for r in rows}
+    assert by_key["dc", "1"][3:] == ["91.5 ± 0.4", "91.7", "DC readme", "−0.2"]
+    assert by_key["dc", "10"][4:] == ["97.4", "DC readme", "−0.2"]
+    assert by_key["random", "1"][4:] == ["64.9 ± 3.5", "DC paper (quoted)", "+0.1"]
+    assert by_key["full", "all"][4:6] == ["99.6", "DC paper (quoted)"]
+    assert not any(key[0].startswith("apm") for key in by_key)  # variants are not the published method
+    assert "**DC readme**" in text  # the sources section explains every cited key
+    resnet = [title for title in markdown_tables(text) if "published" in title and "resnet18_cifar" in title]
+    assert not resnet  # a published ConvNet number is never put beside another architecture
+
+
+def test_cost_table_shows_dash_with_reason_for_missing_gpu_figures(report):
+    _, _, text = report
+    header, *rows = find_table(text, "Distillation costs")
+    gpu_columns = [i for i, h in enumerate(header) if h.startswith("GPU")]
+    assert len(gpu_columns) == 2 and all(h.endswith("↓") for h in header[4:10])
+    assert {row[0] for row in rows} == {"random", "apm-K2", "apm-K5", "dc", "dm"}
+    for row in rows:
+        assert all(row[i] == "– [1]" for i in gpu_columns), row
+    assert f"[1] GPU figures not measured: {NO_GPU}." in text
+    dc = next(row for row in rows if row[0] == "dc" and row[2] == "1")
+    assert dc[header.index("CPU peak RSS (MB) ↓")] == "500"
+    assert dc[header.index("s/iteration ↓")] == "0.500" and dc[header.index("FLOPs/iteration ↓")] == "2.5 G"
+
+
+def test_published_cost_figures_beside_matching_sets(tmp_path):
+    record = make_record("apm", 50, [30.0] * 3, config={"segment": 250}, iter_s=9.0)
+    record["dataset"] = "imagenet64"
+    record["phases"]["distill"].update(gpu_nvml_peak_mb=7300.0, gpu_torch_allocated_peak_mb=6100.0)
+    write_record(tmp_path / "res", record)
+    write_reports(tmp_path / "res", tmp_path / "out")
+    header, row = find_table((tmp_path / "out" / "res.md").read_text(), "Distillation costs")
+    assert row[header.index("GPU peak NVML (MB) ↓")] == "7,300" and row[header.index("s/iteration ↓")] == "9.00"
+    assert row[-3:] == ["7.0", "11.1", "APM readme fig. ImageNet-1K ipc 50"]
+
+
+def test_cross_architecture_table_when_two_eval_archs(report):
+    _, _, text = report
+    header, *rows = find_table(text, "mnist ipc 1:", "by evaluation architecture")
+    assert header == ["method", "convnet", "resnet18_cifar"]
+    rows = {r[0]: r[1:] for r in rows}
+    assert list(rows) == ["full", "random", "dc", "dm"]  # the apm variants ran at ipc 10 only
+    assert rows["dc"] == ["**91.5 ± 0.4**", "**81.0 ± 0.8**"] and rows["dm"] == ["89.0 ± 0.0", "–"]
+    assert "## Across evaluation architectures" in text
+    assert not any("mnist ipc 10:" in title for title in markdown_tables(text))  # ipc 10 ran on one arch only
+
+
+def test_no_cross_architecture_table_with_one_eval_arch(tmp_path):
+    write_record(tmp_path / "res", make_record("dc", 1, [91.0, 92.0, 93.0]))
+    write_reports(tmp_path / "res", tmp_path / "out")
+    text = (tmp_path / "out" / "res.md").read_text()
+    assert "Across evaluation architectures" not in text and "Test accuracy" in text
+
+
+def test_failed_cells_are_listed_with_their_error(report):
+    _, _, text = report
+    _, *rows = find_table(text, "without a result")
+    assert rows == [["dm", "mnist", "10", "convnet", "standard", "oom",
+                     "torch.OutOfMemoryError: CUDA out of memory"]]
+
+
+def test_quick_results_are_marked_and_compared_with_care(tmp_path):
+    write_record(tmp_path / "res", make_record("dc", 1, [80.0, 81.0, 82.0], quick=True))
+    write_reports(tmp_path / "res", tmp_path / "out", name="quick")
+    text = (tmp_path / "out" / "quick.md").read_text()
+    find_table(text, "Test accuracy", "QUICK: reduced CPU recipes")
+    find_table(text, "published", "QUICK")
+    assert "not a failed reproduction" in text
+
+
+def test_figures_are_written_and_open(report):
+    out, paths, text = report
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    for kind in ("acc-vs-ipc", "cost", "acc-vs-K", "images"):
+        assert any(name.startswith(f"unit_suite_{kind}_") for name in figures), (kind, figures)
+    for path in (out / "figures").glob("*.png"):
+        assert path in paths
+        with Image.open(path) as image:
+            image.verify()
+        assert f"figures/{path.name}" in text
+
+
+def test_distilled_images_are_shown_unnormalised():
+    pixels = np.linspace(0, 1, 2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    normalised = (pixels - np.reshape(mean, (1, 3, 1, 1))) / np.reshape(std, (1, 3, 1, 1))
+    shown, how = displayable(normalised, {"kind": "mean_std", "mean": mean, "std": std})
+    np.testing.assert_allclose(shown, pixels, atol=1e-6)
+    shown, how = displayable(normalised, {"kind": "zca"})
+    assert "min-max" in how and shown.min() == 0 and shown.max() == 1
+
+
+def test_index_links_every_report_and_figure(report):
+    out, paths, _ = report
+    index = (out / "README.md").read_text()
+    assert out / "README.md" in paths
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != "README.md" and p.suffix in (".md", ".tex", ".png")]
+    assert len(files) > 4
+    for path in files:
+        assert f"]({path.relative_to(out).as_posix()})" in index, path
+    assert "## older" in index and "## unit_suite" in index
+    assert not list(out.rglob("*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_latex_is_escaped_and_uses_booktabs(report):
+    out, _, _ = report
+    tex = (out / "unit_suite.tex").read_text()
+    assert "\\documentclass" in tex and "\\usepackage{booktabs}" in tex
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
+    assert "\\textbf{91.5 $\\pm$ 0.4}" in tex and "$\\uparrow$" in tex and "$\\downarrow$" in tex
+    assert "unit\\_suite" in tex and "±" not in tex and "↓" not in tex
+    assert latex_escape("a_b 50% & #1 ± ↑↓ {x} ~ ^ \\") == (
+        "a\\_b 50\\% \\& \\#1 $\\pm$ $\\uparrow$$\\downarrow$ \\{x\\} \\~{} \\^{} $\\backslash$")
+    assert all(ord(c) < 128 for c in tex)
+
+
+def test_latex_report_compiles(report, tmp_path):
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex not installed")
+    out, _, _ = report
+    shutil.copytree(out, tmp_path / "out")
+    result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "unit_suite.tex"],
+                            cwd=tmp_path / "out", capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert (tmp_path / "out" / "unit_suite.pdf").stat().st_size > 0
+
+
+def test_rows_without_a_label_are_told_apart_by_their_config(tmp_path):
+    for ipc, segment, acc in ((10, 100, 90.0), (10, 500, 92.0), (1, 100, 70.0)):
+        record = make_record("apm", ipc, [acc] * 3, config={"segment": segment, "checkpoints": 5})
+        record["record_id"] += str(segment)
+        del record["label"]  # an older record
+        write_record(tmp_path / "res", record)
+    write_reports(tmp_path / "res", tmp_path / "out")
+    _, rows = accuracy_rows((tmp_path / "out" / "res.md").read_text())
+    # the ipc 1 record collides with nothing, yet keeps the row of its variant
+    assert rows == {"apm[segment=100]": ["**70.0 ± 0.0**", "90.0 ± 0.0"], "apm[segment=500]": ["–", "**92.0 ± 0.0**"]}
+
+
+def test_published_numbers_are_data_with_sources():
+    data = json.loads(PUBLISHED_PATH.read_text())
+    published = load_published()
+    primary = [e for e in data["entries"] if e["primary"]]
+    keys = [(e["dataset"], e["method"], e["ipc"], e["protocol"], e["eval_arch"]) for e in primary]
+    assert len(keys) == len(set(keys))  # one number to show per setting
+    for entry in data["entries"] + data["efficiency"] + data["cost_notes"]:
+        assert entry["source"] in data["sources"], entry
+    assert published.accuracy("cifar10", "random", 1, "standard", "convnetd3")["source"] == "DC paper"
+    assert published.accuracy("cifar10", "full", 50, "standard", "convnet")["mean"] == 84.8
+    assert published.accuracy("imagenet64", "tesla", 50, "soft", "convnet")["mean"] == 27.9
+    assert published.accuracy("mnist", "dc", 1, "standard", "resnet18_cifar") is None
+    cost = published.cost("imagenet64", "apm", 50, 250)
+    assert (cost["gpu_peak_gb"], cost["s_per_iter"]) == (7.0, 11.1)
+    assert published.cost("imagenet64", "tesla", 50, None)["gpu_peak_gb"] == 34.2
+
+
+def test_rerun_replaces_its_own_old_figures_only(tmp_path):
+    write_record(tmp_path / "res", make_record("dc", 1, [91.0, 92.0, 93.0]))
+    figures = tmp_path / "out" / "figures"
+    figures.mkdir(parents=True)
+    (figures / "res_cost_gone.png").write_bytes(b"stale")  # from an earlier report of the same name
+    (figures / "other_cost_x.png").write_bytes(b"kept")  # another report's
+    paths = write_reports(tmp_path / "res", tmp_path / "out")
+    assert not (figures / "res_cost_gone.png").exists() and (figures / "other_cost_x.png").exists()
+    assert figures / "res_cost_mnist_ipc1.png" in paths
+    assert "figures/other_cost_x.png" in (tmp_path / "out" / "README.md").read_text()

@@ -1,0 +1,188 @@
+"""Suites: every bundled suite resolves; malformed files are one-line errors naming the key and file; a suite
+runs through the harness with its labels; ImageNet without data stops at once, with a fake folder it runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.cli import main
+from bench.errors import UserError
+from bench.suite import describe_cells, list_suites, load_suite, parse_only, run_suite, suite_requests
+
+BUNDLED = ("quick", "mnist", "cifar10", "cifar100", "tiny", "imagenet", "cross_arch", "efficiency", "ablation_k")
+
+
+def test_every_required_suite_is_bundled_and_resolves():
+    assert set(BUNDLED) <= set(list_suites())
+    for name in list_suites():
+        suite = load_suite(name)
+        lines = describe_cells(suite_requests(suite, Path(".")))
+        assert lines, name
+        assert suite.name == name and suite.version >= 1
+
+
+def test_quick_suite_is_the_make_bench_grid():
+    suite = load_suite("quick")
+    assert suite.quick
+    lines = describe_cells(suite_requests(suite, Path(".")))
+    # 8 ipc-dependent methods × ipc 1 and 10, plus `full` once
+    assert len(lines) == 17
+    assert sum("ipc 1 apm" in line for line in lines) == 1
+
+
+def test_efficiency_suite_labels_apm_segments():
+    requests = suite_requests(load_suite("efficiency"), Path("."))
+    labels = [label for r in requests for label in r.method_labels.values()]
+    assert labels == ["mtt", "tesla", "apm-seg500", "apm-seg250", "apm-seg100"] or \
+        sorted(labels) == sorted(["mtt", "tesla", "apm-seg500", "apm-seg250", "apm-seg100"])
+    segments = sorted(r.method_options["apm"]["segment"] for r in requests if "apm" in r.method_options)
+    assert segments == [100, 250, 500]
+    assert all(r.eval_archs == [] for r in requests)  # costs only
+
+
+def test_ablation_k_covers_one_to_ten():
+    requests = suite_requests(load_suite("ablation_k"), Path("."), only=parse_only(["protocol=soft"]))
+    assert sorted(r.method_options["apm"]["checkpoints"] for r in requests) == list(range(1, 11))
+
+
+def test_only_filters_cells():
+    requests = suite_requests(load_suite("quick"), Path("."), only=parse_only(["method=apm,random", "ipc=1"]))
+    lines = describe_cells(requests)
+    assert len(lines) == 2 and all("ipc 1 " in line for line in lines)
+    with pytest.raises(UserError, match="no cell of suite 'quick' matches"):
+        suite_requests(load_suite("quick"), Path("."), only=parse_only(["method=nothing"]))
+    with pytest.raises(UserError, match="--only expects"):
+        parse_only(["colour=red"])
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "suite.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """\
+name: tiny_test
+version: 1
+quick: true
+defaults: {seeds: [0]}
+grids:
+  - datasets: [digits]
+    ipc: [1]
+    methods: [random]
+"""
+
+
+@pytest.mark.parametrize("text, message", [
+    (GOOD.replace("version: 1", "version: one"), "version: must be an integer"),
+    (GOOD.replace("quick: true", "quick: true\ncolour: red"), "unknown key 'colour'"),
+    (GOOD.replace("ipc: [1]", "ipcs: [1]"), "unknown key 'ipcs'; did you mean 'ipc'"),
+    (GOOD.replace("ipc: [1]", "ipc: 1"), r"grids\[0\].ipc: must be a list of integers"),
+    (GOOD.replace("ipc: [1]", "ipc: [0]"), "ipc must be at least 1"),
+    (GOOD.replace("seeds: [0]", "seeds: zero"), "defaults.seeds: must be a list of integers"),
+    (GOOD.replace("methods: [random]", "methods: []"), "methods: must be a non-empty list"),
+    (GOOD.replace("methods: [random]", "methods: [{method: apm, colour: 1}]"), "unknown key 'colour'"),
+    (GOOD.replace("methods: [random]", "methods: [{method: apm, label: ../../etc}]"), "must be a plain name"),
+    (GOOD.replace("methods: [random]", "methods: [{method: apm}, {method: apm}]"), "share a label"),
+    (GOOD.replace("    methods: [random]\n", ""), "missing 'methods'"),
+    (GOOD.split("grids:")[0], "grids: must be a non-empty list"),
+    (GOOD.replace("name: tiny_test", "name: ../evil"), "name: must be letters"),
+    ("grids: [unclosed", "not valid YAML"),
+    ("- just\n- a list\n", "a suite is a mapping"),
+    ("!!python/object/apply:os.system ['echo hacked']", "not valid YAML"),
+])
+def test_malformed_suite_is_a_one_line_error_naming_file_and_key(tmp_path, capsys, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(UserError, match=message) as caught:
+        load_suite(str(path))
+    assert str(path) in str(caught.value)
+    assert main(["validate", "--suite", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_names_are_caught_by_validate_without_data(tmp_path, capsys):
+    for bad, hint in (("methods: [randm]", "random"), ("datasets: [cifar11]", "cifar10")):
+        path = _write(tmp_path, GOOD.replace("methods: [random]", bad) if "methods" in bad
+                      else GOOD.replace("datasets: [digits]", bad))
+        assert main(["validate", "--suite", str(path)]) == 2
+        assert hint in capsys.readouterr().err
+    assert main(["validate", "--suite", "quikc"]) == 2
+    assert "did you mean 'quick'" in capsys.readouterr().err
+
+
+def test_suite_runs_with_labels_and_cost_only_cells(tmp_path):
+    path = _write(tmp_path, """\
+name: labelled
+version: 3
+quick: true
+defaults: {seeds: [0], eval_archs: [convnet]}
+grids:
+  - datasets: [digits]
+    ipc: [1]
+    methods: [random, {method: herding, label: herding-again}]
+  - datasets: [digits]
+    ipc: [1]
+    evaluate: false
+    methods: [{method: apm, label: apm-seg5, options: {segment: 5, iterations: 3, student_epochs: 2, checkpoints: 2}}]
+""")
+    results = tmp_path / "results"
+    written = run_suite(load_suite(str(path)), results, isolate=True, cache_dir=str(tmp_path / "cache"),
+                        echo=lambda line: None)
+    by_label = {r["label"]: r for r in written}
+    assert set(by_label) == {"random", "herding-again", "apm-seg5"}
+    assert all(r["suite"] == "labelled" for r in written)
+    assert by_label["random"]["acc_mean"] is not None and by_label["random"]["eval_arch"] == "convnet"
+    cost_only = by_label["apm-seg5"]
+    assert cost_only["status"] == "ok" and cost_only["eval_arch"] is None and cost_only["acc"] == []
+    assert cost_only["iterations"] == 3 and cost_only["config"]["segment"] == 5
+    assert "eval" not in cost_only["phases"] and cost_only["phases"]["distill"]["wall_s"] > 0
+    on_disk = sorted(p.name for p in (results / "records").glob("*.json"))
+    assert len(on_disk) == 3 and any("noeval" in name for name in on_disk)
+    # resuming skips all three
+    assert run_suite(load_suite(str(path)), results, isolate=False, resume=True, cache_dir=str(tmp_path / "cache"),
+                     echo=lambda line: None) == []
+
+
+def test_imagenet_suite_without_data_names_the_files(tmp_path, capsys):
+    code = main(["run", "--suite", "imagenet", "--quick", "--data-root", str(tmp_path), "--results", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "imagenet64/train_data_batch_1.npz" in err and "imagenet64/val_data.npz" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def _fake_imagenet64(root: Path, per_class: int = 1) -> None:
+    """The downsampled-ImageNet release's layout with ``per_class`` random images of each of 1000 classes."""
+    folder = root / "imagenet64"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(n: int) -> dict:
+        labels = np.tile(np.arange(1, 1001), n)[: n * 1000] if n else np.zeros(0, np.int64)
+        return {"data": rng.integers(0, 256, (len(labels), 12288), dtype=np.uint8), "labels": labels}
+
+    np.savez(folder / "train_data_batch_1.npz", **batch(per_class))
+    for k in range(2, 11):
+        np.savez(folder / f"train_data_batch_{k}.npz", **batch(0))
+    np.savez(folder / "val_data.npz", **batch(1))
+
+
+@pytest.mark.slow
+def test_imagenet_suite_runs_one_quick_cell_on_a_fake_folder(tmp_path, capsys):
+    _fake_imagenet64(tmp_path / "data")
+    results = tmp_path / "results"
+    code = main(["run", "--suite", "imagenet", "--quick", "--data-root", str(tmp_path / "data"), "--results", str(results),
+                 "--only", "method=random", "--only", "ipc=1", "--only", "protocol=standard", "--eval-epochs", "1",
+                 "--no-isolate", "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0, capsys.readouterr().err
+    (record,) = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
+    assert record["suite"] == "imagenet" and record["dataset"] == "imagenet64" and record["ipc"] == 1
+    assert record["status"] == "ok" and record["quick"] and record["eval_epochs_override"] == 1
+    assert record["eval_arch"] == "convnetd4" and record["protocol_config"]["epochs"] == 1
+    assert len(record["acc"]) == 3
