@@ -1,7 +1,8 @@
 """``ddbench`` — the command line, a thin layer over ``bench.runner``, ``bench.evaluate`` and ``bench.report``.
 
 Imports are lazy so that ``ddbench --help`` and ``ddbench ls`` answer at once. Bad input (``UserError``) is one
-line on stderr and exit code 2, with no traceback.
+line on stderr and exit code 2, with no traceback; ``run`` exits 3 when a cell's record is not ok, and Ctrl-C
+exits 130.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_CELLS_FAILED = 3  # `run` finished, but some cell's record has a status other than ok
+EXIT_INTERRUPTED = 130
 
 
 def _ints(text: str) -> list[int]:
@@ -92,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="skip cells whose records exist")
     run.add_argument("--eval-epochs", type=int, default=None,
                      help="smoke tests only: train each evaluation network this many epochs (recorded in every record)")
+    run.add_argument("--yes", action="store_true",
+                     help="confirm a very large grid (cells × evaluation architectures): refused without it, as a likely mistake")
     run.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                      help="run each cell in a fresh child process (default): its own memory peaks, and a crash or "
                           "out-of-memory kill costs only that cell")
@@ -171,13 +178,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     from bench.evaluate import get_protocol
     from bench.measure import environment_stamp
     from bench.runner import NOT_DISTILLED_HERE, _check_arch_runs, measured_evaluation, protocol_for, resolve_device
-    from bench.store import set_fields, stable_hash, write_record
+    from bench.errors import UserError
+    from bench.store import check_results_dir, set_fields, stable_hash, write_record
 
+    if not args.seeds:
+        raise UserError("no seeds given: --seeds expects comma-separated integers, e.g. --seeds 0,1,2")
     distilled = DistilledSet.load(args.path)
     meta = distilled.metadata
     if "dataset" not in meta:
-        from bench.errors import UserError
-
         raise UserError(f"{args.path}: metadata names no dataset")
     zca = (meta.get("transform") or {}).get("kind") == "zca"
     device = resolve_device(args.device)
@@ -186,6 +194,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     resolved = protocol_for(protocol, distilled, args.quick)
     for arch in args.archs:
         _check_arch_runs(arch, dataset.to("cpu"))
+    if args.results:
+        check_results_dir(args.results)
     teacher = None
     if resolved.targets == "soft" and distilled.soft_labels is None:
         from bench.experts import soft_protocol_teacher
@@ -210,31 +220,38 @@ def _evaluate(args: argparse.Namespace) -> None:
             ))
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> int:
+    """Run a grid or a suite; end with a summary paragraph, and exit 3 when a cell's record is not ok."""
     from bench.errors import UserError
-    from bench.runner import RunRequest, run
+    from bench.runner import RunRequest, check_grid_size, run, summarize
 
     if args.suite:
-        from bench.suite import load_suite, parse_only, run_suite
+        from bench.suite import load_suite, parse_only, run_suite, suite_requests
 
         if args.methods:
             raise UserError("--suite and --methods exclude each other: the suite names its methods")
         suite = load_suite(args.suite)
         results = Path(args.results or f"results/runs/{suite.name}")
-        run_suite(suite, results, quick=args.quick, only=parse_only(args.only), data_root=args.data_root,
-                  device=args.device, resume=args.resume, cache_dir=args.cache_dir, isolate=args.isolate,
-                  eval_epochs=args.eval_epochs)
-        return
-    if args.only:
-        raise UserError("--only filters a suite's cells; use it with --suite")
-    if not args.methods:
-        raise UserError("name the methods (--methods apm,random or --methods all) or a suite (--suite quick)")
-    request = RunRequest(dataset=args.dataset, methods=args.methods, ipcs=args.ipc, eval_archs=args.eval_archs,
-                         seeds=args.seeds, results_dir=Path(args.results or "results/runs/default"), protocol=args.protocol,
-                         distill_arch=args.distill_arch, quick=args.quick, data_root=args.data_root,
-                         device=args.device, distill_seed=args.distill_seed, resume=args.resume,
-                         cache_dir=args.cache_dir, isolate=args.isolate, eval_epochs=args.eval_epochs)
-    run(request)
+        only = parse_only(args.only)
+        size = check_grid_size(suite_requests(suite, results, quick=args.quick, only=only), args.yes)
+        written = run_suite(suite, results, quick=args.quick, only=only, data_root=args.data_root,
+                            device=args.device, resume=args.resume, cache_dir=args.cache_dir, isolate=args.isolate,
+                            eval_epochs=args.eval_epochs)
+    else:
+        if args.only:
+            raise UserError("--only filters a suite's cells; use it with --suite")
+        if not args.methods:
+            raise UserError("name the methods (--methods apm,random or --methods all) or a suite (--suite quick)")
+        results = Path(args.results or "results/runs/default")
+        request = RunRequest(dataset=args.dataset, methods=args.methods, ipcs=args.ipc, eval_archs=args.eval_archs,
+                             seeds=args.seeds, results_dir=results, protocol=args.protocol,
+                             distill_arch=args.distill_arch, quick=args.quick, data_root=args.data_root,
+                             device=args.device, distill_seed=args.distill_seed, resume=args.resume,
+                             cache_dir=args.cache_dir, isolate=args.isolate, eval_epochs=args.eval_epochs)
+        size = check_grid_size([request], args.yes)
+        written = run(request)
+    print(summarize(written, size - len(written), results))
+    return EXIT_CELLS_FAILED if any(record["status"] != "ok" for record in written) else 0
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -281,10 +298,11 @@ def main(argv: list[str] | None = None) -> int:
                 "compare": lambda: _compare(args)}[args.command]()
     except UserError as exc:
         print(f"ddbench: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("ddbench: interrupted", file=sys.stderr)
-        return 130
+        print("ddbench: interrupted (Ctrl-C); the records written so far are kept, and --resume redoes the rest",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return code or 0
 
 

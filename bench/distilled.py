@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -62,14 +63,31 @@ class DistilledSet:
             raise UserError(f"distilled set not found: expected {' and '.join(missing)}")
         try:
             meta = json.loads(meta_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"distilled set metadata {meta_path} is not readable JSON ({_first_line(exc)}); "
+                            f"expected the .json that `ddbench distill` writes") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"distilled set metadata {meta_path} is not a JSON object")
+        try:
             tensors = load_file(str(tensor_path))
-        except Exception as exc:  # a corrupt file of either kind
-            raise UserError(f"distilled set {stem} is unreadable: {exc}") from None
+        except (SafetensorError, OSError) as exc:  # a truncated or corrupt file
+            raise UserError(f"distilled set tensors {tensor_path} are unreadable, truncated or corrupt "
+                            f"({_first_line(exc)}); distil the set again") from None
         if "images" not in tensors or "labels" not in tensors:
             raise UserError(f"distilled set {tensor_path} lacks 'images' or 'labels'")
+        images, labels = tensors["images"], tensors["labels"]
+        if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise UserError(f"distilled set {tensor_path}: expected images (n, C, H, W) and labels (n,), got "
+                            f"{tuple(images.shape)} and {tuple(labels.shape)}")
         learned_lr = meta.pop("learned_lr", None)
         meta.pop("n_images", None)
-        return cls(tensors["images"], tensors["labels"], tensors.get("soft_labels"), learned_lr, meta)
+        return cls(images, labels, tensors.get("soft_labels"), learned_lr, meta)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message, on one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from bench.augment import DSA
 from bench.data import Dataset
 from bench.distilled import write_json_atomic
+from bench.errors import UserError
 from bench.evaluate import Protocol, train_network
 from bench.models import create_network
 from bench.seeding import generator_for
@@ -151,7 +153,12 @@ class ExpertPool:
     def _load(self, index: int) -> dict[str, Tensor]:
         if not self.path(index).is_file():
             self.ensure()
-        return load_file(str(self.path(index)), device=str(self.device))
+        try:
+            return load_file(str(self.path(index)), device=str(self.device))
+        except (SafetensorError, OSError) as exc:  # a truncated or corrupt file
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"expert cache file {self.path(index)} is unreadable, truncated or corrupt ({text}); "
+                            f"delete it and the expert is trained again") from None
 
     def network(self, index: int) -> nn.Module:
         """Expert ``index``'s final network (last epoch), in eval mode on the device."""

@@ -27,7 +27,7 @@ def nearest_name(name: str, candidates: list[str]) -> str | None:
 def unknown_name_message(kind: str, name: str, candidates: list[str]) -> str:
     suggestion = nearest_name(name, candidates)
     hint = f"; did you mean '{suggestion}'?" if suggestion else ""
-    return f"unknown {kind} '{name}'{hint} (known: {', '.join(sorted(candidates))})"
+    return f"unknown {kind} '{name}'{hint} (known: {', '.join(sorted(candidates)) or 'none'})"
 
 
 class Registry(Generic[T]):
@@ -132,7 +132,8 @@ def _check_value(method: str, key: str, value: object, annotation: object) -> ob
         return value
     if "tuple" in text and isinstance(value, (list, tuple)):
         return tuple(value)
-    raise UserError(f"method '{method}': option '{key}' must be {text}, got {value!r}")
+    expected = getattr(annotation, "__name__", text) if isinstance(annotation, type) else text
+    raise UserError(f"method '{method}': option '{key}' must be {expected}, got {value!r}")
 
 
 def resolve_config(name: str, recipe: str | None, quick: bool, overrides: dict) -> tuple[object, dict]:
@@ -142,7 +143,7 @@ def resolve_config(name: str, recipe: str | None, quick: bool, overrides: dict) 
 
     cls = get_method_class(name)
     if recipe is not None and recipe not in cls.recipes:
-        raise UnknownNameError(unknown_name_message(f"recipe of method '{name}'", recipe, list(cls.recipes)))
+        raise UnknownNameError(unknown_name_message(f"method '{name}' recipe", recipe, list(cls.recipes)))
     hints = typing.get_type_hints(cls.Config)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     values: dict = {}
@@ -150,7 +151,7 @@ def resolve_config(name: str, recipe: str | None, quick: bool, overrides: dict) 
     def apply(layer: dict) -> None:
         for key, value in layer.items():
             if key not in fields:
-                raise UnknownNameError(unknown_name_message(f"option of method '{name}'", key, sorted(fields)))
+                raise UnknownNameError(unknown_name_message(f"method '{name}' option", key, sorted(fields)))
             values[key] = _check_value(name, key, value, hints[key])
 
     apply(cls.recipes.get(recipe, {}) if recipe else {})

@@ -391,7 +391,9 @@ def cost_section(frame: pd.DataFrame, published: Published) -> Section | None:
     section = Section(f"Costs of distillation {COST_DIRECTION}", text=[
         "Distillation phase of each distilled set (one row per set, whatever it was evaluated on). GPU peak: NVML "
         "process peak and the PyTorch allocator peak; CPU: peak resident set size; s/iteration: median after "
-        "warm-up; FLOPs: one distillation iteration."])
+        "warm-up (for methods whose iterations repeat in periods, such as APM's student training every mid_gap + 1 "
+        "iterations, the mean iteration of whole periods); FLOPs: per distillation iteration, averaged over one "
+        "period."])
     for quick, group in sets.groupby("quick", sort=True):
         reasons: dict[str, int] = {}  # why a GPU figure is missing → its footnote number
         pub_rows = [published.cost(r["dataset"], r["method"], r["ipc"], r["config"].get("segment"))

@@ -31,10 +31,13 @@ from bench.measure import FlopCounter, MemorySampler, environment_stamp, iterati
 from bench.models import check_arch, create_network
 from bench.registry import create_method, default_recipe, get_method_class, list_methods, split_method_spec
 from bench.seeding import generator_for
-from bench.store import evaluation_fields, existing_record_ids, record_id, set_fields, stable_hash, write_record
+from bench.store import (RECORDS_DIR, check_results_dir, evaluation_fields, existing_record_ids, record_id, set_fields,
+                         stable_hash, write_record)
 
 DISTILLED_DIR = "distilled"
 ITERATION_WARMUP = 2  # iterations left out of the per-iteration time statistics
+MAX_CELLS_UNCONFIRMED = 200  # a larger grid (cells × evaluation architectures) runs only with --yes: likely a typo
+INTERRUPTED_ERROR = "interrupted by the user (Ctrl-C)"
 
 
 @dataclass
@@ -58,6 +61,7 @@ class RunRequest:
     method_labels: dict = field(default_factory=dict)  # spec → row label in reports (a suite's variant names)
     eval_epochs: int | None = None  # a smoke test's override of the protocol's epochs (recorded, part of the identity)
     isolate: bool = True  # each cell in a fresh child process (its own memory peaks; a crash costs one cell)
+    checkpoint_every: int | None = None  # save a resumable distillation state every N iterations (None: never)
 
 
 @dataclass
@@ -96,7 +100,7 @@ def check_request(request: RunRequest) -> list[str]:
     if not request.methods:
         raise UserError("no methods given")
     if request.eval_archs and not request.seeds:
-        raise UserError("no seeds given")
+        raise UserError("no seeds given: --seeds expects comma-separated integers, e.g. --seeds 0,1,2")
     for ipc in request.ipcs:
         if ipc < 1:
             raise UserError(f"ipc must be at least 1, got {ipc}")
@@ -149,6 +153,33 @@ def plan(request: RunRequest) -> list[Cell]:
         for arch in dict.fromkeys([request.distill_arch, *request.eval_archs]):
             _check_arch_runs(arch, dataset.to("cpu") if dataset.device.type != "cpu" else dataset)
     return cells
+
+
+def grid_size(requests: list[RunRequest]) -> int:
+    """How many records the requests will write (cells × evaluation architectures), counted without reading data."""
+    return sum(len(resolved_methods(request, spec)) * max(1, len(request.eval_archs))
+               for request in requests for spec in check_request(request))
+
+
+def check_grid_size(requests: list[RunRequest], confirmed: bool) -> int:
+    """The grid's size (``grid_size``); a ``UserError`` above ``MAX_CELLS_UNCONFIRMED`` unless ``confirmed`` (--yes)."""
+    size = grid_size(requests)
+    if size > MAX_CELLS_UNCONFIRMED and not confirmed:
+        raise UserError(f"this grid has {size} cells (cells × evaluation architectures, more than "
+                        f"{MAX_CELLS_UNCONFIRMED}); pass --yes to run it")
+    return size
+
+
+def summarize(records: list[dict], skipped: int, results_dir: str | Path) -> str:
+    """One paragraph for the end of a run: how many cells ended in each status, and how many --resume skipped."""
+    counts = {status: 0 for status in ("ok", "failed", "oom", "diverged")}
+    for record in records:
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    text = (f"{len(records) + skipped} cells: {', '.join(f'{n} {status}' for status, n in counts.items())}, "
+            f"{skipped} skipped by --resume; records in {Path(results_dir) / RECORDS_DIR}.")
+    if any(record["status"] != "ok" for record in records):
+        text += " Cells that did not end ok keep a record with their error; --resume reruns them."
+    return text
 
 
 def _progress(desc: str, total: int | None = None) -> tqdm:
@@ -272,7 +303,13 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
 
     ``phases`` receives ``distill`` (and ``experts`` when the method uses them; the distill phase excludes it)
     and ``phases["_iterations"]`` the iteration statistics.
+
+    With ``request.checkpoint_every``, a method that supports it saves its loop state under
+    ``<results_dir>/checkpoints/`` every that many iterations, resumes from it when the cell is run again after a
+    crash or kill (its iteration statistics then cover the resumed part only, and the set's metadata says
+    ``resumed_from``), and the checkpoint is deleted once the distillation has returned.
     """
+    from bench.checkpoint import Checkpointer
     from methods.base import DistillContext
 
     name, _ = split_method_spec(cell.method_spec)
@@ -289,6 +326,13 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
         if losses:
             bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
 
+    checkpoints = None
+    if request.checkpoint_every is not None:
+        config_hash = stable_hash(cell.method.resolved_config)
+        folder = (Path(request.results_dir) / "checkpoints" /
+                  f"{cell.dataset.name}_ipc{cell.ipc or 'all'}_{cell.method_spec}_{config_hash}_seed{request.distill_seed}")
+        checkpoints = Checkpointer(folder, request.checkpoint_every, cell_metadata(cell, request), log)
+
     ctx = DistillContext(
         dataset=cell.dataset,
         ipc=cell.ipc if cell.ipc is not None else 0,
@@ -297,6 +341,7 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
         device=device,
         quick=request.quick,
         cache_dir=request.cache_dir,
+        checkpoints=checkpoints,
         _report=report,
         _start=start,
         _log=log,
@@ -307,6 +352,8 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
             distilled = cell.method.distill(ctx)
     finally:
         bar.close()
+    if checkpoints is not None:
+        checkpoints.clear()
     if "experts" in phases:
         phases["experts"].update(trained=ctx.experts_trained, cached=ctx.experts_cached)
     phases["_iterations"] = meter.fields()
@@ -316,6 +363,8 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
     if distilled.learned_lr is not None and not (0 < distilled.learned_lr < float("inf")):
         raise Diverged(f"the learned learning rate is {distilled.learned_lr}")
     distilled.metadata.update(cell_metadata(cell, request), code_version=stamp["ddbench"], git_sha=stamp["git_sha"])
+    if ctx.resumed_from is not None:
+        distilled.metadata["resumed_from"] = ctx.resumed_from
     return distilled
 
 
@@ -341,6 +390,8 @@ def _failure(exc: BaseException) -> tuple[str, str]:
     text = "".join(traceback.format_exception_only(exc)).strip()
     if isinstance(exc, Diverged):
         return "diverged", str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", INTERRUPTED_ERROR
     if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
         return "oom", text
     return "failed", text
@@ -471,7 +522,8 @@ def _cell_child(connection, request: RunRequest, task: CellTask) -> None:
     except BaseException as exc:  # reported by the parent as the cell's failure
         status, error = _failure(exc)
         connection.send({"status": status, "error": error})
-        raise
+        if not isinstance(exc, KeyboardInterrupt):  # Ctrl-C reaches the parent too, which records it: no traceback
+            raise
     finally:
         connection.close()
 
@@ -536,8 +588,12 @@ def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: di
 
 def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Cell] | None = None) -> list[dict]:
     """Plan (unless ``cells`` were planned already), then distil and evaluate every cell (each in its own process
-    unless ``isolate`` is off); the parent alone writes the records. Returns the records written."""
+    unless ``isolate`` is off); the parent alone writes the records. Returns the records written.
+
+    On Ctrl-C the records written so far stay, the cell being run gets records with status ``interrupted`` (which
+    ``--resume`` redoes, overwriting them: same identity, same file), and ``KeyboardInterrupt`` goes on up."""
     cells = plan(request) if cells is None else cells
+    check_results_dir(request.results_dir)
     # children must see the same cache and data folders even if the environment changes under the parent
     request = replace(request, cache_dir=str(resolve_cache_dir(request.cache_dir)),
                       data_root=str(resolve_data_root(request.data_root)))
@@ -551,10 +607,17 @@ def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Ce
         if not archs:
             echo(f"skip {cell.method_spec} ipc {cell.ipc}: records exist (--resume)")
             continue
-        if request.isolate:
-            records = run_cell_isolated(cell, request, archs, ids)
-        else:
-            records = run_cell(cell, request, archs, ids, teachers)
+        try:
+            if request.isolate:
+                records = run_cell_isolated(cell, request, archs, ids)
+            else:
+                records = run_cell(cell, request, archs, ids, teachers)
+        except KeyboardInterrupt:  # the records written so far stay; this cell's say so, and --resume redoes it
+            env = environment_stamp()
+            for arch in archs:
+                write_record(request.results_dir, dict(_base_record(cell, request, arch, ids, protocol),
+                                                       status="interrupted", error=INTERRUPTED_ERROR, env=env, phases={}))
+            raise
         for record in records:
             path = write_record(request.results_dir, record)
             written.append(record)

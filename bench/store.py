@@ -5,14 +5,15 @@ can tell what is done. ``load_results(dir)`` reads every record under a folder i
 
 Top-level keys that scripts and reports rely on: ``schema_version``, ``record_id``, ``method``, ``recipe``,
 ``dataset``, ``ipc``, ``distill_arch``, ``eval_arch``, ``protocol``, ``quick``, ``seeds``, ``acc`` (per-seed, %),
-``acc_mean``, ``acc_std``, ``status`` (ok / failed / oom / diverged), ``error``. Also: ``suite``, ``config`` and
+``acc_mean``, ``acc_std``, ``status`` (ok / failed / oom / diverged / interrupted), ``error``. Also: ``suite``, ``config`` and
 ``config_hash``, ``protocol_version`` and ``protocol_config``, ``distill_seed``, ``transform``, ``learned_lr``,
 ``distilled_path``, ``learned_lr``, and the costs:
 
 * ``phases``: phase name (``experts``, ``distill``, ``eval``) → ``{wall_s, cpu_peak_rss_mb, gpu_nvml_peak_mb,
   gpu_torch_allocated_peak_mb, gpu_torch_reserved_peak_mb, gpu_reason, gpu_nvml_source}``; GPU figures are null
   with a reason where they cannot be measured, never 0. ``experts`` also counts experts ``trained`` / ``cached``.
-* ``iterations``, ``iter_time_s`` ``{median, p90, n}`` (after warm-up, outside the FLOP-counting window),
+* ``iterations``, ``iter_time_s`` ``{median, p90, n}`` (after warm-up, outside the FLOP-counting window; with
+  ``per_period`` when timed by whole periods of a periodic method such as APM),
   ``flops_per_iter`` (or ``flops_reason``), ``flops_per_eval_epoch``;
 * ``process_peak_rss_mb`` (``ru_maxrss`` of the cell's own process when ``isolated``), ``crash_peak_rss_mb``
   (the largest RSS the parent saw of a cell whose process died);
@@ -26,11 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from bench.distilled import write_json_atomic
+from bench.errors import UserError
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -95,6 +98,22 @@ def write_record(results_dir: str | os.PathLike, record: dict) -> Path:
     path = Path(results_dir) / RECORDS_DIR / record_filename(record)
     write_json_atomic(path, record)
     return path
+
+
+def check_results_dir(results_dir: str | os.PathLike) -> None:
+    """Make sure records can be written under ``results_dir`` before any work: create the folder and a temporary
+    file in it (removed again); a ``UserError`` naming the folder otherwise."""
+    path = Path(results_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"results folder {path} is a file, not a folder; pass --results with a folder to write records to")
+    try:
+        (path / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path / RECORDS_DIR, prefix=".write-check-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"results folder {path} is not writable ({exc.strerror or exc}); "
+                        f"pass --results with a folder you can write to") from None
 
 
 def existing_record_ids(results_dir: str | os.PathLike) -> set[str]:

@@ -144,8 +144,11 @@ def load_suite(name_or_file: str) -> Suite:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "malformed YAML"
-        raise UserError(f"{path}: not valid YAML: {first}") from None
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines()[0] if str(exc) else "malformed YAML")
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        hint = "; a suite is plain YAML, without tags" if isinstance(exc, yaml.constructor.ConstructorError) else ""
+        raise UserError(f"{path}: not valid YAML{where}: {problem}{hint}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read: {exc}") from None
     if not isinstance(raw, dict):
@@ -272,12 +275,15 @@ def describe_cells(requests: list) -> list[str]:
 
 def run_suite(suite: Suite, results_dir: Path, quick: bool = False, only: dict[str, set[str]] | None = None,
               echo=print, **run_options: object) -> list[dict]:
-    """Plan every request of the suite first (so a bad name or missing data fails before any work), then run them."""
+    """Plan every request of the suite first (so a bad name, missing data or an unwritable results folder fails
+    before any work), then run them."""
     from bench.runner import plan, run
+    from bench.store import check_results_dir
 
     requests = suite_requests(suite, results_dir, quick, only, **run_options)
     describe_cells(requests)
     planned = [(request, plan(request)) for request in requests]
+    check_results_dir(results_dir)
     echo(f"suite {suite.name} v{suite.version}: {sum(len(cells) for _, cells in planned)} cells → {results_dir}")
     written = []
     for request, cells in planned:

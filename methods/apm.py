@@ -22,6 +22,10 @@ plays a min-max game with single-level losses — no unrolled inner training, he
 
 Real data enters only through the teachers and the initialisation (ipc random real images per class).
 
+With the harness's checkpoints on, the loop state is saved at period boundaries only — after an iteration
+whose successor draws a new teacher and student — so neither network needs saving (``APM.distill_group``); a
+killed run resumes from it with the same images.
+
 Deviations from the official code, on purpose (``notes/methods.md`` §7):
 
 * teachers are the *last* epoch of their training, never the best on the test set, and the returned set is the
@@ -50,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.checkpoint import restore_scheduler, scheduler_state
 from bench.distilled import DistilledSet
 from bench.errors import UserError
 from bench.evaluate import Protocol, logits_of, train_network
@@ -152,11 +157,16 @@ class APM(Method):
         pool = ctx.experts("apm", cfg.num_experts, epochs=cfg.expert_epochs)
         ctx.start(cfg.iterations * cfg.subgroups)
         per_group = ctx.ipc // cfg.subgroups
-        groups = []
-        for g in range(cfg.subgroups):
+        resume = ctx.load_checkpoint()
+        finished = [] if resume is None else [images.to(ctx.device) for images in resume[1]["finished"]]
+        groups = [(images, ctx.hard_labels(per_group)) for images in finished]
+        for g in range(len(groups), cfg.subgroups):
+            # on resume the draw below is undone: distill_group restores both generators from the checkpoint
             generator = ctx.generator if cfg.subgroups == 1 else torch.Generator().manual_seed(
                 int(torch.randint(2**62, (1,), generator=ctx.generator)))
-            groups.append(self.distill_group(ctx, pool, per_group, generator, offset=g * cfg.iterations))
+            state = resume[1] if resume is not None and g == len(finished) else None
+            groups.append(self.distill_group(ctx, pool, per_group, generator, offset=g * cfg.iterations,
+                                             resume=state, finished=[img for img, _ in groups]))
         images = torch.cat([img for img, _ in groups])
         labels = torch.cat([lab for _, lab in groups])
         order = torch.argsort(labels, stable=True)
@@ -165,18 +175,36 @@ class APM(Method):
             metadata={"protocol_overrides": {"soft": {"lr": cfg.lr_net, "epochs": cfg.eval_epochs}}},
         )
 
-    def distill_group(self, ctx: DistillContext, pool, ipc: int, generator: torch.Generator, offset: int = 0) -> tuple[Tensor, Tensor]:
-        """One APM run: ``ipc`` images per class, initialised from real images drawn with ``generator``."""
+    def distill_group(self, ctx: DistillContext, pool, ipc: int, generator: torch.Generator, offset: int = 0,
+                      resume: dict | None = None, finished: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """One APM run: ``ipc`` images per class, initialised from real images drawn with ``generator``.
+
+        Checkpoints (``ctx.checkpoint_due``) are saved only at period boundaries — after an iteration whose
+        successor draws a new teacher and trains a new student — so neither network is saved: the state is the
+        images, their optimiser's momentum and lr schedule, the iteration, the state of ``generator`` and of
+        ``ctx.generator`` (students are initialised from it), and the images of the ``finished`` subgroups. None
+        is saved after a group's last iteration. ``resume`` is such a state: the loop continues from it exactly.
+        """
         cfg: APMConfig = self.config  # type: ignore[assignment]
         data = ctx.dataset
-        images = torch.cat([data.sample_class(c, ipc, generator) for c in range(data.num_classes)]).clone()
+        if resume is None:
+            images = torch.cat([data.sample_class(c, ipc, generator) for c in range(data.num_classes)]).clone()
+        else:
+            images = resume["images"].to(ctx.device)
         labels = ctx.hard_labels(ipc)
         images.requires_grad_(True)
         optimizer = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.img_momentum)
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[cfg.iterations // 2], gamma=0.3)
+        start = 0
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            restore_scheduler(schedule, resume["schedule"])
+            generator.set_state(resume["generator"])
+            ctx.generator.set_state(resume["context_generator"])
+            start = resume["group_iteration"]
         batch_syn = min(cfg.batch_syn or len(images), len(images))
         teacher, students, since_switch = None, [], cfg.mid_gap
-        for it in range(cfg.iterations):
+        for it in range(start, cfg.iterations):
             batch = torch.randperm(len(images), generator=generator)[:batch_syn].to(images.device)
             if since_switch == cfg.mid_gap:
                 teacher = pool.network(int(torch.randint(pool.count, (1,), generator=generator)))
@@ -190,6 +218,12 @@ class APM(Method):
             optimizer.step()
             schedule.step()
             ctx.report(offset + it, **losses)
+            if since_switch == cfg.mid_gap and it + 1 < cfg.iterations and ctx.checkpoint_due(offset + it + 1):
+                ctx.save_checkpoint(offset + it + 1, {
+                    "group_iteration": it + 1, "images": images, "optimizer": optimizer.state_dict(),
+                    "schedule": scheduler_state(schedule), "generator": generator.get_state(),
+                    "context_generator": ctx.generator.get_state(), "finished": finished or [],
+                })
         return images.detach(), labels
 
     def train_students(self, ctx: DistillContext, images: Tensor, teacher: nn.Module, generator: torch.Generator) -> list[nn.Module]:

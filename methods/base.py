@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.augment import DSA
+from bench.checkpoint import Checkpointer
 from bench.data import Dataset
 from bench.distilled import DistilledSet
 from bench.errors import Diverged
@@ -47,6 +48,8 @@ class DistillContext:
     cache_dir: str | None = None  # where expert pools are cached (None: $DDBENCH_CACHE or ~/.cache/ddbench)
     experts_trained: int = 0  # experts trained by this distillation (the rest came from the cache)
     experts_cached: int = 0
+    checkpoints: Checkpointer | None = None  # where the loop state is saved every N iterations (None: never)
+    resumed_from: int | None = None  # set by `load_checkpoint`: the iteration this distillation resumed from
     _report: ReportFn | None = field(default=None, repr=False)
     _start: Callable[[int], None] | None = field(default=None, repr=False)
     _log: Callable[[str], None] | None = field(default=None, repr=False)
@@ -87,6 +90,30 @@ class DistillContext:
             raise Diverged(f"non-finite {', '.join(bad)} at iteration {iteration}")
         if self._report is not None:
             self._report(iteration, values)
+
+    def checkpoint_due(self, iteration: int) -> bool:
+        """Whether to save a checkpoint after ``iteration`` completed iterations (always False without checkpoints).
+
+        A method asks only at points where it can save its whole loop state, and then calls ``save_checkpoint``.
+        """
+        return self.checkpoints is not None and self.checkpoints.due(iteration)
+
+    def save_checkpoint(self, iteration: int, state: dict) -> None:
+        """Save the loop state after ``iteration`` completed iterations: a nested dict of JSON values and tensors
+        (images, optimiser ``state_dict()``s, ``generator.get_state()`` of every generator drawn from), such that
+        the loop continued from it gives the same result as the uninterrupted run. A no-op without checkpoints."""
+        if self.checkpoints is not None:
+            self.checkpoints.save(iteration, state)
+
+    def load_checkpoint(self) -> tuple[int, dict] | None:
+        """(iteration, state) of this distillation's latest checkpoint, tensors on the CPU, or None (no
+        checkpoints, none saved yet, or one that cannot be trusted). Methods call it once, before their loop."""
+        loaded = self.checkpoints.load() if self.checkpoints is not None else None
+        if loaded is not None:
+            self.resumed_from = loaded[0]
+            if self._log is not None:
+                self._log(f"resuming from the checkpoint after iteration {loaded[0]} in {self.checkpoints.folder}")
+        return loaded
 
     def class_batches(self, images: Tensor, batch_real: int, augment: DSA | None = None) -> Iterator[tuple[int, Tensor, Tensor]]:
         """For every class c: (c, a real batch of class c, the synthetic images of class c).

@@ -39,6 +39,9 @@ Design decisions and deviations from the official code:
   stop the run with ``bench.errors.Diverged`` (status ``diverged``): non-finite pixels, α ≤ 0 or NaN, or
   α > 1000 × ``lr_teacher``. A NaN loss is caught by ``ctx.report``.
 * ``benchmarks/memory_trajectory.py`` measures peak memory against N for both gradient strategies.
+* With the harness's checkpoints on (``RunRequest.checkpoint_every``), the loop state — pixels, α, both
+  optimisers' momentum, the generator — is saved every N iterations and a killed run resumes from it with the
+  same result (``MTT.resume``).
 
 Recipes (``recipes`` below) follow the hyper-parameter table linked from the official readme as transcribed in
 ``notes/methods.md`` §5. That table is an image and could not be read here; the one row the readme states in
@@ -314,8 +317,9 @@ class MTT(Method):
         augment = ctx.augmentation() if cfg.dsa else None
         image_size = (images.shape[2], images.shape[3])
 
+        first = self.resume(ctx, images, alpha, optimizer_img, optimizer_lr)
         ctx.start(cfg.iterations)
-        for it in range(cfg.iterations):
+        for it in range(first, cfg.iterations):
             expert = int(torch.randint(cfg.num_experts, (1,), generator=ctx.generator))
             start = int(torch.randint(cfg.max_start_epoch, (1,), generator=ctx.generator))
             theta_start = trajectories.params(expert, start)
@@ -329,8 +333,35 @@ class MTT(Method):
             optimizer_img.step()
             optimizer_lr.step()
             check_state(images, alpha, cfg.lr_teacher, it)
+            if it + 1 < cfg.iterations and ctx.checkpoint_due(it + 1):
+                ctx.save_checkpoint(it + 1, {
+                    "images": images, "alpha": alpha, "optimizer_img": optimizer_img.state_dict(),
+                    "optimizer_lr": optimizer_lr.state_dict(), "generator": ctx.generator.get_state(),
+                })
 
         return DistilledSet(images.detach(), labels, soft_labels=soft_labels, learned_lr=float(alpha.detach()))
+
+    @staticmethod
+    def resume(ctx: DistillContext, images: Tensor, alpha: Tensor, optimizer_img: torch.optim.Optimizer,
+               optimizer_lr: torch.optim.Optimizer) -> int:
+        """Restore the loop state of the context's checkpoint, if any; returns the iteration to continue from.
+
+        An iteration carries only the pixels, α, both optimisers' momentum and the generator (the expert, start
+        epoch, batches and DSA parameters are drawn afresh each iteration), so a checkpoint may follow any
+        iteration. Everything before the loop (initial images, network structure, TESLA's soft labels) is rebuilt
+        as in the first run, from the same draws, before the generator is set to its saved state.
+        """
+        resume = ctx.load_checkpoint()
+        if resume is None:
+            return 0
+        iteration, state = resume
+        with torch.no_grad():
+            images.copy_(state["images"])
+            alpha.copy_(state["alpha"])
+        optimizer_img.load_state_dict(state["optimizer_img"])
+        optimizer_lr.load_state_dict(state["optimizer_lr"])
+        ctx.generator.set_state(state["generator"])
+        return iteration
 
     # -- hooks and checks ------------------------------------------------------------------------------------
 

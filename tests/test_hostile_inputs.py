@@ -1,0 +1,242 @@
+"""Hostile inputs through the command line (issue 7): each is one line on stderr naming what is wrong, exit code 2,
+no traceback, and nothing written. Also: exit code 3 when a cell fails, and Ctrl-C keeps what was written, marks
+the interrupted cell, and ``--resume`` redoes only that cell."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+import bench.runner
+import crashing_methods
+from bench.cli import main
+from bench.distilled import DistilledSet
+from bench.registry import METHODS, register_method
+from bench.runner import INTERRUPTED_ERROR, MAX_CELLS_UNCONFIRMED
+
+RUN = ["run", "--dataset", "digits", "--methods", "random", "--ipc", "1", "--eval-archs", "convnet", "--seeds", "0",
+       "--quick"]
+DISTILL = ["distill", "--dataset", "digits", "--method", "random", "--ipc", "1", "--quick"]
+SUITE = """\
+name: hostile
+version: 1
+quick: true
+defaults: {seeds: [0]}
+grids:
+  - datasets: [digits]
+    ipc: [1]
+    methods: [random]
+"""
+
+
+def _with(argv: list[str], flag: str, value: str) -> list[str]:
+    """``argv`` with ``flag``'s value replaced."""
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+def _suite(tmp: Path, text: str) -> str:
+    path = tmp / "suite.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _saved_set(tmp: Path) -> Path:
+    """A small valid distilled set (digits-shaped, 10 classes × 1 image): returns its JSON path."""
+    images = torch.zeros(10, 1, 8, 8)
+    meta = {"dataset": "digits", "method": "random", "ipc": 1, "transform": {"kind": "normalize"}}
+    return DistilledSet(images, torch.arange(10), metadata=meta).save(tmp / "set")
+
+
+def _truncated_tensors(tmp: Path) -> list[str]:
+    path = _saved_set(tmp).with_suffix(".safetensors")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return ["evaluate", str(path.with_suffix(".json")), "--quick", "--results", str(tmp / "res")]
+
+
+def _json_not_json(tmp: Path) -> list[str]:
+    path = _saved_set(tmp)
+    path.write_text('{"dataset": "digits", ')
+    return ["evaluate", str(path), "--quick", "--results", str(tmp / "res")]
+
+
+def _json_without_tensors(tmp: Path) -> list[str]:
+    path = _saved_set(tmp)
+    path.with_suffix(".safetensors").unlink()
+    return ["evaluate", str(path), "--quick", "--results", str(tmp / "res")]
+
+
+def _results_is_a_file(tmp: Path) -> list[str]:
+    (tmp / "res").write_text("not a folder")
+    return RUN + ["--results", str(tmp / "res")]
+
+
+def _results_under_a_file(tmp: Path) -> list[str]:
+    (tmp / "file").write_text("not a folder")
+    return RUN + ["--results", str(tmp / "file" / "res")]
+
+
+# (argv given a fresh tmp folder, a phrase the error must contain); results always go under the tmp folder
+CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
+    "unknown method": (lambda t: _with(RUN, "--methods", "randm") + ["--results", str(t / "res")],
+                       "did you mean 'random'"),
+    "unknown dataset": (lambda t: _with(RUN, "--dataset", "cifar11") + ["--results", str(t / "res")],
+                        "did you mean 'cifar10'"),
+    "unknown architecture": (lambda t: _with(RUN, "--eval-archs", "convnett") + ["--results", str(t / "res")],
+                             "did you mean 'convnet'"),
+    "unknown distillation architecture": (lambda t: RUN + ["--distill-arch", "resnet1800", "--results", str(t / "res")],
+                                          "resnet1800"),
+    "unknown protocol": (lambda t: RUN + ["--protocol", "sotf", "--results", str(t / "res")], "did you mean 'soft'"),
+    "unknown recipe": (lambda t: _with(RUN, "--methods", "apm.cifar10_ipc5") + ["--results", str(t / "res")],
+                       "did you mean 'cifar10_ipc50'"),
+    "ipc 0": (lambda t: _with(RUN, "--ipc", "0") + ["--results", str(t / "res")], "ipc must be at least 1"),
+    "ipc above the smallest class": (lambda t: _with(RUN, "--ipc", "1,150") + ["--results", str(t / "res")],
+                                     "ipc 150 is larger than the smallest class of digits"),
+    "empty seeds": (lambda t: _with(RUN, "--seeds", "") + ["--results", str(t / "res")], "no seeds given"),
+    "--eval-epochs 0": (lambda t: RUN + ["--eval-epochs", "0", "--results", str(t / "res")],
+                        "--eval-epochs must be at least 1"),
+    "--set without '='": (lambda t: DISTILL + ["--out", str(t / "s"), "--set", "foo"], "--set expects key=value"),
+    "unknown method option": (lambda t: _with(DISTILL, "--method", "dm") + ["--out", str(t / "s"), "--set", "colour=1"],
+                              "unknown method 'dm' option 'colour'"),
+    "wrong option type": (lambda t: _with(DISTILL, "--method", "dm") + ["--out", str(t / "s"), "--set", "iterations=abc"],
+                          "option 'iterations' must be int, got 'abc'"),
+    "suite: unknown key": (lambda t: ["run", "--suite", _suite(t, SUITE.replace("quick: true", "quick: true\ncolour: 1")),
+                                      "--results", str(t / "res")], "unknown key 'colour'"),
+    "suite: wrong type": (lambda t: ["run", "--suite", _suite(t, SUITE.replace("ipc: [1]", "ipc: one")),
+                                     "--results", str(t / "res")], "grids[0].ipc: must be a list of integers"),
+    "suite: malformed YAML": (lambda t: ["run", "--suite", _suite(t, "grids: [unclosed\n"), "--results", str(t / "res")],
+                              "not valid YAML at line 2"),
+    "suite: python object tag": (lambda t: ["run", "--suite", _suite(t, "!!python/object/apply:os.system ['echo x']\n"),
+                                            "--results", str(t / "res")], "without tags"),
+    "suite: traversal in a label": (lambda t: ["run", "--suite", _suite(t, SUITE.replace(
+        "methods: [random]", "methods: [{method: random, label: ../x}]")), "--results", str(t / "res")],
+        "must be a plain name"),
+    "suite: traversal in the name": (lambda t: ["run", "--suite", _suite(t, SUITE.replace("name: hostile", "name: ../x")),
+                                                "--results", str(t / "res")], "name: must be letters"),
+    "suite file that does not exist": (lambda t: ["run", "--suite", str(t / "nope.yaml"), "--results", str(t / "res")],
+                                       "does not exist"),
+    "suite: traversal in --suite": (lambda t: ["run", "--suite", "../x", "--results", str(t / "res")],
+                                    "suite file ../x does not exist"),
+    "--only with a bad key": (lambda t: ["run", "--suite", "quick", "--only", "colour=red", "--results", str(t / "res")],
+                              "--only expects KEY=VALUE"),
+    "huge grid without --yes": (lambda t: _with(_with(RUN, "--methods", "random,herding"), "--ipc",
+                                                ",".join(map(str, range(1, 121)))) + ["--results", str(t / "res")],
+                                "this grid has 240 cells"),
+    "huge suite without --yes": (lambda t: ["run", "--suite", _suite(t, SUITE.replace(
+        "ipc: [1]", f"ipc: {list(range(1, 102))}").replace("methods: [random]", "methods: [random, herding]")),
+        "--results", str(t / "res")], "this grid has 202 cells"),
+    "--yes passes the size check, not the others": (lambda t: _with(_with(RUN, "--methods", "random,herding"), "--ipc",
+                                                                    ",".join(map(str, range(1, 151))))
+                                                    + ["--yes", "--results", str(t / "res")],
+                                                    "is larger than the smallest class of digits"),
+    "results folder is a file": (_results_is_a_file, "is a file, not a folder"),
+    "results folder under a file": (_results_under_a_file, "is not writable"),
+    "truncated distilled .safetensors": (_truncated_tensors, "truncated or corrupt"),
+    "distilled .json that is not JSON": (_json_not_json, "is not readable JSON"),
+    "distilled .json without its .safetensors": (_json_without_tensors, "set.safetensors"),
+    "evaluate with empty seeds": (lambda t: ["evaluate", str(_saved_set(t)), "--seeds", "", "--results", str(t / "res")],
+                                  "no seeds given"),
+    "data root without the files": (lambda t: _with(RUN, "--dataset", "mnist") + [
+        "--data-root", str(t / "empty"), "--results", str(t / "res")], "MNIST/raw/train-images-idx3-ubyte"),
+}
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``folder`` with its size and modification time: what 'nothing written' compares."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def _assert_rejected(capsys, tmp: Path, argv: list[str], expected: str) -> None:
+    before = _tree(tmp)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and err.startswith("ddbench: error:"), err
+    assert "Traceback" not in err and expected in err, err
+    assert _tree(tmp) == before, "a rejected command wrote something"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, case):
+    make_argv, expected = CASES[case]
+    (tmp_path / "empty").mkdir()
+    argv = make_argv(tmp_path)
+    _assert_rejected(capsys, tmp_path, argv, expected)
+    assert not (tmp_path / "res").is_dir()
+
+
+def test_results_folder_without_write_permission(capsys, tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):  # root ignores permissions; `results folder under a file` covers that case
+            pytest.skip("running as root (or on a file system without permissions): the folder is writable anyway")
+        _assert_rejected(capsys, tmp_path, RUN + ["--results", str(folder / "res")], f"{folder / 'res'} is not writable")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_huge_grid_threshold_is_a_module_constant():
+    assert MAX_CELLS_UNCONFIRMED == 200
+
+
+@pytest.fixture
+def crash_oom():
+    register_method("crash_oom")(crashing_methods.RunsOutOfMemory)
+    yield "crash_oom"
+    METHODS._entries.pop("crash_oom")
+
+
+def _records(results: Path) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted((results / "records").glob("*.json"))}
+
+
+def test_a_failed_cell_gives_exit_3_and_a_summary(capsys, tmp_path, crash_oom):
+    results = tmp_path / "res"
+    code = main(_with(RUN, "--methods", f"{crash_oom},random") + ["--eval-epochs", "2", "--no-isolate",
+                                                                  "--results", str(results)])
+    out, err = capsys.readouterr()
+    assert code == 3, err
+    summary = out.strip().splitlines()[-1]
+    assert "2 cells: 1 ok, 0 failed, 1 oom, 0 diverged, 0 skipped by --resume" in summary
+    assert sorted(r["status"] for r in _records(results).values()) == ["ok", "oom"]
+
+
+def test_ctrl_c_keeps_written_records_marks_the_cell_and_resume_redoes_only_it(capsys, tmp_path, monkeypatch):
+    results = tmp_path / "res"
+    argv = _with(RUN, "--ipc", "1,2") + ["--eval-epochs", "2", "--no-isolate", "--results", str(results)]
+    real_run_cell, calls = bench.runner.run_cell, []
+
+    def interrupted_on_the_second_cell(*args, **kwargs):
+        calls.append(args[0].ipc)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run_cell(*args, **kwargs)
+
+    monkeypatch.setattr(bench.runner, "run_cell", interrupted_on_the_second_cell)
+    code = main(argv)
+    _, err = capsys.readouterr()
+    assert code == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
+    first = _records(results)
+    assert sorted((r["ipc"], r["status"]) for r in first.values()) == [(1, "ok"), (2, "interrupted")]
+    (interrupted,) = [r for r in first.values() if r["status"] == "interrupted"]
+    assert interrupted["error"] == INTERRUPTED_ERROR == "interrupted by the user (Ctrl-C)"
+
+    monkeypatch.setattr(bench.runner, "run_cell", real_run_cell)
+    code = main(argv + ["--resume"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith("skip")] == ["skip random ipc 1: records exist (--resume)"]
+    assert "2 cells: 1 ok, 0 failed, 0 oom, 0 diverged, 1 skipped by --resume" in out
+    second = _records(results)
+    assert set(second) == set(first), "a redone cell must overwrite its record, not add one"
+    assert sorted((r["ipc"], r["status"]) for r in second.values()) == [(1, "ok"), (2, "ok")]
+    ok_first = [name for name, r in first.items() if r["status"] == "ok"]
+    assert all(second[name] == first[name] for name in ok_first), "the kept record must not be rewritten"
