@@ -30,8 +30,8 @@ QUICK ?= $(if $(HAS_GPU),,--quick)
 MNIST_SUITE ?= $(if $(HAS_GPU),mnist,mnist_cpu)
 BASELINE ?= results/baselines/quick-cpu
 
-SUITE_TARGETS := bench-cifar10 bench-cifar100 bench-tiny bench-imagenet bench-cross_arch bench-efficiency bench-efficiency_cpu bench-ablation_k
-.PHONY: bench bench-mnist $(SUITE_TARGETS) report regress
+SUITE_TARGETS := bench-cifar10 bench-cifar100 bench-tiny bench-imagenet bench-cross_arch bench-efficiency bench-efficiency_cpu bench-ablation_k bench-parallel
+.PHONY: bench bench-mnist bench-parallel_quick $(SUITE_TARGETS) report regress
 
 # The main job on the embedded default (scikit-learn's digits): the `quick` suite (every method, ipc 1 and 10,
 # ConvNet, 3 seeds, the standard protocol, reduced CPU recipes), then its report.
@@ -48,17 +48,27 @@ bench-mnist: venv
 	$(BIN)/ddbench run --suite $(MNIST_SUITE) $(QUICK) --data-root $(DATA_ROOT) --results $(RESULTS)/$(MNIST_SUITE) --resume
 	$(BIN)/ddbench report --suite $(MNIST_SUITE) --results $(RESULTS)/$(MNIST_SUITE) --out $(REPORTS)
 
+# APM's merged-subgroups figure in quick form on digits, every subgroup a task of the Ray executor (a local Ray head on
+# 127.0.0.1 unless RAY_ADDRESS names a running cluster).
+RAY_ADDRESS ?= auto
+bench-parallel_quick: venv
+	$(BIN)/ddbench run --suite parallel_quick --executor ray --ray-address $(RAY_ADDRESS) --results $(RESULTS)/parallel_quick --resume
+	$(BIN)/ddbench report --suite parallel_quick --results $(RESULTS)/parallel_quick --out $(REPORTS)
+
 report: venv
 	@for dir in $(RESULTS)/*/; do name=$$(basename $$dir); \
 	  if [ -d $$dir/records ]; then $(BIN)/ddbench report --results $$dir --out $(REPORTS) || exit $$?; fi; done
 
 # The quick suite from scratch (its own empty expert cache, so the experts' cost is always in it, as in the
-# baseline), compared with the committed CPU baseline: exit 1 when a cell got worse. Memory and time get looser
-# tolerances than `ddbench compare`'s defaults (15 %, 2×): the baseline was measured on another machine.
-REGRESS_TOLERANCES ?= --memory-rel-tol 0.15 --time-rel-tol 1.0
+# baseline; evaluation seeds trained one at a time — the reference computation — so that no machine-dependent
+# engine choice moves a number), compared with the committed CPU baseline: exit 1 when a cell got worse. Memory and
+# time get looser tolerances than `ddbench compare`'s defaults (15 %, 2×): the baseline was measured on another machine.
+# So does accuracy (3 points, not 2): the same code and seeds gave APM at digits ipc 1 60.0 on one 2-core machine and
+# 56.9 on another (CPU kernels round differently, and APM's adversarial updates amplify it); 2 standard errors still apply.
+REGRESS_TOLERANCES ?= --acc-tol 3 --memory-rel-tol 0.15 --time-rel-tol 1.0
 regress: venv
 	rm -rf $(RESULTS)/regress $(RESULTS)/regress-cache
-	$(BIN)/ddbench run --suite quick --results $(RESULTS)/regress --cache-dir $(RESULTS)/regress-cache
+	$(BIN)/ddbench run --suite quick --results $(RESULTS)/regress --cache-dir $(RESULTS)/regress-cache --batch-seeds off
 	$(BIN)/ddbench compare $(BASELINE) $(RESULTS)/regress $(REGRESS_TOLERANCES)
 
 clean:

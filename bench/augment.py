@@ -111,6 +111,21 @@ class DSA:
         """Augment with fresh per-image parameters (the non-siamese use, e.g. evaluation training)."""
         return self.apply(x, self.sample(x.shape[0], (x.shape[2], x.shape[3]), generator))
 
+    def augment_each(self, batches: list[Tensor], generators: list[torch.Generator]) -> list[Tensor]:
+        """``[self(x, g) for x, g in zip(batches, generators)]``: each batch augmented with fresh parameters from
+        its own generator, drawn in the same order. Batches that drew the same operation are transformed in one
+        call — every operation acts on each image alone, so grouping changes only the number of calls."""
+        drawn = [self.sample(x.shape[0], (x.shape[2], x.shape[3]), g) for x, g in zip(batches, generators)]
+        out: list[Tensor] = list(batches)
+        for operation in dict.fromkeys(params.operation for params in drawn):
+            members = [i for i, params in enumerate(drawn) if params.operation == operation]
+            joined = AugmentParams(operation, {key: torch.cat([drawn[i].values[key] for i in members])
+                                               for key in drawn[members[0]].values})
+            sizes = [batches[i].shape[0] for i in members]
+            for i, part in zip(members, self.apply(torch.cat([batches[i] for i in members]), joined).split(sizes)):
+                out[i] = part
+        return out
+
     def siamese(self, x: Tensor, generator: torch.Generator) -> AugmentParams:
         """Batch-wide parameters for a matching step: ``apply`` them to the real and the synthetic batch."""
         return self.sample(1, (x.shape[2], x.shape[3]), generator)

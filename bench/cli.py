@@ -55,6 +55,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="expert cache (default: $DDBENCH_CACHE or ~/.cache/ddbench)")
 
 
+BATCH_SEEDS = ("auto", "on", "off")  # bench.evaluate.BATCH_SEEDS_CHOICES, without importing torch for --help
+BATCH_SEEDS_HELP = ("train an evaluation's seeds at once as one stacked model (on), one after the other (off), or "
+                    "whichever a short calibration finds faster on this machine, remembered in the cache folder "
+                    "(auto, the default); the same computation either way, recorded as eval_engine")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddbench", description="Benchmark harness for dataset distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     evaluate.add_argument("--protocol", default="standard")
     evaluate.add_argument("--results", default=None, help="also write records into this folder")
+    evaluate.add_argument("--batch-seeds", choices=BATCH_SEEDS, default="auto", help=BATCH_SEEDS_HELP)
     _common(evaluate)
 
     run = sub.add_parser("run", help="distil and evaluate a grid (or a suite), one record per cell × evaluation architecture")
@@ -95,13 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results", default=None,
                      help="folder for records and distilled sets (default: results/runs/<suite> or results/runs/default)")
     run.add_argument("--resume", action="store_true", help="skip cells whose records exist")
+    run.add_argument("--batch-seeds", choices=BATCH_SEEDS, default=None,
+                     help=BATCH_SEEDS_HELP.replace("the default", "the default unless a suite sets batch_seeds"))
     run.add_argument("--eval-epochs", type=int, default=None,
                      help="smoke tests only: train each evaluation network this many epochs (recorded in every record)")
+    run.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                     help="save a long distillation's loop state (APM, MTT, TESLA) every N iterations under the results "
+                          "folder; a rerun of the cell after a crash or kill continues from it with the same result")
     run.add_argument("--yes", action="store_true",
                      help="confirm a very large grid (cells × evaluation architectures): refused without it, as a likely mistake")
     run.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                      help="run each cell in a fresh child process (default): its own memory peaks, and a crash or "
                           "out-of-memory kill costs only that cell")
+    run.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="where cells run: local (this machine; with several GPUs, one cell per GPU at a time) or "
+                          "ray (a Ray cluster, one task per cell; pip install 'ddbench[ray]')")
+    run.add_argument("--ray-address", default=None,
+                     help="with --executor ray: HOST:PORT of a running cluster, or auto (default): a running one, "
+                          "else a new local one")
+    run.add_argument("--ray-num-cpus", type=float, default=None, help="with --executor ray: CPUs per cell task (default 1)")
+    run.add_argument("--ray-num-gpus", type=float, default=None,
+                     help="with --executor ray: GPUs per cell task (default 1 on CUDA, else 0)")
     _common(run)
 
     validate = sub.add_parser("validate", help="resolve every cell of a suite and check its names, without running")
@@ -205,7 +226,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     env = environment_stamp()
     for arch in args.archs:
         phases: dict = {}
-        fields = measured_evaluation(distilled, dataset, arch, protocol, resolved, args.seeds, device, phases, teacher)
+        fields = measured_evaluation(distilled, dataset, arch, protocol, resolved, args.seeds, device, phases, teacher,
+                                     args.batch_seeds, args.cache_dir)
         print(f"{meta['dataset']} {meta.get('method', '?')} ipc {meta.get('ipc')} → {arch} [{protocol.name}"
               f"{', quick' if args.quick else ''}]: {fields['acc_mean']:.2f} ± {fields['acc_std']:.2f} "
               f"(seeds {args.seeds}: {', '.join(f'{a:.2f}' for a in fields['acc'])})")
@@ -220,11 +242,24 @@ def _evaluate(args: argparse.Namespace) -> None:
             ))
 
 
+def _executor_options(args: argparse.Namespace) -> dict:
+    """``--executor`` and its Ray settings as ``RunRequest`` fields."""
+    from bench.errors import UserError
+
+    resources = {key: value for key, value in (("num_cpus", args.ray_num_cpus), ("num_gpus", args.ray_num_gpus))
+                 if value is not None}
+    if args.executor != "ray" and (args.ray_address or resources):
+        raise UserError("--ray-address, --ray-num-cpus and --ray-num-gpus go with --executor ray")
+    return {"executor": args.executor, "ray_address": args.ray_address or "auto", "ray_resources": resources}
+
+
 def _run(args: argparse.Namespace) -> int:
     """Run a grid or a suite; end with a summary paragraph, and exit 3 when a cell's record is not ok."""
     from bench.errors import UserError
+    from bench.executors import executor_session
     from bench.runner import RunRequest, check_grid_size, run, summarize
 
+    options = _executor_options(args)
     if args.suite:
         from bench.suite import load_suite, parse_only, run_suite, suite_requests
 
@@ -233,10 +268,13 @@ def _run(args: argparse.Namespace) -> int:
         suite = load_suite(args.suite)
         results = Path(args.results or f"results/runs/{suite.name}")
         only = parse_only(args.only)
-        size = check_grid_size(suite_requests(suite, results, quick=args.quick, only=only), args.yes)
-        written = run_suite(suite, results, quick=args.quick, only=only, data_root=args.data_root,
-                            device=args.device, resume=args.resume, cache_dir=args.cache_dir, isolate=args.isolate,
-                            eval_epochs=args.eval_epochs)
+        batching = {"batch_seeds": args.batch_seeds} if args.batch_seeds else {}  # else the suite's setting
+        size = check_grid_size(suite_requests(suite, results, quick=args.quick, only=only, **options, **batching), args.yes)
+        with executor_session(args.executor, options["ray_address"]):  # one Ray session for the whole suite
+            written = run_suite(suite, results, quick=args.quick, only=only, data_root=args.data_root,
+                                device=args.device, resume=args.resume, cache_dir=args.cache_dir, isolate=args.isolate,
+                                eval_epochs=args.eval_epochs, checkpoint_every=args.checkpoint_every, **options,
+                                **batching)
     else:
         if args.only:
             raise UserError("--only filters a suite's cells; use it with --suite")
@@ -247,9 +285,11 @@ def _run(args: argparse.Namespace) -> int:
                              seeds=args.seeds, results_dir=results, protocol=args.protocol,
                              distill_arch=args.distill_arch, quick=args.quick, data_root=args.data_root,
                              device=args.device, distill_seed=args.distill_seed, resume=args.resume,
-                             cache_dir=args.cache_dir, isolate=args.isolate, eval_epochs=args.eval_epochs)
+                             cache_dir=args.cache_dir, isolate=args.isolate, eval_epochs=args.eval_epochs,
+                             batch_seeds=args.batch_seeds or "auto", checkpoint_every=args.checkpoint_every, **options)
         size = check_grid_size([request], args.yes)
-        written = run(request)
+        with executor_session(args.executor, options["ray_address"]):
+            written = run(request)
     print(summarize(written, size - len(written), results))
     return EXIT_CELLS_FAILED if any(record["status"] != "ok" for record in written) else 0
 

@@ -13,14 +13,29 @@ Each has a *quick* form for CPUs (fewer epochs), flagged ``quick`` in every reco
 test accuracy after the *last* epoch — never a checkpoint chosen on the test set — for every seed, with the
 mean and the population standard deviation (``np.std``, as the papers report).
 
+The seeds of one evaluation can train at once (``batch_seeds``): the S networks become one stacked model
+(``bench.seed_stack``) that the same loop drives, each seed with its own initialisation, batch order, DSA
+parameters and SGD state — its generator is consumed exactly as when it trains alone, so both paths compute
+the same thing (up to floating-point rounding). ``auto`` takes whichever a short calibration finds faster on
+this machine (on a CPU often the sequential path), remembered in ``<cache>/eval_engine.json``; records say which
+path ran and why (``eval_engine``).
+
 Deviations from the DC reference loop, on purpose: it trains ``Epoch + 1`` epochs and re-creates the optimiser
 (dropping momentum) when decaying the lr; here exactly ``epochs`` epochs run and the decay keeps momentum.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Callable
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -29,10 +44,12 @@ from torch import Tensor, nn
 
 from bench.augment import DSA
 from bench.data import Dataset
-from bench.distilled import DistilledSet
+from bench.distilled import DistilledSet, write_json_atomic
 from bench.errors import UserError
 from bench.models import create_network
 from bench.registry import Registry
+from bench.seed_stack import (BATCHNORM_REASON, SeedStack, batching_unsupported_reason, forward_kind,
+                              has_batchnorm_statistics)
 from bench.seeding import generator_for
 
 EpochCallback = Callable[[int, float], None]
@@ -99,6 +116,106 @@ def _loss(protocol: Protocol, logits: Tensor, target: Tensor) -> Tensor:
     raise ValueError(f"unknown loss '{protocol.loss}'")
 
 
+def _stacked_losses(protocol: Protocol, logits: Tensor, target: Tensor) -> Tensor:
+    """``[S]``: ``_loss`` of each seed's ``logits[s]`` (``[S, batch, classes]``) against ``target[s]``, computed
+    for all seeds at once (the same values, up to the order of the sums)."""
+    seeds, batch = logits.shape[:2]
+    if protocol.loss == "ce":
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1), reduction="none").view(seeds, batch).mean(1)
+    if protocol.loss == "l1":
+        return (logits - target).abs().flatten(1).mean(1)
+    if protocol.loss == "kl":
+        t = protocol.temperature
+        pointwise = F.kl_div(F.log_softmax(logits / t, 2), F.log_softmax(target / t, 2), log_target=True, reduction="none")
+        return pointwise.flatten(1).sum(1) / batch * t * t
+    raise ValueError(f"unknown loss '{protocol.loss}'")
+
+
+def _optimizer(parameters: Iterable[Tensor], protocol: Protocol) -> torch.optim.SGD:
+    return torch.optim.SGD(parameters, lr=protocol.lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay)
+
+
+class _OneNetworkSteps:
+    """Training steps of one network (the sequential path): forward, loss, backward, SGD step."""
+
+    def __init__(self, model: nn.Module, protocol: Protocol):
+        self.model, self.protocol = model, protocol
+        self.optimizer = _optimizer(model.parameters(), protocol)
+
+    def step(self, inputs: list[Tensor], targets: list[Tensor]) -> list[float]:
+        value = _loss(self.protocol, self.model(inputs[0]), targets[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        self.optimizer.step()
+        return [float(value.detach())]
+
+
+class _StackedSteps:
+    """Training steps of a ``SeedStack`` (the seed-batched path): one forward and backward for every seed, the sum
+    of the seeds' losses backpropagated (so each seed's slice gets its own gradient), and ``torch.optim.SGD`` on
+    the stacked parameters — element-wise, so each seed gets exactly the update it would get alone, momentum
+    buffer (the first step sets it to the gradient), weight decay and lr decay included."""
+
+    def __init__(self, stack: SeedStack, protocol: Protocol):
+        self.stack, self.protocol = stack, protocol
+        self.optimizer = _optimizer(stack.parameters, protocol)
+
+    def step(self, inputs: list[Tensor], targets: list[Tensor]) -> list[float]:
+        values = _stacked_losses(self.protocol, self.stack.logits(torch.stack(inputs)), torch.stack(targets))
+        self.optimizer.zero_grad(set_to_none=True)
+        values.sum().backward()
+        self.optimizer.step()
+        return values.detach().tolist()
+
+
+def _draw_inputs(images: Tensor, batches: list[Tensor], generators: list[torch.Generator],
+                 augment: DSA | None) -> list[Tensor]:
+    """Each network's inputs for one step: its batch of images, augmented with its own generator."""
+    inputs = [images[batch] for batch in batches]
+    if augment is None:
+        return inputs
+    if len(inputs) == 1:
+        return [augment(inputs[0], generators[0])]
+    return augment.augment_each(inputs, generators)
+
+
+def _train(
+    steps: _OneNetworkSteps | _StackedSteps,
+    images: Tensor,
+    targets: Tensor,
+    protocol: Protocol,
+    generators: list[torch.Generator],
+    augment: DSA | None,
+    on_epoch: EpochCallback | None,
+) -> list[float]:
+    """THE loop, for one network or a stack of them (one generator each); returns each one's last-epoch mean loss.
+
+    Every generator is consumed exactly as for one network alone: per epoch, one permutation of the set; per
+    step, the augmentation's draws for the network's batch. ``on_epoch(epoch, loss)`` runs after each epoch for
+    each network, in order.
+    """
+    decay_epoch = protocol.epochs // 2 + 1 if protocol.decay_epoch is None else protocol.decay_epoch
+    n, count = images.shape[0], len(generators)
+    epoch_losses = [float("nan")] * count
+    for epoch in range(protocol.epochs):
+        if epoch == decay_epoch:
+            for group in steps.optimizer.param_groups:
+                group["lr"] = protocol.lr * 0.1
+        orders = [torch.randperm(n, generator=generator).to(images.device) for generator in generators]
+        totals, seen = [0.0] * count, 0
+        for start in range(0, n, protocol.batch_size):
+            batches = [order[start : start + protocol.batch_size] for order in orders]
+            inputs = _draw_inputs(images, batches, generators, augment)
+            step_losses = steps.step(inputs, [targets[batch] for batch in batches])
+            totals = [total + value * len(batches[0]) for total, value in zip(totals, step_losses)]
+            seen += len(batches[0])
+        epoch_losses = [total / seen for total in totals]
+        if on_epoch is not None:
+            for value in epoch_losses:
+                on_epoch(epoch, value)
+    return epoch_losses
+
+
 def train_network(
     model: nn.Module,
     images: Tensor,
@@ -113,34 +230,31 @@ def train_network(
     ``targets`` are class indices (loss ``ce``) or logits (``l1``/``kl``); ``augment`` transforms the inputs of
     every batch with fresh per-image parameters. ``on_epoch(epoch, loss)`` runs after each epoch.
     """
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=protocol.lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay
-    )
-    decay_epoch = protocol.epochs // 2 + 1 if protocol.decay_epoch is None else protocol.decay_epoch
-    n = images.shape[0]
     model.train()
-    epoch_loss = float("nan")
-    for epoch in range(protocol.epochs):
-        if epoch == decay_epoch:
-            for group in optimizer.param_groups:
-                group["lr"] = protocol.lr * 0.1
-        order = torch.randperm(n, generator=generator).to(images.device)
-        total, seen = 0.0, 0
-        for start in range(0, n, protocol.batch_size):
-            batch = order[start : start + protocol.batch_size]
-            x = images[batch]
-            if augment is not None:
-                x = augment(x, generator)
-            loss = _loss(protocol, model(x), targets[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(batch)
-            seen += len(batch)
-        epoch_loss = total / seen
-        if on_epoch is not None:
-            on_epoch(epoch, epoch_loss)
-    return epoch_loss
+    return _train(_OneNetworkSteps(model, protocol), images, targets, protocol, [generator], augment, on_epoch)[0]
+
+
+def train_networks_batched(
+    models: list[nn.Module],
+    images: Tensor,
+    targets: Tensor,
+    protocol: Protocol,
+    generators: list[torch.Generator],
+    augment: DSA | None = None,
+    on_epoch: EpochCallback | None = None,
+    grouped: bool = True,
+) -> list[float]:
+    """Train ``models`` (one architecture, one network per generator) in place, all at once as one stacked model;
+    returns each one's last-epoch mean loss.
+
+    Each network gets what ``train_network`` would give it alone with its generator — the same batches, the same
+    augmentation, its own SGD state — up to floating-point rounding. ``on_epoch(epoch, loss)`` runs after each
+    epoch once per network. ``grouped=False``: ``vmap`` even where grouped convolutions could compute the stack.
+    """
+    stack = SeedStack(models, grouped).train()
+    losses = _train(_StackedSteps(stack, protocol), images, targets, protocol, generators, augment, on_epoch)
+    stack.write_back()
+    return losses
 
 
 @torch.no_grad()
@@ -161,6 +275,19 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     return 100.0 * correct / images.shape[0]
 
 
+@torch.no_grad()
+def stacked_accuracies(stack: SeedStack, images: Tensor, labels: Tensor, batch_size: int = 512) -> list[float]:
+    """Top-1 accuracy in percent of every network of ``stack`` on (images, labels), in eval mode. Chunks hold
+    ``batch_size // S`` images, so the stacked activations take about as much memory as ``accuracy``'s."""
+    stack.eval()
+    chunk = max(1, batch_size // stack.size)
+    correct = torch.zeros(stack.size, dtype=torch.long, device=images.device)
+    for start in range(0, images.shape[0], chunk):
+        logits = stack.logits(images[start : start + chunk], shared=True)
+        correct += (logits.argmax(2) == labels[start : start + chunk]).sum(1)
+    return [100.0 * hits / images.shape[0] for hits in correct.tolist()]
+
+
 @dataclass
 class EvaluationResult:
     eval_arch: str
@@ -168,6 +295,7 @@ class EvaluationResult:
     seeds: list[int]
     acc: list[float]
     final_train_loss: list[float]
+    eval_engine: dict = field(default_factory=dict)  # {"path": "batched" | "sequential", "reason": ...}
 
     @property
     def acc_mean(self) -> float:
@@ -192,6 +320,182 @@ def check_compatible(distilled: DistilledSet, dataset: Dataset) -> None:
         raise UserError(f"distilled images are {tuple(distilled.images.shape[1:])}, the dataset's {dataset.image_shape}")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Which path trains the seeds of an evaluation: all at once (seed-batched) or one after the other (sequential)
+
+BATCH_SEEDS_CHOICES = ("auto", "on", "off")
+ENGINE_CACHE_FILE = "eval_engine.json"  # in the cache folder: auto's calibrated choices on this machine
+ENGINE_CACHE_VERSION = 1
+CALIBRATION_ROUNDS = 3  # timed steps of each path, after one warm-up step of each
+MIN_STEPS_TO_CALIBRATE = 50  # a shorter training runs sequentially: calibrating could cost more than it saves
+BATCHED_BELOW = 0.9  # auto batches when a batched step takes less than this fraction of the S sequential ones
+GIVE_UP_RATIO = 1.2  # calibration stops after one timed batched step when it took over this × the sequential time
+CALIBRATION_SEED = 1_000_003  # the calibration's own generators: the seeds' generators are never touched
+_LOGGED: set[str] = set()
+
+
+def _log_once(log: Callable[[str], None], message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log(message)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def calibration_key(device: torch.device, eval_arch: str, image_shape: tuple[int, ...], set_size: int, seeds: int,
+                    batch_size: int) -> str:
+    """What auto's choice is measured for: the device (CPU threads or GPU model) and torch version, the
+    architecture, the image shape, the set size, the number of seeds and the batch size."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    shape = "x".join(str(side) for side in image_shape)
+    return (f"{device.type} ({where}), torch {torch.__version__} | {eval_arch} | {shape} | n={set_size} | "
+            f"seeds={seeds} | batch={batch_size}")
+
+
+def engine_cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<cache>/eval_engine.json``: auto's calibrated choices, so that a repeated run on a machine takes the same path."""
+    from bench.experts import resolve_cache_dir  # bench.experts imports this module
+
+    return resolve_cache_dir(cache_dir) / ENGINE_CACHE_FILE
+
+
+def read_engine_cache(cache_dir: str | os.PathLike | None = None) -> dict[str, dict]:
+    """The calibrated choices (key → entry); empty when the file is missing, unreadable or of another version."""
+    try:
+        payload = json.loads(engine_cache_path(cache_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(payload, dict) or payload.get("version") != ENGINE_CACHE_VERSION:
+        return {}
+    choices = payload.get("choices")
+    return choices if isinstance(choices, dict) else {}
+
+
+def _remember_choice(cache_dir: str | os.PathLike | None, key: str, entry: dict, log: Callable[[str], None]) -> None:
+    choices = read_engine_cache(cache_dir)
+    choices[key] = entry
+    try:
+        write_json_atomic(engine_cache_path(cache_dir), {"version": ENGINE_CACHE_VERSION, "choices": choices})
+    except OSError as exc:
+        _log_once(log, f"cannot write the evaluation-engine cache {engine_cache_path(cache_dir)} ({exc}); "
+                       f"auto will calibrate again next time")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def calibrate_seed_batching(models: list[nn.Module], images: Tensor, targets: Tensor, protocol: Protocol,
+                            augment: DSA | None) -> tuple[float, float]:
+    """(sequential, batched) seconds for one training step of all S networks.
+
+    Runs on copies of the networks with generators of its own, so the evaluation is unchanged. Each path runs
+    one warm-up step then ``CALIBRATION_ROUNDS`` timed steps in a row — as in training, where a network's steps
+    follow each other with its memory warm in the caches — and its figure is the fastest (the machine's load only
+    adds time); the sequential figure is S × one network's step, augmentation included. When the first timed
+    batched step already takes over ``GIVE_UP_RATIO`` × the sequential time, the calibration stops there: a clear
+    loss costs two batched steps, and a gain repays its calibration within a few steps.
+    """
+    count, n = len(models), images.shape[0]
+    batch_size = min(protocol.batch_size, n)
+    generators = [torch.Generator().manual_seed(CALIBRATION_SEED + s) for s in range(count)]
+    single = _OneNetworkSteps(copy.deepcopy(models[0]).train(), protocol)
+    stacked = _StackedSteps(SeedStack(models).train(), protocol)
+
+    def seconds(steps: _OneNetworkSteps | _StackedSteps, networks: int) -> float:
+        batches = [torch.randperm(n, generator=g)[:batch_size].to(images.device) for g in generators[:networks]]
+        _synchronize(images.device)
+        start = time.perf_counter()
+        steps.step(_draw_inputs(images, batches, generators[:networks], augment), [targets[batch] for batch in batches])
+        _synchronize(images.device)
+        return time.perf_counter() - start
+
+    seconds(single, 1)  # warm-up: allocations, kernel selection
+    sequential_s = min(count * seconds(single, 1) for _ in range(CALIBRATION_ROUNDS))
+    seconds(stacked, count)
+    batched_s = [seconds(stacked, count)]
+    while len(batched_s) < CALIBRATION_ROUNDS and batched_s[0] <= GIVE_UP_RATIO * sequential_s:
+        batched_s.append(seconds(stacked, count))
+    return sequential_s, min(batched_s)
+
+
+def choose_eval_engine(
+    batch_seeds: str,
+    eval_arch: str,
+    models: list[nn.Module],
+    images: Tensor,
+    targets: Tensor,
+    protocol: Protocol,
+    augment: DSA | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """The record's ``eval_engine``: ``{"path": "batched" | "sequential", "reason": ...}`` (with
+    ``batched_forward`` when batched, and the TF32 settings on CUDA).
+
+    ``off``: sequential. ``on``: batched unless the networks cannot be stacked (BatchNorm running statistics, a
+    forward vmap refuses), which falls back to sequential with the reason logged once. ``auto``: sequential for
+    one seed or unstackable networks; else the choice cached for this ``calibration_key`` in
+    ``<cache>/eval_engine.json``, so that later runs on this machine take the same path without calibrating;
+    else sequential for a training of under ``MIN_STEPS_TO_CALIBRATE`` steps (calibrating could cost more than
+    batching saves); else the path ``calibrate_seed_batching`` finds faster — batched when it takes under
+    ``BATCHED_BELOW`` × the sequential time — which is then cached.
+    """
+    if batch_seeds not in BATCH_SEEDS_CHOICES:
+        raise UserError(f"batch_seeds must be one of {', '.join(BATCH_SEEDS_CHOICES)}, got {batch_seeds!r}")
+    log = log or _stderr
+    device = images.device
+    engine = _choose_path(batch_seeds, eval_arch, models, images, targets, protocol, augment, cache_dir, log)
+    if engine["path"] == "batched":
+        engine["batched_forward"] = forward_kind(models[0])
+    if device.type == "cuda":
+        engine["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+    return engine
+
+
+def _choose_path(batch_seeds: str, eval_arch: str, models: list[nn.Module], images: Tensor, targets: Tensor,
+                 protocol: Protocol, augment: DSA | None, cache_dir: str | os.PathLike | None,
+                 log: Callable[[str], None]) -> dict:
+    if batch_seeds == "off":
+        return {"path": "sequential", "reason": "off"}
+    if batch_seeds == "auto" and len(models) == 1:
+        return {"path": "sequential", "reason": "auto: one seed, nothing to batch"}
+    if has_batchnorm_statistics(models[0]):
+        _log_once(log, f"evaluation of {eval_arch}: seeds trained one at a time: {BATCHNORM_REASON}")
+        return {"path": "sequential", "reason": BATCHNORM_REASON}
+    n = images.shape[0]
+    key = calibration_key(images.device, eval_arch, tuple(images.shape[1:]), n, len(models), protocol.batch_size)
+    if batch_seeds == "auto":
+        cached = read_engine_cache(cache_dir).get(key)
+        if isinstance(cached, dict) and cached.get("path") in ("batched", "sequential"):  # it ran when calibrated
+            return {"path": cached["path"],
+                    "reason": f"auto: cached calibration, batched {cached.get('ratio')}× sequential time"}
+        steps = protocol.epochs * math.ceil(n / protocol.batch_size)
+        if steps < MIN_STEPS_TO_CALIBRATE:
+            return {"path": "sequential", "reason": f"auto: {steps} training steps, too few to calibrate"}
+    unsupported = batching_unsupported_reason(models, images[:2], partial(_stacked_losses, protocol), targets[:2])
+    if unsupported is not None:
+        _log_once(log, f"evaluation of {eval_arch}: seeds trained one at a time: {unsupported}")
+        return {"path": "sequential", "reason": unsupported}
+    if batch_seeds == "on":
+        return {"path": "batched", "reason": "on"}
+    try:
+        sequential_s, batched_s = calibrate_seed_batching(models, images, targets, protocol, augment)
+    except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
+        reason = f"auto: the batched path ran out of memory while calibrating ({type(exc).__name__})"
+        _log_once(log, f"evaluation of {eval_arch}: seeds trained one at a time: {reason}")
+        return {"path": "sequential", "reason": reason}
+    ratio = round(batched_s / sequential_s, 2)
+    path = "batched" if batched_s < BATCHED_BELOW * sequential_s else "sequential"
+    _remember_choice(cache_dir, key, {"path": path, "ratio": ratio, "sequential_step_s": round(sequential_s, 6),
+                                      "batched_step_s": round(batched_s, 6),
+                                      "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}, log)
+    return {"path": path, "reason": f"auto: calibrated batched {ratio}× sequential time"}
+
+
 def evaluate_distilled(
     distilled: DistilledSet,
     dataset: Dataset,
@@ -201,13 +505,20 @@ def evaluate_distilled(
     device: torch.device | str,
     teacher: nn.Module | None = None,
     on_epoch: EpochCallback | None = None,
+    batch_seeds: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> EvaluationResult:
     """Train one fresh ``eval_arch`` network per seed on ``distilled`` and test each on the real test set.
 
     ``protocol`` is already resolved (quick form, learned lr). For each seed, one generator derived from the
-    seed drives the network's initialisation, the batch order and the augmentation.
+    seed drives the network's initialisation, the batch order and the augmentation. ``batch_seeds`` (``auto``,
+    ``on``, ``off``; see ``choose_eval_engine``) says whether the seeds' networks train at once, stacked, or
+    one after the other — the same computation either way; the result's ``eval_engine`` says which ran and why.
+    ``on_epoch(epoch, loss)`` runs after every epoch of every network.
     """
     check_compatible(distilled, dataset)
+    device = torch.device(device)
     images = distilled.images.to(device)
     if protocol.targets == "hard":
         targets = distilled.labels.to(device)
@@ -218,12 +529,18 @@ def evaluate_distilled(
     else:
         raise UserError(f"protocol '{protocol.name}' needs a teacher or a set with soft labels")
     augment = DSA.for_dataset(dataset.info.digit_like) if protocol.dsa else None
-    accs, losses = [], []
-    for seed in seeds:
-        generator = generator_for(seed, "evaluate", eval_arch)
-        model = create_network(
-            eval_arch, dataset.num_classes, dataset.channels, dataset.resolution, generator
-        ).to(device)
-        losses.append(train_network(model, images, targets, protocol, generator, augment, on_epoch))
-        accs.append(accuracy(model, dataset.test_images.to(device), dataset.test_labels.to(device)))
-    return EvaluationResult(eval_arch, protocol, list(seeds), accs, losses)
+    generators = [generator_for(seed, "evaluate", eval_arch) for seed in seeds]
+    models = [create_network(eval_arch, dataset.num_classes, dataset.channels, dataset.resolution, generator).to(device)
+              for generator in generators]
+    engine = choose_eval_engine(batch_seeds, eval_arch, models, images, targets, protocol, augment, cache_dir, log)
+    test_images, test_labels = dataset.test_images.to(device), dataset.test_labels.to(device)
+    if engine["path"] == "batched":
+        stack = SeedStack(models).train()
+        losses = _train(_StackedSteps(stack, protocol), images, targets, protocol, generators, augment, on_epoch)
+        accs = stacked_accuracies(stack, test_images, test_labels)
+    else:
+        losses, accs = [], []
+        for model, generator in zip(models, generators):
+            losses.append(train_network(model, images, targets, protocol, generator, augment, on_epoch))
+            accs.append(accuracy(model, test_images, test_labels))
+    return EvaluationResult(eval_arch, protocol, list(seeds), accs, losses, engine)

@@ -137,6 +137,38 @@ def accuracy_vs_checkpoints(group: pd.DataFrame, title: str) -> Figure | None:
     return figure
 
 
+def merged_subgroups(group: pd.DataFrame, styles: dict, title: str) -> Figure | None:
+    """APM's parallelisability: accuracy against G, the number of independently distilled subgroups (of ``k``
+    images per class each) merged into one set of ipc G·k; every other method at ipc G·k distilled as one set.
+    None unless APM appears with two or more values of G of one subgroup size."""
+    ok = _ok(group[group["ipc"].notna()])
+    subgroups = [config.get("subgroups") if method == "apm" and isinstance(config, dict) else None
+                 for method, config in zip(ok["method"], ok["config"])]
+    ok = ok.assign(G=subgroups)
+    apm = ok[ok["G"].notna()]
+    apm = apm.assign(k=apm["ipc"] / apm["G"].astype(float))
+    sizes = apm.groupby("k")["G"].nunique()
+    if sizes.empty or sizes.max() < 2:
+        return None
+    k = sizes.idxmax()
+    apm = apm[apm["k"] == k]
+    others = ok[ok["G"].isna() & (ok["ipc"] % k == 0)]
+    others = others.assign(G=others["ipc"] / k)
+    figure, ax = _new_figure()
+    merged_labels = set(apm["label"])
+    points_all = pd.concat([apm, others])
+    for label in sorted(set(points_all["label"]), key=list(styles).index):
+        points = points_all[points_all["label"] == label].groupby("G").last().sort_index()
+        name = label if label in merged_labels else f"{label} (one set of ipc {int(k)}·G)"
+        ax.errorbar(points.index, points["acc_mean"], yerr=points["acc_std"].fillna(0), capsize=3, label=name,
+                    **styles[label])
+    _set_ticks(ax, sorted({int(g) for g in apm["G"]}), log=False)
+    ax.margins(y=0.08)
+    ax.set(xlabel=f"G: merged subgroups of ipc {int(k)} (the set's ipc is {int(k)}·G)", ylabel="test accuracy (%)",
+           title=title)
+    ax.legend(title="method", **LEGEND_OUTSIDE)
+    return figure
+
 # ----------------------------------------------------------------------------------------------------------------
 # Cost
 
@@ -273,6 +305,8 @@ def _draw_all(frame: pd.DataFrame, sets: pd.DataFrame, styles: dict,
                accuracy_vs_ipc(group, styles, f"Test accuracy vs ipc\n{where}"))
         yield (f"acc-vs-K_{suffix}", f"APM: test accuracy vs K — {where}",
                accuracy_vs_checkpoints(group, f"APM: test accuracy vs K\n{where}"))
+        yield (f"acc-vs-subgroups_{suffix}", f"APM: test accuracy vs merged subgroups — {where}",
+               merged_subgroups(group, styles, f"Merged independently distilled subgroups\n{where}"))
     sets = sets[(sets["status"] == "ok") & (sets["label"] != "full")]
     for (dataset, ipc, quick), group in sets.groupby(["dataset", "ipc", "quick"], sort=True):
         where = f"{dataset}, ipc {int(ipc)}{_quick_text(quick)}"

@@ -390,7 +390,11 @@ class _CountingMode(TorchDispatchMode):
     """Runs every op unchanged and adds up torch's FLOP formulas (``torch.utils.flop_counter.flop_registry``) for
     those that have one (convolutions, matrix products, attention — forward and backward). Unlike
     ``FlopCounterMode`` it tracks no module hierarchy and decomposes nothing, so it costs little and cannot change
-    what is computed."""
+    what is computed.
+
+    One correction: torch's formula for the weight gradient of a *grouped* convolution ignores the groups and
+    counts ``groups`` times the multiply-adds done; here that part is divided by ``groups``, so a seed-batched
+    evaluation (grouped convolutions) counts what the same networks count one at a time."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -401,8 +405,20 @@ class _CountingMode(TorchDispatchMode):
         out = func(*args, **kwargs)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
+            self.total += self._grouped_conv_backward(formula, args, out) if _is_grouped_conv_backward(func, args) \
+                else formula(*args, **kwargs, out_val=out)
         return out
+
+    @staticmethod
+    def _grouped_conv_backward(formula, args: tuple, out: Any) -> int:
+        groups, (input_mask, weight_mask, bias_mask) = args[9], args[10]
+        input_part = formula(*args[:10], [input_mask, False, bias_mask], out_val=out)
+        weight_part = formula(*args[:10], [False, weight_mask, False], out_val=out) if weight_mask else 0
+        return input_part + weight_part // groups
+
+
+def _is_grouped_conv_backward(func: Any, args: tuple) -> bool:
+    return func._overloadpacket is torch.ops.aten.convolution_backward and len(args) >= 11 and args[9] != 1
 
 
 class FlopCounter:

@@ -11,13 +11,14 @@ method — so methods that start from real images start from the same ones.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -25,14 +26,17 @@ from tqdm.auto import tqdm
 from bench.data import DATASETS, Dataset, load_dataset, resolve_data_root
 from bench.distilled import DistilledSet
 from bench.errors import Diverged, UserError
-from bench.evaluate import Protocol, evaluate_distilled, get_protocol
+from bench.evaluate import BATCH_SEEDS_CHOICES, Protocol, evaluate_distilled, get_protocol
 from bench.experts import resolve_cache_dir, soft_protocol_teacher
 from bench.measure import FlopCounter, MemorySampler, environment_stamp, iteration_stats, phase, process_peak_rss_mb
 from bench.models import check_arch, create_network
 from bench.registry import create_method, default_recipe, get_method_class, list_methods, split_method_spec
 from bench.seeding import generator_for
-from bench.store import (RECORDS_DIR, check_results_dir, evaluation_fields, existing_record_ids, record_id, set_fields,
-                         stable_hash, write_record)
+from bench.store import (RECORDS_DIR, check_results_dir, evaluation_fields, existing_record_ids, record_id,
+                         remove_stale_temporaries, set_fields, stable_hash, write_record)
+
+if TYPE_CHECKING:
+    from methods.base import Part
 
 DISTILLED_DIR = "distilled"
 ITERATION_WARMUP = 2  # iterations left out of the per-iteration time statistics
@@ -62,6 +66,10 @@ class RunRequest:
     eval_epochs: int | None = None  # a smoke test's override of the protocol's epochs (recorded, part of the identity)
     isolate: bool = True  # each cell in a fresh child process (its own memory peaks; a crash costs one cell)
     checkpoint_every: int | None = None  # save a resumable distillation state every N iterations (None: never)
+    batch_seeds: str = "auto"  # train an evaluation's seeds at once: auto / on / off (not part of the identity)
+    executor: str = "local"  # where cells run: "local" (this machine) or "ray" (a Ray cluster); see bench.executors
+    ray_address: str = "auto"  # with the ray executor: a running cluster's HOST:PORT, or auto
+    ray_resources: dict = field(default_factory=dict)  # with the ray executor: each cell task's num_cpus / num_gpus
 
 
 @dataclass
@@ -106,6 +114,10 @@ def check_request(request: RunRequest) -> list[str]:
             raise UserError(f"ipc must be at least 1, got {ipc}")
     if request.eval_epochs is not None and request.eval_epochs < 1:
         raise UserError(f"--eval-epochs must be at least 1, got {request.eval_epochs}")
+    if request.checkpoint_every is not None and request.checkpoint_every < 1:
+        raise UserError(f"--checkpoint-every must be at least 1 iteration, got {request.checkpoint_every}")
+    if request.batch_seeds not in BATCH_SEEDS_CHOICES:
+        raise UserError(f"--batch-seeds must be one of {', '.join(BATCH_SEEDS_CHOICES)}, got {request.batch_seeds!r}")
     DATASETS.get(request.dataset)
     specs = list_methods() if request.methods == ["all"] else request.methods
     for spec in specs:  # fail fast on a bad name, recipe or option, before any data is read
@@ -113,6 +125,9 @@ def check_request(request: RunRequest) -> list[str]:
     get_protocol(request.protocol)
     for arch in [request.distill_arch, *request.eval_archs]:
         check_arch(arch)
+    from bench.executors import check_executor
+
+    check_executor(request)
     return specs
 
 
@@ -133,7 +148,8 @@ def plan(request: RunRequest) -> list[Cell]:
     """Validate the whole request and return its cells; raises ``UserError`` before anything is written."""
     specs = check_request(request)
     datasets: dict[bool, Dataset] = {}
-    device = resolve_device(request.device)
+    # the ray executor's tasks load their own data on their own device: here it only describes the cells
+    device = resolve_device(request.device) if request.executor == "local" else torch.device("cpu")
     cells = []
     for spec in specs:
         for resolved_spec, ipc in resolved_methods(request, spec):
@@ -298,7 +314,7 @@ class IterationMeter:
         }
 
 
-def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: dict) -> DistilledSet:
+def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: dict, part: Part | None = None) -> DistilledSet:
     """Run the method's distillation for one cell, with a progress bar, NaN detection and measurement.
 
     ``phases`` receives ``distill`` (and ``experts`` when the method uses them; the distill phase excludes it)
@@ -308,13 +324,17 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
     ``<results_dir>/checkpoints/`` every that many iterations, resumes from it when the cell is run again after a
     crash or kill (its iteration statistics then cover the resumed part only, and the set's metadata says
     ``resumed_from``), and the checkpoint is deleted once the distillation has returned.
+
+    With ``part`` (one of ``cell.method.split``'s), only that part is distilled — its method, its ipc, a
+    generator seeded by its seed — and its raw set is returned, for ``merge_parts`` to join.
     """
     from bench.checkpoint import Checkpointer
     from methods.base import DistillContext
 
     name, _ = split_method_spec(cell.method_spec)
-    bar = _progress(f"distill {name} ipc{cell.ipc if cell.ipc is not None else '-'}")
-    meter = IterationMeter(device, getattr(cell.method, "iteration_period", 1))
+    method, ipc = (cell.method, cell.ipc) if part is None else (part.method, part.ipc)
+    bar = _progress(f"distill {name} ipc{ipc if ipc is not None else '-'}")
+    meter = IterationMeter(device, getattr(method, "iteration_period", 1))
 
     def start(total: int) -> None:
         bar.reset(total=total)
@@ -327,7 +347,7 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
             bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
 
     checkpoints = None
-    if request.checkpoint_every is not None:
+    if request.checkpoint_every is not None and part is None:
         config_hash = stable_hash(cell.method.resolved_config)
         folder = (Path(request.results_dir) / "checkpoints" /
                   f"{cell.dataset.name}_ipc{cell.ipc or 'all'}_{cell.method_spec}_{config_hash}_seed{request.distill_seed}")
@@ -335,9 +355,9 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
 
     ctx = DistillContext(
         dataset=cell.dataset,
-        ipc=cell.ipc if cell.ipc is not None else 0,
+        ipc=ipc if ipc is not None else 0,
         arch=request.distill_arch,
-        generator=generator_for(request.distill_seed, "distill", cell.dataset.name, str(cell.ipc)),
+        generator=distill_generator(cell, request) if part is None else torch.Generator().manual_seed(part.seed),
         device=device,
         quick=request.quick,
         cache_dir=request.cache_dir,
@@ -349,23 +369,60 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
     )
     try:
         with phase(phases, "distill", device):
-            distilled = cell.method.distill(ctx)
+            distilled = method.distill(ctx)
     finally:
         bar.close()
+        phases["_iterations"] = meter.fields()  # also leaves a FLOP-counting window the method raised inside
     if checkpoints is not None:
         checkpoints.clear()
     if "experts" in phases:
         phases["experts"].update(trained=ctx.experts_trained, cached=ctx.experts_cached)
-    phases["_iterations"] = meter.fields()
+    if part is not None:
+        return distilled
+    if ctx.resumed_from is not None:
+        distilled.metadata["resumed_from"] = ctx.resumed_from
+    return checked_set(distilled, cell, request)
+
+
+def distill_generator(cell: Cell, request: RunRequest) -> torch.Generator:
+    """The generator of a cell's distillation (fresh each call): the distillation seed, dataset and ipc."""
+    return generator_for(request.distill_seed, "distill", cell.dataset.name, str(cell.ipc))
+
+
+def checked_set(distilled: DistilledSet, cell: Cell, request: RunRequest) -> DistilledSet:
+    """A finished cell's set, checked for divergence (``Diverged``), with the cell's metadata added."""
     stamp = environment_stamp()
     if not torch.isfinite(distilled.images).all():
         raise Diverged("the distilled images contain NaN or infinite values")
     if distilled.learned_lr is not None and not (0 < distilled.learned_lr < float("inf")):
         raise Diverged(f"the learned learning rate is {distilled.learned_lr}")
     distilled.metadata.update(cell_metadata(cell, request), code_version=stamp["ddbench"], git_sha=stamp["git_sha"])
-    if ctx.resumed_from is not None:
-        distilled.metadata["resumed_from"] = ctx.resumed_from
     return distilled
+
+
+def merge_parts(cell: Cell, request: RunRequest, parts: list[tuple[DistilledSet, dict]], phases: dict) -> DistilledSet:
+    """Join the parts of a split distillation (``Method.split``; each ``(set, its phases)`` from
+    ``distill_cell(part=…)``, distilled wherever the executor ran them) into the cell's set, and fill ``phases``
+    as one distillation's: times and iterations add up, memory peaks are the largest part's, and
+    ``distill.part_wall_s`` keeps each part's time (run in parallel, the cell took about the longest)."""
+    for name in ("experts", "distill"):
+        measured = [part_phases[name] for _, part_phases in parts if name in part_phases]
+        if not measured:
+            continue
+        merged = dict(measured[0])
+        for key in merged:
+            values = [m[key] for m in measured if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool)]
+            if values and isinstance(merged[key], (int, float)) and not isinstance(merged[key], bool):
+                merged[key] = sum(values) if key in ("wall_s", "trained", "cached") else max(values)
+        if name == "distill":
+            merged["part_wall_s"] = [m.get("wall_s") for m in measured]
+        phases[name] = merged
+    stats = [part_phases["_iterations"] for _, part_phases in parts]
+    first = dict(stats[0])
+    counted = [s["iterations"] for s in stats if s.get("iterations") is not None]
+    first["iterations"] = sum(counted) if counted else None
+    phases["_iterations"] = first  # time and FLOPs per iteration: the first part's (all parts have one shape)
+    return checked_set(cell.method.merge([distilled for distilled, _ in parts]), cell, request)
 
 
 def _identity(cell: Cell, request: RunRequest, eval_arch: str, protocol: Protocol) -> dict:
@@ -398,23 +455,43 @@ def _failure(exc: BaseException) -> tuple[str, str]:
 
 
 class EvalFlops:
-    """An evaluation's ``on_epoch`` hook that counts the FLOPs of one training epoch (the second, of the first seed)."""
+    """An evaluation's ``on_epoch`` hook that counts the FLOPs of one network's training epoch: the second epoch
+    of the first seed — or, when the seeds train at once (every network reports each epoch in turn), the second
+    epoch of them all, divided by their number."""
 
     def __init__(self, bar: tqdm):
         self.bar, self.calls, self.counter = bar, 0, FlopCounter()
         self.flops: int | None = None
+        self._first_epoch: int | None = None
+        self._networks = 0  # networks that reported the first epoch before the counting window closed
 
     def __call__(self, epoch: int, loss: float) -> None:
         self.bar.update(1)
         self.calls += 1
         if self.calls == 1:
             self.counter.start()
-        elif self.calls == 2:
-            self.flops = self.counter.stop()
+            self._first_epoch, self._networks = epoch, 1
+        elif self._first_epoch is not None:
+            if epoch == self._first_epoch:  # another network of a seed-batched evaluation ends the same epoch
+                self._networks += 1
+            else:
+                total = self.counter.stop()
+                self.flops = None if total is None else total // self._networks
+                self._first_epoch = None
+
+    def close(self) -> None:
+        """Leave the counting window if the evaluation ended (or raised) inside it."""
+        if self._first_epoch is not None:
+            self.counter.stop()
+            self._first_epoch, self.flops, self._ended_inside = None, None, True
+
+    _ended_inside = False
 
     def result(self) -> tuple[int | None, str | None]:
-        if self.calls < 2:
-            if self.calls == 1:
+        if self._ended_inside:
+            return None, "fewer than two evaluation epochs ran"
+        if self._first_epoch is not None or self.calls == 0:
+            if self._first_epoch is not None:
                 self.counter.stop()
             return None, "fewer than two evaluation epochs ran"
         return self.flops, self.counter.reason
@@ -422,17 +499,20 @@ class EvalFlops:
 
 def measured_evaluation(distilled: DistilledSet, dataset: Dataset, arch: str, protocol: Protocol, resolved: Protocol,
                         seeds: list[int], device: torch.device, phases: dict,
-                        teacher: torch.nn.Module | None = None) -> dict:
-    """Evaluate ``distilled`` on ``arch`` as the ``eval`` phase of ``phases``: the record's evaluation fields,
-    with the FLOPs of one training epoch."""
+                        teacher: torch.nn.Module | None = None, batch_seeds: str = "auto",
+                        cache_dir: str | None = None) -> dict:
+    """Evaluate ``distilled`` on ``arch`` as the ``eval`` phase of ``phases``: the record's evaluation fields
+    (with ``eval_engine``: whether the seeds trained at once, ``batch_seeds`` auto / on / off), with the FLOPs of
+    one training epoch."""
     bar = _progress(f"evaluate {arch} × {len(seeds)} seeds", resolved.epochs * len(seeds))
     eval_flops = EvalFlops(bar)
     try:
         with phase(phases, "eval", device):
             result = evaluate_distilled(distilled, dataset, arch, resolved, seeds, device, teacher=teacher,
-                                        on_epoch=eval_flops)
+                                        on_epoch=eval_flops, batch_seeds=batch_seeds, cache_dir=cache_dir, log=log)
     finally:
         bar.close()
+        eval_flops.close()
     flops, reason = eval_flops.result()
     return dict(evaluation_fields(arch, protocol, resolved, seeds, result), flops_per_eval_epoch=flops,
                 eval_flops_reason=reason)
@@ -453,8 +533,11 @@ def _base_record(cell: Cell, request: RunRequest, arch: str, ids: dict[str, str]
 
 
 def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str],
-             teachers: dict[str, torch.nn.Module] | None = None) -> list[dict]:
-    """Distil one cell and evaluate the set on each of ``archs``: the cell's records, measured, not yet written."""
+             teachers: dict[str, torch.nn.Module] | None = None,
+             parts: list[tuple[DistilledSet, dict]] | None = None) -> list[dict]:
+    """Distil one cell and evaluate the set on each of ``archs``: the cell's records, measured, not yet written.
+
+    With ``parts`` (the distilled parts of a split method, run elsewhere), the cell's set is their merge."""
     device = resolve_device(request.device)
     protocol = get_protocol(request.protocol)
     teachers = {} if teachers is None else teachers
@@ -462,7 +545,10 @@ def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, s
     phases: dict = {}
     distilled, status, error, extra = None, "ok", None, {}
     try:
-        distilled = distill_cell(cell, request, device, phases)
+        if parts is None:
+            distilled = distill_cell(cell, request, device, phases)
+        else:
+            distilled = merge_parts(cell, request, parts, phases)
         stem = Path(request.results_dir) / DISTILLED_DIR / f"{cell.dataset.name}_ipc{cell.ipc or 'all'}_{cell.method_spec}_{ids[archs[0]]}"
         extra = {"distilled_path": str(distilled.save(stem)), "learned_lr": distilled.learned_lr}
     except Exception as exc:  # a failing cell must not take the grid down
@@ -488,7 +574,7 @@ def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, s
                                                               device, request.cache_dir, log)
                     teacher = teachers[key]
                 record.update(measured_evaluation(distilled, cell.dataset, arch, protocol, resolved, request.seeds,
-                                                  device, cell_phases, teacher))
+                                                  device, cell_phases, teacher, request.batch_seeds, request.cache_dir))
             except Exception as exc:
                 status_eval, error_eval = _failure(exc)
                 record.update(status=status_eval, error=error_eval)
@@ -508,11 +594,20 @@ class CellTask:
     archs: list[str]
     ids: dict[str, str]
     label: str | None = None
+    gpu: str | None = None  # a CUDA_VISIBLE_DEVICES entry: the one GPU the process may use (None: as inherited)
+
+
+def cell_task(cell: Cell, archs: list[str], ids: dict[str, str], gpu: str | None = None) -> CellTask:
+    """The ``CellTask`` of a planned cell."""
+    return CellTask(cell.method_spec, cell.method, cell.ipc, bool(getattr(cell.method.config, "zca", False)), archs, ids,
+                    cell.label, gpu)
 
 
 def _cell_child(connection, request: RunRequest, task: CellTask) -> None:
     """Entry point of a cell's child process: run the cell and send its records (or the error) to the parent."""
     try:
+        if task.gpu is not None:  # set before anything here starts CUDA
+            os.environ["CUDA_VISIBLE_DEVICES"] = task.gpu
         dataset = load_dataset(request.dataset, request.data_root, zca=task.zca, device=resolve_device(request.device))
         cell = Cell(task.method_spec, task.method, task.ipc, dataset, task.label)
         records = run_cell(cell, request, task.archs, task.ids)
@@ -529,6 +624,7 @@ def _cell_child(connection, request: RunRequest, task: CellTask) -> None:
 
 
 _CHILD_CONTEXT = None
+RUNNING_CHILDREN: set = set()  # the cells' child processes now running (an executor ends them on Ctrl-C)
 CRASH_WATCH_INTERVAL_S = 0.1  # the parent's RSS watch of a cell's process: only reported if the cell dies
 
 
@@ -547,15 +643,16 @@ def _child_context():
     return _CHILD_CONTEXT
 
 
-def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str]) -> list[dict]:
-    """``run_cell`` in a fresh child process: peaks are the cell's own, and a crash or an out-of-memory kill
-    costs only this cell — its records then say so, with the peak RSS the parent saw."""
+def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str],
+                      gpu: str | None = None) -> list[dict]:
+    """``run_cell`` in a fresh child process (seeing only GPU ``gpu`` when given): peaks are the cell's own, and a
+    crash or an out-of-memory kill costs only this cell — its records then say so, with the peak RSS the parent saw."""
     context = _child_context()
     receiver, sender = context.Pipe(duplex=False)
-    task = CellTask(cell.method_spec, cell.method, cell.ipc, bool(getattr(cell.method.config, "zca", False)), archs, ids,
-                    cell.label)
+    task = cell_task(cell, archs, ids, gpu)
     child = context.Process(target=_cell_child, args=(sender, request, task), name=f"ddbench-cell-{ids[archs[0]]}")
     child.start()
+    RUNNING_CHILDREN.add(child)
     sender.close()
     watcher = MemorySampler(pid=child.pid, interval_s=CRASH_WATCH_INTERVAL_S).start()  # wakes rarely: 2 cores are shared
     try:
@@ -569,6 +666,7 @@ def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: di
         child.join()
         raise
     finally:
+        RUNNING_CHILDREN.discard(child)
         seen = watcher.stop().get("cpu_peak_rss_mb")
     if isinstance(message, list):
         return message
@@ -581,52 +679,73 @@ def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: di
             " (most likely the kernel's out-of-memory killer)" if name == "SIGKILL" else "")
     else:
         status, error = "failed", f"the cell's process exited with code {child.exitcode} without a result"
+    return failure_records(cell, request, archs, ids, status, error, crash_peak_rss_mb=seen)
+
+
+def failure_records(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str], status: str, error: str,
+                    **extra: object) -> list[dict]:
+    """The records of a cell that returned none (its process died, or Ctrl-C stopped it): what it is, and why."""
     protocol = get_protocol(request.protocol)
-    return [dict(_base_record(cell, request, arch, ids, protocol), status=status, error=error, env=environment_stamp(),
-                 phases={}, crash_peak_rss_mb=seen) for arch in archs]
+    env = environment_stamp()
+    return [dict(_base_record(cell, request, arch, ids, protocol), status=status, error=error, env=env, phases={}, **extra)
+            for arch in archs]
+
+
+@dataclass
+class CellJob:
+    """A cell for an executor: the evaluation architectures still to run, and every architecture's record id."""
+    cell: Cell
+    archs: list[str]
+    ids: dict[str, str]
 
 
 def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Cell] | None = None) -> list[dict]:
-    """Plan (unless ``cells`` were planned already), then distil and evaluate every cell (each in its own process
-    unless ``isolate`` is off); the parent alone writes the records. Returns the records written.
+    """Plan (unless ``cells`` were planned already), then distil and evaluate every cell through the request's
+    executor (``bench.executors``: on this machine, each cell in its own process unless ``isolate`` is off, or on a
+    Ray cluster); this process alone writes the records, as cells finish. Returns the records written.
 
-    On Ctrl-C the records written so far stay, the cell being run gets records with status ``interrupted`` (which
+    On Ctrl-C the records written so far stay, the cells being run get records with status ``interrupted`` (which
     ``--resume`` redoes, overwriting them: same identity, same file), and ``KeyboardInterrupt`` goes on up."""
     cells = plan(request) if cells is None else cells
     check_results_dir(request.results_dir)
+    if request.resume:  # a killed run may have left temporary files; a resumed one is the folder's only writer
+        remove_stale_temporaries(request.results_dir)
     # children must see the same cache and data folders even if the environment changes under the parent
     request = replace(request, cache_dir=str(resolve_cache_dir(request.cache_dir)),
                       data_root=str(resolve_data_root(request.data_root)))
     protocol = get_protocol(request.protocol)
     done = existing_record_ids(request.results_dir) if request.resume else set()
-    teachers: dict[str, torch.nn.Module] = {}
-    written = []
+    jobs = []
     for cell in cells:
         ids = {arch: record_id(_identity(cell, request, arch, protocol)) for arch in request.eval_archs or [None]}
         archs = [arch for arch in ids if ids[arch] not in done]
         if not archs:
             echo(f"skip {cell.method_spec} ipc {cell.ipc}: records exist (--resume)")
             continue
-        try:
-            if request.isolate:
-                records = run_cell_isolated(cell, request, archs, ids)
-            else:
-                records = run_cell(cell, request, archs, ids, teachers)
-        except KeyboardInterrupt:  # the records written so far stay; this cell's say so, and --resume redoes it
-            env = environment_stamp()
-            for arch in archs:
-                write_record(request.results_dir, dict(_base_record(cell, request, arch, ids, protocol),
-                                                       status="interrupted", error=INTERRUPTED_ERROR, env=env, phases={}))
-            raise
-        for record in records:
-            path = write_record(request.results_dir, record)
-            written.append(record)
-            if record["status"] != "ok":
-                summary = f"{record['status']}: {record['error']}"
-            elif record["eval_arch"] is None:
-                summary = f"not evaluated; {record['iterations']} iterations in {record['phases']['distill']['wall_s']:.1f} s"
-            else:
-                summary = f"{record['acc_mean']:.2f} ± {record['acc_std']:.2f} (n={len(record['acc'])})"
-            echo(f"{cell.dataset.name} ipc {cell.ipc if cell.ipc is not None else 'all'} {cell.method_spec} → "
-                 f"{record['eval_arch'] or 'no evaluation'} [{protocol.name}{', quick' if request.quick else ''}]: {summary}  ({path})")
+        jobs.append(CellJob(cell, archs, ids))
+    from bench.executors import create_executor
+
+    executor = create_executor(request)
+    finished = executor.results(jobs)  # (job, records) as cells finish
+    written = []
+    try:
+        for job, records in finished:
+            cell = job.cell
+            for record in records:
+                path = write_record(request.results_dir, record)
+                written.append(record)
+                if record["status"] != "ok":
+                    summary = f"{record['status']}: {record['error']}"
+                elif record["eval_arch"] is None:
+                    summary = f"not evaluated; {record['iterations']} iterations in {record['phases']['distill']['wall_s']:.1f} s"
+                else:
+                    summary = f"{record['acc_mean']:.2f} ± {record['acc_std']:.2f} (n={len(record['acc'])})"
+                echo(f"{cell.dataset.name} ipc {cell.ipc if cell.ipc is not None else 'all'} {cell.method_spec} → "
+                     f"{record['eval_arch'] or 'no evaluation'} [{protocol.name}{', quick' if request.quick else ''}]: {summary}  ({path})")
+    except KeyboardInterrupt:  # the records written so far stay; unfinished cells' say so, and --resume redoes them
+        finished.close()  # the executor stops what still runs
+        for job in executor.in_flight:
+            for record in failure_records(job.cell, request, job.archs, job.ids, "interrupted", INTERRUPTED_ERROR):
+                write_record(request.results_dir, record)
+        raise
     return written

@@ -18,6 +18,11 @@ Top-level keys that scripts and reports rely on: ``schema_version``, ``record_id
 * ``process_peak_rss_mb`` (``ru_maxrss`` of the cell's own process when ``isolated``), ``crash_peak_rss_mb``
   (the largest RSS the parent saw of a cell whose process died);
 * ``env``: the environment stamp (``bench.measure.environment_stamp``).
+* ``eval_engine``: how the evaluation's seeds were trained — ``{"path": "batched" | "sequential", "reason": ...}``
+  (``batch_seeds`` auto / on / off; e.g. ``"auto: calibrated batched 0.6× sequential time"``, ``"off"``,
+  ``"BatchNorm running statistics cannot be vmapped"``), with ``batched_forward`` (grouped convolutions or
+  ``torch.func.vmap``) when batched and ``tf32`` (``{matmul, cudnn}``) on CUDA; null when no evaluation ran.
+  Not part of the record's identity: both paths compute the same thing.
 
 Version 1 records (no measurement; ``environment`` instead of ``env``) are still read.
 """
@@ -89,6 +94,7 @@ def evaluation_fields(eval_arch: str, protocol, resolved, seeds: list[int], resu
         "acc_mean": None if result is None else round(result.acc_mean, 4),
         "acc_std": None if result is None else round(result.acc_std, 4),
         "final_train_loss": None if result is None else result.final_train_loss,
+        "eval_engine": None if result is None else result.eval_engine,
     }
 
 
@@ -116,6 +122,18 @@ def check_results_dir(results_dir: str | os.PathLike) -> None:
                         f"pass --results with a folder you can write to") from None
 
 
+def remove_stale_temporaries(results_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (``*.tmp``) that a run killed mid-write left under ``results_dir``'s records
+    and distilled sets; every real file is written to a temporary name first and renamed into place, so these
+    are never part of a result. Call it only when no other run writes to the folder (``--resume`` does)."""
+    removed = []
+    for folder in (RECORDS_DIR, "distilled"):
+        for path in (Path(results_dir) / folder).glob("*.tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def existing_record_ids(results_dir: str | os.PathLike) -> set[str]:
     return {r["record_id"] for r in load_records(results_dir) if r.get("status") == "ok"}
 
@@ -140,7 +158,11 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     """The records under ``results_dir`` as a DataFrame: one row per record, phases flattened to columns."""
     rows = []
     for record in load_records(results_dir):
-        row = {k: v for k, v in record.items() if k not in ("phases", "env", "config", "protocol_config", "iter_time_s")}
+        row = {k: v for k, v in record.items()
+               if k not in ("phases", "env", "config", "protocol_config", "iter_time_s", "eval_engine")}
+        for key, value in (record.get("eval_engine") or {}).items():
+            if key in ("path", "reason"):
+                row[f"eval_engine_{key}"] = value
         for phase, figures in (record.get("phases") or {}).items():
             for key, value in (figures or {}).items():
                 row[f"{phase}_{key}"] = value

@@ -15,6 +15,10 @@ entry either ``name[.recipe]`` or a mapping with options and a row label::
           - {method: apm, label: apm-seg100, options: {segment: 100}}
           - mtt
 
+A grid (or the defaults) may also set ``batch_seeds: auto | on | off`` — whether evaluations train their seeds
+at once (``bench.evaluate.choose_eval_engine``); it changes no record's identity, and ``ddbench run
+--batch-seeds`` overrides it.
+
 Files are read with ``yaml.safe_load`` and validated on load: an unknown key or a wrong type is a
 ``UserError`` naming the key and the file. Names (datasets, methods, recipes, options, architectures,
 protocols) are checked by ``check_suite`` without reading any data. ``suite_requests`` turns a suite into one
@@ -45,12 +49,14 @@ _SETTING_KEYS = {
     "seeds": _LIST_OF_INT,
     "distill_seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "evaluate": (lambda v: isinstance(v, bool), "true or false"),
+    # YAML reads a bare on / off as true / false: both spellings are accepted
+    "batch_seeds": (lambda v: v in ("auto", "on", "off") or isinstance(v, bool), "auto, on or off"),
 }
 _GRID_KEYS = {**_SETTING_KEYS, "datasets": _LIST_OF_STR, "ipc": _LIST_OF_INT, "methods": None}
 _SUITE_KEYS = {"name", "version", "description", "quick", "defaults", "grids"}
 _METHOD_KEYS = {"method", "label", "options"}
 DEFAULT_SETTINGS = {"distill_arch": "convnet", "eval_archs": ["convnet"], "protocols": ["standard"],
-                    "seeds": [0, 1, 2], "distill_seed": 0, "evaluate": True}
+                    "seeds": [0, 1, 2], "distill_seed": 0, "evaluate": True, "batch_seeds": "auto"}
 ONLY_KEYS = ("dataset", "method", "ipc", "protocol")
 
 
@@ -72,6 +78,7 @@ class Grid:
     seeds: list[int]
     distill_seed: int
     evaluate: bool
+    batch_seeds: str = "auto"  # how evaluations train their seeds: auto / on / off (bench.evaluate)
 
 
 @dataclass
@@ -194,6 +201,8 @@ def load_suite(name_or_file: str) -> Suite:
         if len(set(labels)) != len(labels):
             raise _fail(path, f"{where}.methods", "two entries share a label; give each variant its own 'label'")
         settings = {**DEFAULT_SETTINGS, **defaults, **{k: v for k, v in grid.items() if k in _SETTING_KEYS}}
+        if isinstance(settings["batch_seeds"], bool):
+            settings["batch_seeds"] = "on" if settings["batch_seeds"] else "off"
         for key in ("datasets", "ipc"):
             if not grid[key]:
                 raise _fail(path, f"{where}.{key}", "must not be empty")
@@ -222,7 +231,9 @@ def _keep(only: dict[str, set[str]], key: str, *names: object) -> bool:
 
 def suite_requests(suite: Suite, results_dir: Path, quick: bool = False, only: dict[str, set[str]] | None = None,
                    **run_options: object) -> list:
-    """One ``RunRequest`` per grid × dataset × protocol × (plain methods | each method with options)."""
+    """One ``RunRequest`` per grid × dataset × protocol × (plain methods | each method with options).
+
+    ``run_options`` go to every request; a ``batch_seeds`` among them overrides the grids' own."""
     from bench.registry import split_method_spec
     from bench.runner import RunRequest
 
@@ -248,7 +259,8 @@ def suite_requests(suite: Suite, results_dir: Path, quick: bool = False, only: d
                         results_dir=results_dir, protocol=protocol, distill_arch=grid.distill_arch,
                         quick=quick or suite.quick, distill_seed=grid.distill_seed, suite=suite.name,
                         method_options={m.spec: m.options for m in batch if m.options},
-                        method_labels={m.spec: m.label for m in batch}, **run_options,
+                        method_labels={m.spec: m.label for m in batch},
+                        **{"batch_seeds": grid.batch_seeds, **run_options},
                     ))
     if not requests:
         shown = " ".join(f"--only {k}={','.join(sorted(v))}" for k, v in only.items())

@@ -41,14 +41,15 @@ Deviations from the official code, on purpose (``notes/methods.md`` §7):
 The paper has no recipe for ipc 1 or for CIFAR-10 ipc 10; ours (``cifar10_ipc1``, ``cifar10_ipc10``,
 ``cifar100_ipc1``) reuse the CIFAR-10 ipc 50 recipe (ZCA, lr_img 1, lr_net 0.02, all images per update), the
 nearest published setting. For ``digits`` (not in the paper) the recipes keep CIFAR-10 ipc 50's per-image step. ``subgroups = G`` distils G independent class-balanced subsets (ipc/G images per
-class each, each with its own generator) one after another and merges them — the paper's parallelisability
-experiment.
+class each, each with its own generator, all G seeds drawn first) and merges them — the paper's
+parallelisability experiment. ``split`` hands the G runs to the harness, which may run them on separate workers
+(the Ray executor does); run in one process, they go one after another, with the same result.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ from bench.distilled import DistilledSet
 from bench.errors import UserError
 from bench.evaluate import Protocol, logits_of, train_network
 from bench.registry import register_method
-from methods.base import DistillContext, Method, MethodConfig
+from methods.base import DistillContext, Method, MethodConfig, Part
 
 
 @dataclass
@@ -150,30 +151,46 @@ class APM(Method):
     def iteration_period(self) -> int:
         return self.config.mid_gap + 1  # type: ignore[attr-defined]
 
-    def distill(self, ctx: DistillContext) -> DistilledSet:
+    def split(self, ipc: int, generator: torch.Generator) -> list[Part] | None:
+        """With ``subgroups = G > 1``: G independent APM runs of ipc/G images per class, each seeded by its own
+        draw from ``generator`` (all G drawn first, so no part depends on another) — the paper's
+        parallelisability experiment; the harness may run them on separate workers."""
         cfg: APMConfig = self.config  # type: ignore[assignment]
-        if ctx.ipc % cfg.subgroups:
-            raise UserError(f"APM subgroups={cfg.subgroups} must divide ipc={ctx.ipc}")
-        pool = ctx.experts("apm", cfg.num_experts, epochs=cfg.expert_epochs)
-        ctx.start(cfg.iterations * cfg.subgroups)
-        per_group = ctx.ipc // cfg.subgroups
-        resume = ctx.load_checkpoint()
-        finished = [] if resume is None else [images.to(ctx.device) for images in resume[1]["finished"]]
-        groups = [(images, ctx.hard_labels(per_group)) for images in finished]
-        for g in range(len(groups), cfg.subgroups):
-            # on resume the draw below is undone: distill_group restores both generators from the checkpoint
-            generator = ctx.generator if cfg.subgroups == 1 else torch.Generator().manual_seed(
-                int(torch.randint(2**62, (1,), generator=ctx.generator)))
-            state = resume[1] if resume is not None and g == len(finished) else None
-            groups.append(self.distill_group(ctx, pool, per_group, generator, offset=g * cfg.iterations,
-                                             resume=state, finished=[img for img, _ in groups]))
-        images = torch.cat([img for img, _ in groups])
-        labels = torch.cat([lab for _, lab in groups])
+        if cfg.subgroups == 1:
+            return None
+        if ipc % cfg.subgroups:
+            raise UserError(f"APM subgroups={cfg.subgroups} must divide ipc={ipc}")
+        single = type(self)(replace(cfg, subgroups=1))
+        return [Part(single, ipc // cfg.subgroups, int(torch.randint(2**62, (1,), generator=generator)))
+                for _ in range(cfg.subgroups)]
+
+    def merge(self, parts: list[DistilledSet]) -> DistilledSet:
+        """The subgroups' images and labels together, ordered by class (stable: subgroup order within a class)."""
+        cfg: APMConfig = self.config  # type: ignore[assignment]
+        images = torch.cat([part.images for part in parts])
+        labels = torch.cat([part.labels for part in parts])
         order = torch.argsort(labels, stable=True)
         return DistilledSet(
             images[order], labels[order],
             metadata={"protocol_overrides": {"soft": {"lr": cfg.lr_net, "epochs": cfg.eval_epochs}}},
         )
+
+    def distill(self, ctx: DistillContext) -> DistilledSet:
+        cfg: APMConfig = self.config  # type: ignore[assignment]
+        parts = self.split(ctx.ipc, ctx.generator)
+        generators = [ctx.generator] if parts is None else [torch.Generator().manual_seed(p.seed) for p in parts]
+        per_group = ctx.ipc // cfg.subgroups
+        pool = ctx.experts("apm", cfg.num_experts, epochs=cfg.expert_epochs)
+        ctx.start(cfg.iterations * cfg.subgroups)
+        resume = ctx.load_checkpoint()
+        finished = [] if resume is None else [images.to(ctx.device) for images in resume[1]["finished"]]
+        groups = [DistilledSet(images, ctx.hard_labels(per_group)) for images in finished]
+        for g in range(len(groups), cfg.subgroups):
+            state = resume[1] if resume is not None and g == len(finished) else None
+            images, labels = self.distill_group(ctx, pool, per_group, generators[g], offset=g * cfg.iterations,
+                                                resume=state, finished=[group.images for group in groups])
+            groups.append(DistilledSet(images, labels))
+        return self.merge(groups)
 
     def distill_group(self, ctx: DistillContext, pool, ipc: int, generator: torch.Generator, offset: int = 0,
                       resume: dict | None = None, finished: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -182,8 +199,9 @@ class APM(Method):
         Checkpoints (``ctx.checkpoint_due``) are saved only at period boundaries — after an iteration whose
         successor draws a new teacher and trains a new student — so neither network is saved: the state is the
         images, their optimiser's momentum and lr schedule, the iteration, the state of ``generator`` and of
-        ``ctx.generator`` (students are initialised from it), and the images of the ``finished`` subgroups. None
-        is saved after a group's last iteration. ``resume`` is such a state: the loop continues from it exactly.
+        ``ctx.generator``, and the images of the ``finished`` subgroups. None is saved after a group's last
+        iteration. ``generator`` drives everything random in the run: the initial images, teacher draws, image
+        batches, the students' initialisation and their training. ``resume`` is such a state: the loop continues from it exactly.
         """
         cfg: APMConfig = self.config  # type: ignore[assignment]
         data = ctx.dataset
@@ -230,7 +248,7 @@ class APM(Method):
         """A fresh student trained on the teacher's logits (L1, DSA); its K checkpoints, frozen."""
         cfg: APMConfig = self.config  # type: ignore[assignment]
         targets = logits_of(teacher, images)
-        student = ctx.make_network()
+        student = ctx.make_network(generator=generator)
         recipe = Protocol("apm-student", 1, "soft", "l1", cfg.student_epochs, cfg.student_epochs, cfg.lr_net,
                           momentum=0.9, weight_decay=5e-4, batch_size=cfg.student_batch)
         recorder = CheckpointRecorder(student, checkpoint_epochs(cfg.student_epochs, cfg.checkpoints))

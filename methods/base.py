@@ -55,10 +55,12 @@ class DistillContext:
     _log: Callable[[str], None] | None = field(default=None, repr=False)
     _phase: Callable[[str], ContextManager[dict]] | None = field(default=None, repr=False)  # the harness's meter
 
-    def make_network(self, arch: str | None = None) -> nn.Module:
-        """A freshly initialised network (weights drawn from this context's generator) on the device."""
+    def make_network(self, arch: str | None = None, generator: torch.Generator | None = None) -> nn.Module:
+        """A freshly initialised network on the device, its weights drawn from ``generator`` (default: this
+        context's)."""
         d = self.dataset
-        return create_network(arch or self.arch, d.num_classes, d.channels, d.resolution, self.generator).to(self.device)
+        return create_network(arch or self.arch, d.num_classes, d.channels, d.resolution,
+                              generator or self.generator).to(self.device)
 
     def experts(self, recipe: str, count: int, epochs: int | None = None) -> ExpertPool:
         """``count`` experts of the named recipe (``mtt`` or ``apm``) on this dataset and architecture.
@@ -139,6 +141,16 @@ class DistillContext:
         return images.clone(), self.hard_labels(self.ipc)
 
 
+@dataclass(frozen=True)
+class Part:
+    """One independent piece of a distillation that splits (``Method.split``): the harness may run it as a task
+    of its own — a plain distillation of ``method`` at ``ipc`` with a generator seeded by ``seed`` — and join
+    the pieces with ``Method.merge``."""
+    method: "Method"
+    ipc: int
+    seed: int
+
+
 class Method(ABC):
     """A registered distillation method: ``Config`` defaults are the paper's, ``recipes`` its named settings."""
 
@@ -161,3 +173,15 @@ class Method(ABC):
     @abstractmethod
     def distill(self, ctx: DistillContext) -> DistilledSet:
         """Make the distilled set. Metadata about the run is added by the harness."""
+
+    def split(self, ipc: int, generator: torch.Generator) -> list[Part] | None:
+        """The independent parts this distillation consists of, or None when it is one piece (the default).
+
+        ``generator`` is a fresh copy of the distillation's generator. Contract: ``merge`` of the parts, each
+        distilled with a context of its own ``ipc`` and ``torch.Generator().manual_seed(part.seed)``, equals
+        ``distill`` — so the harness may run the parts on separate workers (APM's subgroups)."""
+        return None
+
+    def merge(self, parts: list[DistilledSet]) -> DistilledSet:
+        """Join the distilled sets of ``split``'s parts, in order, into this method's set."""
+        raise NotImplementedError(f"{type(self).__name__} does not split into parts")

@@ -98,6 +98,24 @@ def test_subgroups_merge_class_balanced_sets(digits):
         create_method("apm", quick=True, **dict(APM.smoke, subgroups=2)).distill(context(digits, ipc=3))
 
 
+def test_subgroups_split_into_parts_that_merge_to_the_same_set(digits):
+    """Distilled as separate tasks (each part in a context of its own), the subgroups merge to exactly the set
+    that one process distils — the contract that lets the harness spread them over workers."""
+    method = create_method("apm", quick=True, **dict(APM.smoke, subgroups=3))
+    whole = method.distill(context(digits, ipc=3))
+    parts = method.split(3, torch.Generator().manual_seed(0))
+    assert [(p.ipc, p.method.config.subgroups) for p in parts] == [(1, 1)] * 3
+    assert len({p.seed for p in parts}) == 3
+    pieces = []
+    for part in parts:
+        ctx = context(digits, ipc=part.ipc)
+        ctx.generator = torch.Generator().manual_seed(part.seed)
+        pieces.append(part.method.distill(ctx))
+    merged = method.merge(pieces)
+    assert torch.equal(merged.images, whole.images) and torch.equal(merged.labels, whole.labels)
+    assert create_method("apm", quick=True, **APM.smoke).split(3, torch.Generator()) is None
+
+
 def test_divergence_is_detected(digits):
     with pytest.raises(Diverged):
         create_method("apm", quick=True, **dict(APM.smoke, lr_img=1e38)).distill(context(digits))

@@ -101,6 +101,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "empty seeds": (lambda t: _with(RUN, "--seeds", "") + ["--results", str(t / "res")], "no seeds given"),
     "--eval-epochs 0": (lambda t: RUN + ["--eval-epochs", "0", "--results", str(t / "res")],
                         "--eval-epochs must be at least 1"),
+    "--checkpoint-every 0": (lambda t: RUN + ["--checkpoint-every", "0", "--results", str(t / "res")],
+                             "--checkpoint-every must be at least 1"),
     "--set without '='": (lambda t: DISTILL + ["--out", str(t / "s"), "--set", "foo"], "--set expects key=value"),
     "unknown method option": (lambda t: _with(DISTILL, "--method", "dm") + ["--out", str(t / "s"), "--set", "colour=1"],
                               "unknown method 'dm' option 'colour'"),

@@ -360,3 +360,26 @@ def test_process_peak_survives_the_phase_resets():
     from bench.measure import process_peak_rss_mb
 
     assert process_peak_rss_mb() >= phases["big"]["cpu_peak_rss_mb"] > phases["small"]["cpu_peak_rss_mb"] + 200
+
+
+def test_a_method_that_raises_inside_the_flop_window_leaves_no_counting_mode_behind(tmp_path, monkeypatch):
+    """A crash mid-window must not leave the FLOP-counting mode entered: every later computation in the process
+    would be counted (and slowed) by it."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    from bench.runner import RunRequest, distill_cell, plan
+    from methods.base import DistillContext
+
+    request = RunRequest("digits", ["dm"], [1], [], [], tmp_path, quick=True, isolate=False,
+                         method_options={"dm": {"iterations": 6, "batch_real": 8}})
+    original = DistillContext.report
+
+    def report(self, it, **losses):
+        original(self, it, **losses)
+        if _get_current_dispatch_mode() is not None:  # inside the window
+            raise RuntimeError("simulated crash inside the FLOP-counting window")
+
+    monkeypatch.setattr(DistillContext, "report", report)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        distill_cell(plan(request)[0], request, torch.device("cpu"), {})
+    assert _get_current_dispatch_mode() is None

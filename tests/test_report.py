@@ -283,3 +283,23 @@ def test_rerun_replaces_its_own_old_figures_only(tmp_path):
     assert not (figures / "res_cost_gone.png").exists() and (figures / "other_cost_x.png").exists()
     assert figures / "res_cost_mnist_ipc1.png" in paths
     assert "figures/other_cost_x.png" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_merged_subgroups_figure_for_apm_at_several_subgroup_counts(tmp_path):
+    """The parallel suite's figure: APM at G = 1, 2, 5 merged subgroups of ipc 1, MTT as one set at the same ipc."""
+    results = tmp_path / "parallel_unit"
+    for g, acc in ((1, [80.0, 81.0, 82.0]), (2, [85.0, 86.0, 87.0]), (5, [90.0, 90.5, 91.0])):
+        write_record(results, make_record("apm", g, acc, label="apm-merged", config={"subgroups": g}))
+        write_record(results, make_record("mtt", g, [a - 5 for a in acc]))
+    write_record(results, make_record("apm", 10, [95.0, 95.0, 95.0], label="apm-plain", config={"subgroups": 1}))
+    out = tmp_path / "reports"
+    write_reports(results, out)
+    (figure,) = (out / "figures").glob("parallel_unit_acc-vs-subgroups_*.png")
+    with Image.open(figure) as image:
+        image.verify()
+    assert f"figures/{figure.name}" in (out / "parallel_unit.md").read_text()
+
+
+def test_no_merged_subgroups_figure_without_two_subgroup_counts(report):
+    out, _, _ = report
+    assert not list((out / "figures").glob("*acc-vs-subgroups*"))

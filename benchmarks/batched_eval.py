@@ -1,0 +1,126 @@
+"""Seed-batched vs sequential evaluation on this machine (issue 9): wall time of ``evaluate_distilled`` for S seeds
+of ConvNet under the standard protocol, with the seeds trained one after the other (``--batch-seeds off``), all at
+once (``on``) and as ``auto`` chooses — first with an empty cache (auto calibrates, and that cost is included),
+then again with the choice it cached (what every later run on this machine pays).
+
+Shapes: digits (1×8×8) and MNIST (1×28×28), 10 classes, ipc 1/10/50 (10/100/500 images): random tensors of the
+right shape — no data needed; the test set is ``--test-images`` random images (the accuracy pass is timed too).
+Speed is sequential time / time (above 1: faster than sequential). Each configuration first runs one untimed
+epoch of both paths (first-call costs); ``--repeats`` measures every column that many times, interleaved, and
+keeps the fastest (the last repeat's auto reason is shown).
+
+    .venv/bin/python benchmarks/batched_eval.py [--epochs 30] [--seeds 5] [--shapes digits,mnist] [--ipc 1,10,50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+
+import bench.experts  # noqa: F401  (the harness imports it anyway; auto's first use must not time its import)
+from bench.augment import DSA
+from bench.data import DATASETS, Dataset
+from bench.distilled import DistilledSet
+from bench.evaluate import calibrate_seed_batching, evaluate_distilled, get_protocol, read_engine_cache
+from bench.models import create_network
+from bench.seeding import generator_for
+
+SHAPES = {"digits": "digits", "mnist": "mnist"}  # shape name → the registered dataset whose info it borrows
+
+
+def random_case(shape: str, ipc: int, test_images: int, seed: int = 0) -> tuple[DistilledSet, Dataset]:
+    """A distilled set of ``10 × ipc`` random images and a random test set, shaped like ``shape``'s dataset."""
+    info = DATASETS.get(SHAPES[shape])
+    side = 8 if shape == "digits" else 28
+    generator = torch.Generator().manual_seed(seed)
+    n = info.num_classes * ipc
+    images = torch.randn(n, info.channels, side, side, generator=generator)
+    labels = torch.arange(n) % info.num_classes
+    test = torch.randn(test_images, info.channels, side, side, generator=generator)
+    test_labels = torch.randint(info.num_classes, (test_images,), generator=generator)
+    dataset = Dataset(info, images, labels, test, test_labels, [str(c) for c in range(info.num_classes)],
+                      {"kind": "random"})
+    return DistilledSet(images, labels, metadata={"dataset": info.name}), dataset
+
+
+def timed_evaluation(distilled: DistilledSet, dataset: Dataset, arch: str, protocol, seeds: list[int],
+                     batch_seeds: str, cache_dir: str) -> tuple[float, dict, list[float]]:
+    start = time.perf_counter()
+    result = evaluate_distilled(distilled, dataset, arch, protocol, seeds, "cpu", batch_seeds=batch_seeds,
+                                cache_dir=cache_dir, log=lambda message: None)
+    return time.perf_counter() - start, result.eval_engine, result.acc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs per network (lr decay at epochs//2+1)")
+    parser.add_argument("--mnist-epochs", type=int, default=None,
+                        help="epochs for the MNIST shapes (default: --epochs); 28×28 costs ~10–50× more per step")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--shapes", default="digits,mnist")
+    parser.add_argument("--ipc", default="1,10,50")
+    parser.add_argument("--arch", default="convnet", help="ConvNet: depth 1 at 8×8, 3 at 28×28; width 128, instance norm")
+    parser.add_argument("--test-images", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure each column this many times, interleaved, and keep the fastest")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = list(range(args.seeds))
+    standard = get_protocol("standard").resolve(quick=True)
+    print(f"ConvNet ({args.arch}), standard protocol ({args.epochs} epochs"
+          f"{f', MNIST shapes {args.mnist_epochs}' if args.mnist_epochs else ''}), {len(seeds)} seeds, batch "
+          f"{standard.batch_size}, DSA on, {args.test_images} test images; CPU, {torch.get_num_threads()} torch "
+          f"threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start")
+    print("| shape | ipc | epochs | steps | sequential s | batched s | auto, 1st run s | auto, cached s | batched speed "
+          "| auto 1st speed | auto cached speed | calibration: batched step / S sequential steps | auto's path (reason) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
+        epochs = args.mnist_epochs if shape == "mnist" and args.mnist_epochs else args.epochs
+        protocol = replace(standard, epochs=epochs, decay_epoch=epochs // 2 + 1)
+        for ipc in [int(i) for i in args.ipc.split(",") if i.strip()]:
+            distilled, dataset = random_case(shape, ipc, args.test_images)
+            with tempfile.TemporaryDirectory() as scratch:  # untimed: first-call costs of both paths at these shapes
+                for mode in ("off", "on"):
+                    timed_evaluation(distilled, dataset, args.arch, replace(protocol, epochs=1), seeds, mode, scratch)
+            times: dict[str, list[float]] = {"off": [], "on": [], "auto 1st": [], "auto cached": []}
+            for _ in range(args.repeats):
+                with tempfile.TemporaryDirectory() as cache:  # auto's first run finds an empty cache
+                    sequential, _, acc_sequential = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "off", cache)
+                    batched, _, acc_batched = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "on", cache)
+                    auto_first, engine, _ = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "auto", cache)
+                    auto_cached, cached_engine, _ = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "auto", cache)
+                    calibrated = list(read_engine_cache(cache).values())
+                for column, seconds in zip(times, (sequential, batched, auto_first, auto_cached)):
+                    times[column].append(seconds)
+            sequential, batched, auto_first, auto_cached = (min(times[column]) for column in times)
+            n = len(distilled)
+            steps = epochs * -(-n // protocol.batch_size)
+            if calibrated:  # auto calibrated in its first run
+                step_s = (calibrated[0]["batched_step_s"], calibrated[0]["sequential_step_s"])
+                source = "auto's"
+            else:  # too short a training for auto to calibrate: what it would measure in a longer one
+                models = [create_network(args.arch, 10, 1, dataset.resolution, generator_for(seed, "evaluate", args.arch))
+                          for seed in seeds]
+                augment = DSA.for_dataset(dataset.info.digit_like)
+                step_s = calibrate_seed_batching(models, distilled.images, distilled.labels, protocol, augment)[::-1]
+                source = "calibrated apart"
+            assert cached_engine["path"] == engine["path"]
+            print(f"| {shape} {tuple(distilled.images.shape[1:])} | {ipc} | {epochs} | {steps} | {sequential:.2f} "
+                  f"| {batched:.2f} | {auto_first:.2f} | {auto_cached:.2f} | {sequential / batched:.2f}× "
+                  f"| {sequential / auto_first:.2f}× | {sequential / auto_cached:.2f}× "
+                  f"| {step_s[0] * 1000:.1f} / {step_s[1] * 1000:.1f} ms = {step_s[0] / step_s[1]:.2f} ({source}) "
+                  f"| {engine['path']} ({engine['reason']}) |", flush=True)
+            if max(abs(a - b) for a, b in zip(acc_sequential, acc_batched)) > 1.0:
+                print(f"  note: batched and sequential accuracies differ: {acc_batched} vs {acc_sequential}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()

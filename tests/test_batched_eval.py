@@ -1,0 +1,224 @@
+"""Seed-batched evaluation (issue 9): every seed of an evaluation trained at once, as one stacked model, computing
+what the sequential loop computes; the path chosen (auto / on / off) is recorded, and auto's choice is cached."""
+
+import json
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench.evaluate as evaluate_module
+from bench.augment import DSA
+from bench.cli import build_parser
+from bench.data import load_dataset
+from bench.errors import UserError
+from bench.evaluate import (_stacked_losses, accuracy, calibration_key, engine_cache_path, evaluate_distilled, get_protocol,
+                            read_engine_cache, stacked_accuracies, train_network, train_networks_batched)
+from bench.models import create_network
+from bench.registry import create_method
+from bench.runner import Cell, RunRequest, _identity, measured_evaluation
+from bench.seed_stack import (BATCHNORM_REASON, GROUPED_FORWARD, RANDOMNESS_REASON, VMAP_FORWARD, SeedStack,
+                              batching_unsupported_reason)
+from bench.seeding import generator_for
+from bench.suite import load_suite, suite_requests
+from methods.base import DistillContext
+
+ARCH = "convnet[width=16]"  # depth 1 at 8×8: a fast ConvNet
+SEEDS = [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def small_set(digits):
+    ctx = DistillContext(digits, 2, "convnet", torch.Generator().manual_seed(0), torch.device("cpu"))
+    distilled = create_method("random").distill(ctx)
+    distilled.metadata.update(dataset="digits", transform=digits.transform)
+    return distilled
+
+
+def short(name="standard", epochs=3, **kw):
+    return replace(get_protocol(name).resolve(quick=True), epochs=epochs, decay_epoch=epochs // 2 + 1, **kw)
+
+
+def fresh_networks(arch=ARCH, seeds=SEEDS, in_chans=1, size=8):
+    """Each seed's network and generator, as ``evaluate_distilled`` makes them (the generator that drew the
+    weights goes on to draw the batches and the augmentation), in float64."""
+    generators = [generator_for(seed, "evaluate", arch) for seed in seeds]
+    models = [create_network(arch, 10, in_chans, size, g).double() for g in generators]
+    return models, generators
+
+
+@torch.no_grad()
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / a.norm().clamp_min(1e-300)) if a.numel() else 0.0
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-convolutions", "vmap"])
+@pytest.mark.parametrize("protocol_name, loss", [("standard", "ce"), ("soft", "l1"), ("soft", "kl")])
+def test_batched_training_gives_each_seed_its_sequential_parameters(protocol_name, loss, grouped):
+    """float64, DSA on, lr decay inside the run (epoch 2 of 3), several steps per epoch, a last batch smaller
+    than the others: after training, every seed's parameters are the ones it gets trained alone."""
+    protocol = short(protocol_name, epochs=3, batch_size=8, loss=loss, temperature=2.0)  # 20 images: steps of 8, 8, 4
+    assert protocol.dsa and protocol.decay_epoch == 2
+    data = torch.Generator().manual_seed(7)
+    images = torch.randn(20, 1, 8, 8, generator=data, dtype=torch.float64)
+    targets = torch.randint(10, (20,), generator=data) if protocol.targets == "hard" else \
+        torch.randn(20, 10, generator=data, dtype=torch.float64)
+    augment = DSA.for_dataset(digit_like=True)
+
+    alone, alone_generators = fresh_networks()
+    alone_losses = [train_network(m, images, targets, protocol, g, augment) for m, g in zip(alone, alone_generators)]
+    stacked, stacked_generators = fresh_networks()
+    epochs_seen = []
+    stacked_losses = train_networks_batched(stacked, images, targets, protocol, stacked_generators, augment,
+                                            on_epoch=lambda epoch, loss: epochs_seen.append(epoch), grouped=grouped)
+
+    assert SeedStack(stacked, grouped).forward_kind == (GROUPED_FORWARD if grouped else VMAP_FORWARD)
+    for one, other in zip(alone, stacked):
+        for (name, a), b in zip(one.named_parameters(), other.parameters()):
+            assert relative_error(a, b) < 1e-6, name
+    assert stacked_losses == pytest.approx(alone_losses, rel=1e-9)
+    assert epochs_seen == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # every network reports every epoch
+    # the seeds did differ: different initialisations, batches and augmentations
+    assert relative_error(alone[0].classifier.weight, alone[1].classifier.weight) > 0.1
+    # every generator was consumed exactly as in the sequential loop
+    assert [g.get_state().tolist() for g in stacked_generators] == [g.get_state().tolist() for g in alone_generators]
+
+    test_images = torch.randn(50, 1, 8, 8, generator=data, dtype=torch.float64)
+    test_labels = torch.randint(10, (50,), generator=data)
+    assert stacked_accuracies(SeedStack(alone, grouped), test_images, test_labels, batch_size=16) == \
+        [accuracy(m, test_images, test_labels) for m in alone]
+
+
+def test_a_network_that_is_not_a_plain_chain_is_stacked_with_vmap():
+    arch = "resnet18_cifar[widths=[4,4,4,4],layers=[1,1,1,1]]"
+    protocol = short(epochs=2, batch_size=8)
+    images = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    targets = torch.arange(12) % 10
+    alone, alone_generators = fresh_networks(arch, seeds=[0, 1])
+    for model, generator in zip(alone, alone_generators):
+        train_network(model, images, targets, protocol, generator, DSA.for_dataset(True))
+    stacked, stacked_generators = fresh_networks(arch, seeds=[0, 1])
+    assert SeedStack(stacked).forward_kind == VMAP_FORWARD
+    train_networks_batched(stacked, images, targets, protocol, stacked_generators, DSA.for_dataset(True))
+    for one, other in zip(alone, stacked):
+        for a, b in zip(one.parameters(), other.parameters()):
+            assert relative_error(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("batch_seeds", ["on", "off"])
+def test_the_same_seeds_give_identical_results_on_either_path(digits, small_set, batch_seeds, tmp_path):
+    runs = [evaluate_distilled(small_set, digits, ARCH, short(epochs=4), SEEDS, "cpu", batch_seeds=batch_seeds,
+                               cache_dir=tmp_path) for _ in range(2)]
+    assert runs[0].acc == runs[1].acc and runs[0].final_train_loss == runs[1].final_train_loss
+    assert runs[0].eval_engine["path"] == {"on": "batched", "off": "sequential"}[batch_seeds]
+    assert runs[0].eval_engine["reason"] == batch_seeds
+    assert len(set(runs[0].final_train_loss)) == len(SEEDS)  # the seeds differ
+
+
+def test_both_paths_agree_in_float32(digits, small_set, tmp_path):
+    batched, sequential = (evaluate_distilled(small_set, digits, ARCH, short(epochs=4), SEEDS, "cpu", batch_seeds=mode,
+                                              cache_dir=tmp_path) for mode in ("on", "off"))
+    assert batched.final_train_loss == pytest.approx(sequential.final_train_loss, rel=1e-4)
+    one_image = 100 / digits.test_labels.shape[0]  # rounding may tip an argmax near a tie, rarely
+    assert batched.acc == pytest.approx(sequential.acc, abs=one_image + 1e-9)
+
+
+def test_batched_and_sequential_records_count_the_same_flops_and_identity(digits, small_set):
+    protocol = get_protocol("standard")
+    fields = {mode: measured_evaluation(small_set, digits, ARCH, protocol, short(epochs=3), SEEDS,
+                                        torch.device("cpu"), {}, None, mode) for mode in ("on", "off")}
+    assert fields["on"]["eval_engine"]["path"] == "batched" and fields["off"]["eval_engine"]["path"] == "sequential"
+    assert fields["on"]["flops_per_eval_epoch"] == fields["off"]["flops_per_eval_epoch"] > 0
+    assert fields["on"]["protocol_config"] == fields["off"]["protocol_config"]
+    request = RunRequest(dataset="digits", methods=["random"], ipcs=[2], eval_archs=[ARCH], seeds=SEEDS,
+                         results_dir=Path("unused"))
+    cell = Cell("random", create_method("random"), 2, digits)
+    ids = {mode: _identity(cell, replace(request, batch_seeds=mode), ARCH, protocol) for mode in ("auto", "on", "off")}
+    assert ids["auto"] == ids["on"] == ids["off"]
+
+
+def test_an_architecture_that_cannot_be_stacked_falls_back_and_says_why(digits, small_set):
+    arch = "convnet_bn[width=8]"  # BatchNorm keeps running statistics
+    logged = []
+    fields = [measured_evaluation(small_set, digits, arch, get_protocol("standard"), short(epochs=2), [0, 1],
+                                  torch.device("cpu"), {}, None, "on") for _ in range(2)]
+    result = evaluate_distilled(small_set, digits, arch, short(epochs=2), [0, 1], "cpu", batch_seeds="on",
+                                log=logged.append)
+    for engine in [f["eval_engine"] for f in fields] + [result.eval_engine]:
+        assert engine == {"path": "sequential", "reason": BATCHNORM_REASON}
+    assert logged == []  # logged once per process, by the first evaluation above
+    other = evaluate_distilled(small_set, digits, "convnet_bn[width=4]", short(epochs=1), [0, 1], "cpu",
+                               batch_seeds="auto", log=logged.append)
+    assert other.eval_engine["path"] == "sequential" and len(logged) == 1 and BATCHNORM_REASON in logged[0]
+
+
+def test_a_forward_that_draws_random_numbers_is_not_stacked():
+    arch = "vit_tiny_patch16_224[patch_size=4,depth=1,embed_dim=24,num_heads=2,drop_rate=0.1]"
+    models = [create_network(arch, 10, 1, 8, torch.Generator().manual_seed(s)) for s in range(2)]
+    loss = partial(_stacked_losses, get_protocol("standard"))
+    example, target = torch.zeros(2, 1, 8, 8), torch.tensor([0, 1])
+    assert batching_unsupported_reason(models, example, loss, target) == RANDOMNESS_REASON
+    without_dropout = [create_network(arch.replace("drop_rate=0.1", "drop_rate=0.0"), 10, 1, 8,
+                                      torch.Generator().manual_seed(s)) for s in range(2)]
+    assert batching_unsupported_reason(without_dropout, example, loss, target) is None
+
+
+def test_auto_calibrates_once_then_reuses_the_cached_choice(digits, small_set, tmp_path, monkeypatch):
+    protocol = short(epochs=evaluate_module.MIN_STEPS_TO_CALIBRATE)  # 20 images, one step per epoch
+    first = evaluate_distilled(small_set, digits, ARCH, protocol, SEEDS, "cpu", batch_seeds="auto", cache_dir=tmp_path)
+    assert first.eval_engine["reason"].startswith("auto: calibrated batched ")
+    key = calibration_key(torch.device("cpu"), ARCH, (1, 8, 8), 20, len(SEEDS), protocol.batch_size)
+    cached = read_engine_cache(tmp_path)
+    assert list(cached) == [key] and cached[key]["path"] == first.eval_engine["path"]
+    assert json.loads(engine_cache_path(tmp_path).read_text())["choices"] == cached
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("a cached choice must not be calibrated again")
+
+    monkeypatch.setattr(evaluate_module, "calibrate_seed_batching", no_calibration)
+    second = evaluate_distilled(small_set, digits, ARCH, protocol, SEEDS, "cpu", batch_seeds="auto", cache_dir=tmp_path)
+    assert second.eval_engine["path"] == first.eval_engine["path"]
+    assert second.eval_engine["reason"].startswith("auto: cached calibration")
+    assert second.acc == first.acc and second.final_train_loss == first.final_train_loss
+    for path in ("batched", "sequential"):  # the cached entry decides, whatever it says
+        engine_cache_path(tmp_path).write_text(json.dumps({"version": 1, "choices": {key: {"path": path, "ratio": 1.0}}}))
+        chosen = evaluate_distilled(small_set, digits, ARCH, protocol, SEEDS, "cpu", cache_dir=tmp_path)
+        assert chosen.eval_engine["path"] == path
+
+
+def test_auto_does_not_calibrate_one_seed_or_a_short_training(digits, small_set, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "calibrate_seed_batching", lambda *a, **k: pytest.fail("calibrated"))
+    one = evaluate_distilled(small_set, digits, ARCH, short(epochs=25), [0], "cpu", cache_dir=tmp_path)
+    assert one.eval_engine == {"path": "sequential", "reason": "auto: one seed, nothing to batch"}
+    brief = evaluate_distilled(small_set, digits, ARCH, short(epochs=2), SEEDS, "cpu", cache_dir=tmp_path)
+    assert brief.eval_engine == {"path": "sequential", "reason": "auto: 2 training steps, too few to calibrate"}
+    assert read_engine_cache(tmp_path) == {}
+
+
+def test_batch_seeds_option_on_the_command_line_and_in_suites(tmp_path):
+    parser = build_parser()
+    assert parser.parse_args(["evaluate", "set.json"]).batch_seeds == "auto"
+    assert parser.parse_args(["evaluate", "set.json", "--batch-seeds", "off"]).batch_seeds == "off"
+    assert parser.parse_args(["run", "--methods", "random", "--batch-seeds", "on"]).batch_seeds == "on"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--methods", "random", "--batch-seeds", "yes"])
+
+    suite_file = tmp_path / "s.yaml"
+    suite_file.write_text("version: 1\ndefaults: {batch_seeds: off}\n"
+                          "grids:\n  - {datasets: [digits], ipc: [1], methods: [random]}\n"
+                          "  - {datasets: [digits], ipc: [1], methods: [random], batch_seeds: on}\n")
+    suite = load_suite(str(suite_file))
+    assert [grid.batch_seeds for grid in suite.grids] == ["off", "on"]
+    assert [r.batch_seeds for r in suite_requests(suite, tmp_path)] == ["off", "on"]
+    assert [r.batch_seeds for r in suite_requests(suite, tmp_path, batch_seeds="auto")] == ["auto", "auto"]
+    assert load_suite("quick").grids[0].batch_seeds == "auto"
+    suite_file.write_text("version: 1\ngrids:\n  - {datasets: [digits], ipc: [1], methods: [random], batch_seeds: fast}\n")
+    with pytest.raises(UserError, match="batch_seeds.*auto, on or off"):
+        load_suite(str(suite_file))
