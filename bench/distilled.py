@@ -38,8 +38,11 @@ class DistilledSet:
         return self.images.shape[0]
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``<path>.safetensors`` and ``<path>.json``; returns the JSON path."""
-        stem = Path(path).with_suffix("")
+        """Write ``<path>.safetensors`` and ``<path>.json``; returns the JSON path.
+
+        ``path`` is a stem that may hold dots (``…_apm.cifar10_ipc50_<id>``): the suffixes are appended to it, not
+        put in place of its last dotted part, so stems that differ only after a dot stay two sets."""
+        stem = _stem(Path(path))
         stem.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.detach().cpu().long()}
         if self.soft_labels is not None:
@@ -47,17 +50,15 @@ class DistilledSet:
         meta = dict(self.metadata, learned_lr=self.learned_lr, n_images=len(self))
         tmp = stem.with_name(stem.name + ".safetensors.tmp")
         save_file(tensors, str(tmp))
-        os.replace(tmp, stem.with_suffix(".safetensors"))
-        write_json_atomic(stem.with_suffix(".json"), meta)
-        return stem.with_suffix(".json")
+        os.replace(tmp, _with(stem, ".safetensors"))
+        write_json_atomic(_with(stem, ".json"), meta)
+        return _with(stem, ".json")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DistilledSet":
         """Read a set saved by ``save`` from either of its two file names (or the common stem)."""
-        stem = Path(path)
-        if stem.suffix in (".json", ".safetensors"):
-            stem = stem.with_suffix("")
-        meta_path, tensor_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+        stem = _stem(Path(path))
+        meta_path, tensor_path = _with(stem, ".json"), _with(stem, ".safetensors")
         missing = [str(p) for p in (meta_path, tensor_path) if not p.is_file()]
         if missing:
             raise UserError(f"distilled set not found: expected {' and '.join(missing)}")
@@ -103,3 +104,11 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
 
+
+def _stem(path: Path) -> Path:
+    """A set's common stem: ``path`` without a ``.json`` or ``.safetensors`` ending (any other dot is the name's)."""
+    return path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+
+
+def _with(stem: Path, suffix: str) -> Path:
+    return stem.with_name(stem.name + suffix)

@@ -3,11 +3,13 @@ of ConvNet under the standard protocol, with the seeds trained one after the oth
 once (``on``) and as ``auto`` chooses — first with an empty cache (auto calibrates, and that cost is included),
 then again with the choice it cached (what every later run on this machine pays).
 
-Shapes: digits (1×8×8) and MNIST (1×28×28), 10 classes, ipc 1/10/50 (10/100/500 images): random tensors of the
+Shapes: digits (1×8×8), MNIST (1×28×28) and CIFAR-10 (3×32×32, ``--shapes cifar10``), 10 classes, ipc 1/10/50 (10/100/500 images): random tensors of the
 right shape — no data needed; the test set is ``--test-images`` random images (the accuracy pass is timed too).
 Speed is sequential time / time (above 1: faster than sequential). Each configuration first runs one untimed
 epoch of both paths (first-call costs); ``--repeats`` measures every column that many times, interleaved, and
-keeps the fastest (the last repeat's auto reason is shown).
+keeps the fastest (the last repeat's auto reason is shown). The calibration cost — the time auto's first run
+spends calibrating, timed apart (the fastest repeat), as a share of the sequential time — is what the first run
+adds when auto then picks the sequential path; totals of the same path differ by the machine's noise.
 
     .venv/bin/python benchmarks/batched_eval.py [--epochs 30] [--seeds 5] [--shapes digits,mnist] [--ipc 1,10,50]
 """
@@ -15,28 +17,34 @@ keeps the fastest (the last repeat's auto reason is shown).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+import bench.evaluate as evaluate_module
 import bench.experts  # noqa: F401  (the harness imports it anyway; auto's first use must not time its import)
 from bench.augment import DSA
 from bench.data import DATASETS, Dataset
 from bench.distilled import DistilledSet
 from bench.evaluate import calibrate_seed_batching, evaluate_distilled, get_protocol, read_engine_cache
+from bench.measure import environment_stamp
 from bench.models import create_network
 from bench.seeding import generator_for
 
-SHAPES = {"digits": "digits", "mnist": "mnist"}  # shape name → the registered dataset whose info it borrows
+# shape name → (the registered dataset whose info it borrows, side length)
+SHAPES = {"digits": ("digits", 8), "mnist": ("mnist", 28), "cifar10": ("cifar10", 32)}
 
 
 def random_case(shape: str, ipc: int, test_images: int, seed: int = 0) -> tuple[DistilledSet, Dataset]:
     """A distilled set of ``10 × ipc`` random images and a random test set, shaped like ``shape``'s dataset."""
-    info = DATASETS.get(SHAPES[shape])
-    side = 8 if shape == "digits" else 28
+    name, side = SHAPES[shape]
+    info = DATASETS.get(name)
     generator = torch.Generator().manual_seed(seed)
     n = info.num_classes * ipc
     images = torch.randn(n, info.channels, side, side, generator=generator)
@@ -48,10 +56,21 @@ def random_case(shape: str, ipc: int, test_images: int, seed: int = 0) -> tuple[
     return DistilledSet(images, labels, metadata={"dataset": info.name}), dataset
 
 
-def timed_evaluation(distilled: DistilledSet, dataset: Dataset, arch: str, protocol, seeds: list[int],
-                     batch_seeds: str, cache_dir: str) -> tuple[float, dict, list[float]]:
+CALIBRATION_SECONDS: list[float] = []  # time spent in auto's calibrations, measured apart from the noisy totals
+
+
+def _timed_calibration(*args, **kwargs) -> tuple[float, float]:
     start = time.perf_counter()
-    result = evaluate_distilled(distilled, dataset, arch, protocol, seeds, "cpu", batch_seeds=batch_seeds,
+    try:
+        return calibrate_seed_batching(*args, **kwargs)
+    finally:
+        CALIBRATION_SECONDS.append(time.perf_counter() - start)
+
+
+def timed_evaluation(distilled: DistilledSet, dataset: Dataset, arch: str, protocol, seeds: list[int],
+                     batch_seeds: str, cache_dir: str, device: str = "cpu") -> tuple[float, dict, list[float]]:
+    start = time.perf_counter()
+    result = evaluate_distilled(distilled, dataset, arch, protocol, seeds, device, batch_seeds=batch_seeds,
                                 cache_dir=cache_dir, log=lambda message: None)
     return time.perf_counter() - start, result.eval_engine, result.acc
 
@@ -67,20 +86,30 @@ def main() -> None:
     parser.add_argument("--arch", default="convnet", help="ConvNet: depth 1 at 8×8, 3 at 28×28; width 128, instance norm")
     parser.add_argument("--test-images", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU run of issue 9: --device cuda "
+                        "--shapes cifar10 --epochs 300 --full-protocol)")
+    parser.add_argument("--full-protocol", action="store_true",
+                        help="the standard protocol's full recipe (batch size and all) instead of its quick copy")
+    parser.add_argument("--json", default=None, help="also write the rows and the environment stamp to this file")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure each column this many times, interleaved, and keep the fastest")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    evaluate_module.calibrate_seed_batching = _timed_calibration  # auto calls it through the module
     seeds = list(range(args.seeds))
-    standard = get_protocol("standard").resolve(quick=True)
+    standard = get_protocol("standard").resolve(quick=not args.full_protocol)
+    where = (f"{torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else
+             f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+    rows: list[dict] = []
     print(f"ConvNet ({args.arch}), standard protocol ({args.epochs} epochs"
           f"{f', MNIST shapes {args.mnist_epochs}' if args.mnist_epochs else ''}), {len(seeds)} seeds, batch "
-          f"{standard.batch_size}, DSA on, {args.test_images} test images; CPU, {torch.get_num_threads()} torch "
-          f"threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start")
+          f"{standard.batch_size}, DSA on, {args.test_images} test images; {where}, "
+          f"{'full' if args.full_protocol else 'quick'} protocol recipe, load average {os.getloadavg()[0]:.1f} at the start")
     print("| shape | ipc | epochs | steps | sequential s | batched s | auto, 1st run s | auto, cached s | batched speed "
-          "| auto 1st speed | auto cached speed | calibration: batched step / S sequential steps | auto's path (reason) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+          "| auto 1st speed | auto cached speed | calibration cost | calibration: batched step / S sequential steps "
+          "| auto's path (reason) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
         epochs = args.mnist_epochs if shape == "mnist" and args.mnist_epochs else args.epochs
         protocol = replace(standard, epochs=epochs, decay_epoch=epochs // 2 + 1)
@@ -88,38 +117,51 @@ def main() -> None:
             distilled, dataset = random_case(shape, ipc, args.test_images)
             with tempfile.TemporaryDirectory() as scratch:  # untimed: first-call costs of both paths at these shapes
                 for mode in ("off", "on"):
-                    timed_evaluation(distilled, dataset, args.arch, replace(protocol, epochs=1), seeds, mode, scratch)
+                    timed_evaluation(distilled, dataset, args.arch, replace(protocol, epochs=1), seeds, mode, scratch, args.device)
             times: dict[str, list[float]] = {"off": [], "on": [], "auto 1st": [], "auto cached": []}
+            CALIBRATION_SECONDS.clear()
             for _ in range(args.repeats):
                 with tempfile.TemporaryDirectory() as cache:  # auto's first run finds an empty cache
-                    sequential, _, acc_sequential = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "off", cache)
-                    batched, _, acc_batched = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "on", cache)
-                    auto_first, engine, _ = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "auto", cache)
-                    auto_cached, cached_engine, _ = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "auto", cache)
+                    sequential, _, acc_sequential = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "off", cache, args.device)
+                    batched, _, acc_batched = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "on", cache, args.device)
+                    auto_first, engine, _ = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "auto", cache, args.device)
+                    auto_cached, cached_engine, _ = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "auto", cache, args.device)
                     calibrated = list(read_engine_cache(cache).values())
                 for column, seconds in zip(times, (sequential, batched, auto_first, auto_cached)):
                     times[column].append(seconds)
             sequential, batched, auto_first, auto_cached = (min(times[column]) for column in times)
+            calibration = (f"{min(CALIBRATION_SECONDS):.2f} s = {100 * min(CALIBRATION_SECONDS) / sequential:.1f} %"
+                           if CALIBRATION_SECONDS else "none")
             n = len(distilled)
             steps = epochs * -(-n // protocol.batch_size)
             if calibrated:  # auto calibrated in its first run
                 step_s = (calibrated[0]["batched_step_s"], calibrated[0]["sequential_step_s"])
                 source = "auto's"
             else:  # too short a training for auto to calibrate: what it would measure in a longer one
-                models = [create_network(args.arch, 10, 1, dataset.resolution, generator_for(seed, "evaluate", args.arch))
-                          for seed in seeds]
+                models = [create_network(args.arch, 10, dataset.info.channels, dataset.resolution,
+                                         generator_for(seed, "evaluate", args.arch)).to(args.device) for seed in seeds]
                 augment = DSA.for_dataset(dataset.info.digit_like)
-                step_s = calibrate_seed_batching(models, distilled.images, distilled.labels, protocol, augment)[::-1]
+                step_s = calibrate_seed_batching(models, distilled.images.to(args.device),
+                                                 distilled.labels.to(args.device), protocol, augment)[::-1]
                 source = "calibrated apart"
             assert cached_engine["path"] == engine["path"]
             print(f"| {shape} {tuple(distilled.images.shape[1:])} | {ipc} | {epochs} | {steps} | {sequential:.2f} "
                   f"| {batched:.2f} | {auto_first:.2f} | {auto_cached:.2f} | {sequential / batched:.2f}× "
-                  f"| {sequential / auto_first:.2f}× | {sequential / auto_cached:.2f}× "
+                  f"| {sequential / auto_first:.2f}× | {sequential / auto_cached:.2f}× | {calibration} "
                   f"| {step_s[0] * 1000:.1f} / {step_s[1] * 1000:.1f} ms = {step_s[0] / step_s[1]:.2f} ({source}) "
                   f"| {engine['path']} ({engine['reason']}) |", flush=True)
+            rows.append(dict(shape=shape, image_shape=list(distilled.images.shape[1:]), ipc=ipc, epochs=epochs,
+                             steps=steps, seeds=len(seeds), sequential_s=sequential, batched_s=batched,
+                             auto_first_s=auto_first, auto_cached_s=auto_cached, auto_path=engine["path"],
+                             auto_reason=engine["reason"], batched_step_s=step_s[0], sequential_steps_s=step_s[1]))
             if max(abs(a - b) for a, b in zip(acc_sequential, acc_batched)) > 1.0:
                 print(f"  note: batched and sequential accuracies differ: {acc_batched} vs {acc_sequential}")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"benchmark": "batched_eval", "argv": sys.argv[1:],
+                                                "protocol": "full" if args.full_protocol else "quick",
+                                                "device": args.device, "env": environment_stamp(), "rows": rows},
+                                               indent=1))
 
 
 if __name__ == "__main__":

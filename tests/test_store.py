@@ -44,3 +44,18 @@ def test_distilled_set_round_trip(tmp_path):
     back = DistilledSet.load(tmp_path / "set.safetensors")
     assert torch.equal(back.images, images) and torch.equal(back.labels, labels) and torch.equal(back.soft_labels, soft)
     assert back.learned_lr == 0.0123 and back.metadata == meta
+
+
+def test_stems_with_dots_stay_separate_sets(tmp_path):
+    """Cell stems hold the method's recipe after a dot (``digits_ipc1_apm.digits_ipc1_<id>``): two cells whose stems
+    differ only after that dot must not overwrite each other's files."""
+    first = DistilledSet(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])).save(tmp_path / "digits_ipc1_apm.digits_ipc1_aaa")
+    second = DistilledSet(torch.ones(2, 1, 4, 4), torch.tensor([0, 1])).save(tmp_path / "digits_ipc1_apm.digits_ipc1_bbb")
+    assert first != second
+    assert first.name == "digits_ipc1_apm.digits_ipc1_aaa.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "digits_ipc1_apm.digits_ipc1_aaa.json", "digits_ipc1_apm.digits_ipc1_aaa.safetensors",
+        "digits_ipc1_apm.digits_ipc1_bbb.json", "digits_ipc1_apm.digits_ipc1_bbb.safetensors"]
+    assert DistilledSet.load(first).images.sum() == 0
+    assert DistilledSet.load(tmp_path / "digits_ipc1_apm.digits_ipc1_bbb.safetensors").images.sum() == 2 * 16
+    assert DistilledSet.load(tmp_path / "digits_ipc1_apm.digits_ipc1_bbb").images.sum() == 2 * 16

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The checks only a GPU can make (issues 3, 5 and 9), as one script for a short lease of a GPU machine.
+# Run from the repository root on a machine with an NVIDIA GPU, torch, timm and nvidia-ml-py:
+#
+#     WORK=/tmp/gpu-session OUT=out bash benchmarks/gpu_session.sh
+#
+# Stages, each under its own time limit, each logged to WORK/<stage>.log; WORK is packed into OUT/gpu_session.tgz
+# after every stage, so a run cut short still returns what it finished:
+#   gpu_tests     pytest -m gpu (NVML and the allocator against a known 1 GiB allocation; the environment stamp)
+#   batched_eval  seed-batched vs sequential evaluation at CIFAR-10 shapes, ConvNet-3, ipc 1/10/50, 5 seeds,
+#                 300 epochs, the full standard protocol (issue 9)
+#   efficiency    APM at segment 500/250/100 vs MTT vs TESLA, full CIFAR-10 ipc 50 recipes on random pixels of
+#                 CIFAR-10's shape, cheap experts, 30 iterations each (issue 5)
+#   e2e_digits    `ddbench run` of random, DM and APM (quick) on digits on the GPU, evaluated: a full record there
+set -u
+PY=${PY:-python3}
+WORK=${WORK:-/tmp/gpu-session}
+OUT=${OUT:-$WORK/out}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DDBENCH_CACHE=$WORK/cache
+mkdir -p "$WORK" "$OUT"
+only=${STAGES:-gpu_tests batched_eval efficiency e2e_digits}
+
+stage() {  # stage NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2; shift 2
+    case " $only " in *" $name "*) ;; *) return ;; esac
+    local start=$SECONDS
+    echo "== $name (limit ${limit} s): $*"
+    timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    tail -n 25 "$WORK/$name.log"
+    tar czf "$OUT/gpu_session.tgz" -C "$WORK" --exclude cache --exclude random-cifar10 .
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+$PY -c "import torch, timm, pynvml; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))"
+stage gpu_tests 90 $PY -m pytest -m gpu tests/test_measure_gpu.py -q -p no:cacheprovider
+stage batched_eval 150 $PY benchmarks/batched_eval.py --device cuda --shapes cifar10 --ipc 1,10,50 --epochs 300 \
+    --seeds 5 --full-protocol --json "$WORK/batched_eval.json"
+stage efficiency 240 $PY benchmarks/efficiency.py --full --random-cifar10 "$WORK/random-cifar10" --cheap-experts \
+    --iterations 30 --results "$WORK/efficiency_cifar10_random" --device cuda
+stage e2e_digits 100 $PY -m bench.cli run --dataset digits --methods random,dm,apm --ipc 1 --seeds 0,1 --quick \
+    --device cuda --results "$WORK/e2e_digits"
+echo "== done after $SECONDS s"
