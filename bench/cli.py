@@ -85,12 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--protocol", default="standard")
     evaluate.add_argument("--results", default=None, help="also write records into this folder")
     evaluate.add_argument("--batch-seeds", choices=BATCH_SEEDS, default="auto", help=BATCH_SEEDS_HELP)
+    evaluate.add_argument("--eval-epochs", type=int, default=None,
+                          help="smoke tests only: train each evaluation network this many epochs (recorded in every record)")
     _common(evaluate)
 
     run = sub.add_parser("run", help="distil and evaluate a grid (or a suite), one record per cell × evaluation architecture")
     run.add_argument("--suite", default=None, help="a suite name (ddbench ls suites) or a suite YAML file; replaces the grid options")
     run.add_argument("--only", action="append", metavar="KEY=VALUE",
-                     help="with --suite: keep only cells whose dataset, method, ipc or protocol is VALUE (repeatable)")
+                     help="with --suite: keep only cells whose dataset, method, ipc, protocol or evaluation seed is VALUE (repeatable)")
     run.add_argument("--dataset", default="digits")
     run.add_argument("--methods", type=_names, default=None, help="comma-separated method[.recipe] names, or 'all'")
     run.add_argument("--ipc", type=_ints, default=[1, 10])
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--memory-rel-tol", type=float, default=None)
     compare.add_argument("--flops-rel-tol", type=float, default=None)
     compare.add_argument("--time-rel-tol", type=float, default=None)
+    compare.add_argument("--only", action="append", metavar="KEY=VALUE",
+                         help="compare only cells whose dataset, method, ipc or protocol is VALUE (repeatable), "
+                              "e.g. after `run --suite … --only` of the same filters")
     return parser
 
 
@@ -212,7 +217,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     dataset = load_dataset(meta["dataset"], args.data_root, zca=zca, device=device)
     protocol = get_protocol(args.protocol)
-    resolved = protocol_for(protocol, distilled, args.quick)
+    if args.eval_epochs is not None and args.eval_epochs < 1:
+        raise UserError(f"--eval-epochs must be at least 1, got {args.eval_epochs}")
+    resolved = protocol_for(protocol, distilled, args.quick, args.eval_epochs)
     for arch in args.archs:
         _check_arch_runs(arch, dataset.to("cpu"))
     if args.results:
@@ -234,9 +241,11 @@ def _evaluate(args: argparse.Namespace) -> None:
         if args.results:
             identity = {"set": str(Path(args.path).resolve()), "eval_arch": arch, "protocol": [protocol.name, protocol.version],
                         "quick": args.quick, "seeds": args.seeds}
+            if args.eval_epochs is not None:
+                identity["eval_epochs"] = args.eval_epochs
             write_record(args.results, dict(
                 set_fields(meta), label=meta.get("method"), record_id=stable_hash(identity), suite=None, env=env, isolated=False,
-                eval_epochs_override=None,
+                eval_epochs_override=args.eval_epochs,
                 quick=bool(args.quick or meta.get("quick")), learned_lr=distilled.learned_lr,
                 distilled_path=str(args.path), phases=phases, status="ok", error=None, **NOT_DISTILLED_HERE, **fields,
             ))
@@ -322,10 +331,11 @@ def _report(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> int:
     from bench.compare import main_compare
+    from bench.suite import parse_only
 
     overrides = {key: value for key, value in dict(acc_tol=args.acc_tol, acc_k=args.acc_k, memory_rel_tol=args.memory_rel_tol,
                  flops_rel_tol=args.flops_rel_tol, time_rel_tol=args.time_rel_tol).items() if value is not None}
-    return main_compare(args.baseline, args.current, **overrides)
+    return main_compare(args.baseline, args.current, parse_only(args.only), **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -292,12 +292,33 @@ def _judge_status(key: CellKey, baseline: dict, current: dict) -> Change | None:
     return None
 
 
+def _selected(key: CellKey, record: dict, only: dict[str, set[str]]) -> bool:
+    """Whether a cell passes ``--only`` filters (the keys of ``ddbench run --suite … --only``)."""
+    names = {"dataset": {key.dataset}, "ipc": {str(key.ipc)}, "protocol": {key.protocol},
+             "method": {key.label, str(record.get("method")), str(record.get("method")).split(".")[0]}}
+    return all(names[k] & values for k, values in only.items() if k in names)
+
+
 def compare_results(baseline_dir: str | os.PathLike, current_dir: str | os.PathLike,
-                    thresholds: Thresholds = Thresholds()) -> Comparison:
-    """Compare every cell of ``current_dir`` with the same cell of ``baseline_dir`` (see the module docstring)."""
+                    thresholds: Thresholds = Thresholds(), only: dict[str, set[str]] | None = None) -> Comparison:
+    """Compare every cell of ``current_dir`` with the same cell of ``baseline_dir`` (see the module docstring).
+
+    With ``only`` (``--only`` filters, as ``ddbench run --suite`` takes them), cells of either side outside the
+    filters are left out, so a run of part of a suite is compared with that part of its baseline."""
     comparison = Comparison(str(baseline_dir), str(current_dir), thresholds)
     baseline = _load_folder(baseline_dir, "baseline", comparison.notes)
     current = _load_folder(current_dir, "current", comparison.notes)
+    if only:
+        shown = " ".join(f"--only {k}={','.join(sorted(v))}" for k, v in sorted(only.items()))
+        for side, cells in (("baseline", baseline), ("current", current)):
+            left_out = [k for k, record in cells.items() if not _selected(k, record, only)]
+            for k in left_out:
+                del cells[k]
+            if left_out:
+                comparison.notes.append(f"{side}: {len(left_out)} cell{'' if len(left_out) == 1 else 's'} outside "
+                                        f"{shown} not compared")
+        if not baseline:
+            raise UserError(f"no baseline cell passes {shown}")
 
     matched = sorted(set(baseline) & set(current), key=CellKey.sort_key)
     comparison.cells_compared = len(matched)
@@ -363,7 +384,8 @@ def format_comparison(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
-def main_compare(baseline: str, current: str, **threshold_overrides: float | None) -> int:
+def main_compare(baseline: str, current: str, only: dict[str, set[str]] | None = None,
+                 **threshold_overrides: float | None) -> int:
     """``ddbench compare BASELINE CURRENT``: print the comparison; 0 when nothing regressed, else 1.
 
     ``threshold_overrides`` are ``Thresholds`` fields (``acc_tol=3.0``); None means "keep the default". A missing
@@ -373,6 +395,6 @@ def main_compare(baseline: str, current: str, **threshold_overrides: float | Non
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Thresholds)}
     if unknown:
         raise TypeError(f"unknown threshold(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(Thresholds)]}")
-    comparison = compare_results(baseline, current, Thresholds(**overrides))
+    comparison = compare_results(baseline, current, Thresholds(**overrides), only)
     print(format_comparison(comparison))
     return 1 if comparison.has_regressions else 0

@@ -57,7 +57,7 @@ _SUITE_KEYS = {"name", "version", "description", "quick", "defaults", "grids"}
 _METHOD_KEYS = {"method", "label", "options"}
 DEFAULT_SETTINGS = {"distill_arch": "convnet", "eval_archs": ["convnet"], "protocols": ["standard"],
                     "seeds": [0, 1, 2], "distill_seed": 0, "evaluate": True, "batch_seeds": "auto"}
-ONLY_KEYS = ("dataset", "method", "ipc", "protocol")
+ONLY_KEYS = ("dataset", "method", "ipc", "protocol", "seed")
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,8 @@ def load_suite(name_or_file: str) -> Suite:
 
 
 def parse_only(pairs: list[str] | None) -> dict[str, set[str]]:
-    """``--only key=value`` filters (repeatable; values comma-separated): keys dataset, method, ipc, protocol."""
+    """``--only key=value`` filters (repeatable; values comma-separated): keys dataset, method, ipc, protocol and
+    seed (evaluation seeds: a cell evaluated on fewer seeds is another cell, with its own record)."""
     only: dict[str, set[str]] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -244,7 +245,8 @@ def suite_requests(suite: Suite, results_dir: Path, quick: bool = False, only: d
         ipcs = [i for i in grid.ipc if _keep(only, "ipc", i)]
         protocols = [p for p in grid.protocols if _keep(only, "protocol", p)] if grid.evaluate else grid.protocols[:1]
         datasets = [d for d in grid.datasets if _keep(only, "dataset", d)]
-        if not (entries and ipcs and protocols and datasets):
+        seeds = [s for s in grid.seeds if _keep(only, "seed", s)] if grid.evaluate else []
+        if not (entries and ipcs and protocols and datasets and (seeds or not grid.evaluate)):
             continue
         batches = [[m for m in entries if not m.options]] + [[m] for m in entries if m.options]
         for dataset in datasets:
@@ -255,7 +257,7 @@ def suite_requests(suite: Suite, results_dir: Path, quick: bool = False, only: d
                     requests.append(RunRequest(
                         dataset=dataset, methods=[m.spec for m in batch], ipcs=ipcs,
                         eval_archs=list(grid.eval_archs) if grid.evaluate else [],
-                        seeds=list(grid.seeds) if grid.evaluate else [],
+                        seeds=seeds,
                         results_dir=results_dir, protocol=protocol, distill_arch=grid.distill_arch,
                         quick=quick or suite.quick, distill_seed=grid.distill_seed, suite=suite.name,
                         method_options={m.spec: m.options for m in batch if m.options},

@@ -69,7 +69,7 @@ def test_distill_then_evaluate_with_timm_models(capsys, tmp_path):
     assert code == 0 and (tmp_path / "set.safetensors").is_file()
     code, out, err = run_cli(capsys, "evaluate", str(tmp_path / "set.json"), "--archs",
                              "resnet18,vit_tiny_patch16_224[patch_size=2]", "--seeds", "0", "--quick",
-                             "--results", str(tmp_path / "res"))
+                             "--eval-epochs", "5", "--results", str(tmp_path / "res"))
     assert code == 0, err
     lines = [line for line in out.splitlines() if "→" in line]
     assert len(lines) == 2 and "resnet18" in lines[0] and "vit_tiny_patch16_224" in lines[1]
@@ -78,6 +78,7 @@ def test_distill_then_evaluate_with_timm_models(capsys, tmp_path):
     import json
 
     evaluated = json.loads(records[0].read_text())
+    assert evaluated["eval_epochs_override"] == 5 and evaluated["protocol_config"]["epochs"] == 5
     code, _, err = run_cli(capsys, *RUN, "--results", str(tmp_path / "grid"))
     assert code == 0, err
     (grid_record,) = (tmp_path / "grid" / "records").glob("*.json")

@@ -272,3 +272,24 @@ def test_table_shows_only_what_moved(baseline, tmp_path):
     text = format_comparison(compare_results(baseline, current_folder(tmp_path, grow)))
     table_rows = [line for line in text.splitlines() if line.startswith("| cifar10")]
     assert len(table_rows) == 1 and "flops_per_eval_epoch ↓" in table_rows[0] and "regressed" in table_rows[0]
+
+
+def test_only_compares_the_selected_part_of_the_baseline(baseline, tmp_path):
+    """A run of part of a suite (`make regress` runs ipc 1) against the whole baseline: with the same `--only`
+    filters the rest of the baseline is not "missing"; a regression inside the part still fails."""
+    part = [r for r in baseline_records() if r["ipc"] == 1]
+    current = write_folder(tmp_path / "part", part)
+    assert compare_results(baseline, current).has_regressions  # without the filter: ipc 10 cells are missing
+    comparison = compare_results(baseline, current, only={"ipc": {"1"}})
+    assert not comparison.has_regressions and comparison.cells_compared == len(METHODS)
+    assert any("3 cells outside --only ipc=1 not compared" in note for note in comparison.notes)
+    assert main_compare(baseline, current, only={"ipc": {"1"}}) == 0
+
+    worse = copy.deepcopy(part)
+    worse[0]["acc"] = [a - 5 for a in worse[0]["acc"]]
+    worse[0]["acc_mean"] -= 5
+    current = write_folder(tmp_path / "worse", worse)
+    assert main_compare(baseline, current, only={"ipc": {"1"}}) == 1
+    assert main_compare(baseline, current, only={"ipc": {"1"}, "method": {"dm", "mtt"}}) == 0  # random left out
+    with pytest.raises(UserError, match="no baseline cell passes"):
+        compare_results(baseline, current, only={"method": {"apm"}})

@@ -57,6 +57,10 @@ def test_only_filters_cells():
         suite_requests(load_suite("quick"), Path("."), only=parse_only(["method=nothing"]))
     with pytest.raises(UserError, match="--only expects"):
         parse_only(["colour=red"])
+    (request,) = suite_requests(load_suite("quick"), Path("."), only=parse_only(["method=random", "ipc=1", "seed=0,2"]))
+    assert request.seeds == [0, 2]
+    with pytest.raises(UserError, match="no cell of suite 'quick' matches"):
+        suite_requests(load_suite("quick"), Path("."), only=parse_only(["seed=7"]))
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -178,11 +182,12 @@ def test_imagenet_suite_runs_one_quick_cell_on_a_fake_folder(tmp_path, capsys):
     _fake_imagenet64(tmp_path / "data")
     results = tmp_path / "results"
     code = main(["run", "--suite", "imagenet", "--quick", "--data-root", str(tmp_path / "data"), "--results", str(results),
-                 "--only", "method=random", "--only", "ipc=1", "--only", "protocol=standard", "--eval-epochs", "1",
+                 "--only", "method=random", "--only", "ipc=1", "--only", "protocol=standard", "--only", "seed=0",
+                 "--eval-epochs", "1",
                  "--no-isolate", "--cache-dir", str(tmp_path / "cache")])
     assert code == 0, capsys.readouterr().err
     (record,) = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
     assert record["suite"] == "imagenet" and record["dataset"] == "imagenet64" and record["ipc"] == 1
     assert record["status"] == "ok" and record["quick"] and record["eval_epochs_override"] == 1
     assert record["eval_arch"] == "convnetd4" and record["protocol_config"]["epochs"] == 1
-    assert len(record["acc"]) == 3
+    assert len(record["acc"]) == 1 and record["seeds"] == [0]
