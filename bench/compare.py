@@ -293,8 +293,10 @@ def _judge_status(key: CellKey, baseline: dict, current: dict) -> Change | None:
 
 
 def _selected(key: CellKey, record: dict, only: dict[str, set[str]]) -> bool:
-    """Whether a cell passes ``--only`` filters (the keys of ``ddbench run --suite … --only``)."""
-    names = {"dataset": {key.dataset}, "ipc": {str(key.ipc)}, "protocol": {key.protocol},
+    """Whether a cell passes ``--only`` filters (the keys of ``ddbench run --suite … --only``). As there, a cell
+    without an ipc (``full``: the method ignores it) passes every ipc filter."""
+    ipc = {str(key.ipc)} if key.ipc is not None else set(only.get("ipc", ()))
+    names = {"dataset": {key.dataset}, "ipc": ipc, "protocol": {key.protocol},
              "method": {key.label, str(record.get("method")), str(record.get("method")).split(".")[0]}}
     return all(names[k] & values for k, values in only.items() if k in names)
 

@@ -293,3 +293,13 @@ def test_only_compares_the_selected_part_of_the_baseline(baseline, tmp_path):
     assert main_compare(baseline, current, only={"ipc": {"1"}, "method": {"dm", "mtt"}}) == 0  # random left out
     with pytest.raises(UserError, match="no baseline cell passes"):
         compare_results(baseline, current, only={"method": {"apm"}})
+
+
+def test_only_ipc_keeps_cells_without_an_ipc(tmp_path):
+    """`full` ignores ipc: `run --suite quick --only ipc=1` runs it, so `compare --only ipc=1` compares it."""
+    records = [make_record("random", 1, [30.0, 31.0]), make_record("full", None, [99.0, 99.2])]
+    baseline = write_folder(tmp_path / "baseline", records + [make_record("random", 10, [50.0, 51.0])])
+    current = write_folder(tmp_path / "current", records)
+    comparison = compare_results(baseline, current, only={"ipc": {"1"}})
+    assert comparison.cells_compared == 2 and not comparison.has_regressions
+    assert compare_results(baseline, current, only={"ipc": {"1"}, "method": {"random"}}).cells_compared == 1
