@@ -100,10 +100,11 @@ def main() -> None:
             options |= cheap_trajectory(recipe.get("expert_epochs", 2))
         run(RunRequest(methods=[method], method_options={method: options}, **common))
 
-    rows = []
+    rows, env = [], None
     for r in load_records(results):
         if r["ipc"] != args.ipc or r["status"] != "ok":
             continue
+        env = r["env"]
         cfg = r["config"]
         label = f"apm segment {cfg['segment']}" if r["method"].startswith("apm") else \
             f"{r['method'].split('.')[0]} syn_steps {cfg.get('syn_steps')}"
@@ -117,7 +118,6 @@ def main() -> None:
         sys.exit("no ok records: see the failed cells' records")
     rows.sort(key=lambda row: (not row["label"].startswith("apm"),
                                row["label"].startswith("apm") and -int(row["label"].split()[-1])))
-    env = r["env"]
     where = env.get("gpu_name") or f"CPU ({env['cpu_model']}, {env['cpu_threads']} threads)"
     pixels = "random pixels, " if args.random_cifar10 else ""
     print(f"\n{args.dataset} ipc {args.ipc} ({pixels}{'full' if args.full else 'quick'} recipes"

@@ -5,7 +5,8 @@
 #     WORK=/tmp/gpu-session OUT=out bash benchmarks/gpu_session.sh
 #
 # Stages, each under its own time limit, each logged to WORK/<stage>.log; WORK is packed into OUT/gpu_session.tgz
-# after every stage, so a run cut short still returns what it finished:
+# after every stage (logs and records; distilled sets stay behind, over the device tool's 16 MiB per file), so a
+# run cut short still returns what it finished:
 #   gpu_tests     pytest -m gpu (NVML and the allocator against a known 1 GiB allocation; the environment stamp)
 #   batched_eval  seed-batched vs sequential evaluation at CIFAR-10 shapes, ConvNet-3, ipc 1/10/50, 5 seeds,
 #                 300 epochs, the full standard protocol (issue 9)
@@ -29,7 +30,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...
     local rc=$?
     echo "== $name: exit $rc after $((SECONDS - start)) s"
     tail -n 25 "$WORK/$name.log"
-    tar czf "$OUT/gpu_session.tgz" -C "$WORK" --exclude cache --exclude random-cifar10 .
+    tar czf "$OUT/gpu_session.tgz" -C "$WORK" --exclude cache --exclude random-cifar10 --exclude '*.safetensors' .
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
