@@ -33,22 +33,26 @@ QUICK ?= $(if $(HAS_GPU),,--quick)
 MNIST_SUITE ?= $(if $(HAS_GPU),mnist,mnist_cpu)
 BASELINE ?= results/baselines/quick-cpu
 
+# CPU runs put one cell per core side by side, each with one torch thread (`ddbench run --jobs`): distillation's small
+# networks barely use a second thread. On a GPU, cells run one per GPU.
+JOBS ?= $(if $(HAS_GPU),1,$(shell nproc 2>/dev/null || echo 1))
+
 SUITE_TARGETS := bench-cifar10 bench-cifar100 bench-tiny bench-imagenet bench-cross_arch bench-efficiency bench-efficiency_cpu bench-ablation_k bench-parallel
 .PHONY: bench bench-mnist bench-parallel_quick $(SUITE_TARGETS) report regress
 
 # The main job on the embedded default (scikit-learn's digits): the `quick` suite (every method, ipc 1 and 10,
 # ConvNet, 3 seeds, the standard protocol, reduced CPU recipes), then its report.
 bench: venv
-	$(BIN)/ddbench run --suite quick --results $(RESULTS)/quick --resume
+	$(BIN)/ddbench run --suite quick --results $(RESULTS)/quick --resume --jobs $(JOBS)
 	$(BIN)/ddbench report --suite quick --results $(RESULTS)/quick --out $(REPORTS)
 
 # Any other suite: `make bench-<suite>` runs bench/suites/<suite>.yaml on the data under DATA_ROOT, then its report.
 $(SUITE_TARGETS): bench-%: venv
-	$(BIN)/ddbench run --suite $* $(QUICK) --data-root $(DATA_ROOT) --results $(RESULTS)/$* --resume
+	$(BIN)/ddbench run --suite $* $(QUICK) --data-root $(DATA_ROOT) --results $(RESULTS)/$* --resume --jobs $(JOBS)
 	$(BIN)/ddbench report --suite $* --results $(RESULTS)/$* --out $(REPORTS)
 
 bench-mnist: venv
-	$(BIN)/ddbench run --suite $(MNIST_SUITE) $(QUICK) --data-root $(DATA_ROOT) --results $(RESULTS)/$(MNIST_SUITE) --resume
+	$(BIN)/ddbench run --suite $(MNIST_SUITE) $(QUICK) --data-root $(DATA_ROOT) --results $(RESULTS)/$(MNIST_SUITE) --resume --jobs $(JOBS)
 	$(BIN)/ddbench report --suite $(MNIST_SUITE) --results $(RESULTS)/$(MNIST_SUITE) --out $(REPORTS)
 
 # APM's merged-subgroups figure in quick form on digits, every subgroup a task of the Ray executor (a local Ray head on
@@ -74,7 +78,7 @@ REGRESS_TOLERANCES ?= --acc-tol 3 --memory-rel-tol 0.15 --time-rel-tol 1.0
 REGRESS_ONLY ?= --only ipc=1
 regress: venv
 	rm -rf $(RESULTS)/regress $(RESULTS)/regress-cache
-	$(BIN)/ddbench run --suite quick $(REGRESS_ONLY) --results $(RESULTS)/regress --cache-dir $(RESULTS)/regress-cache --batch-seeds off
+	$(BIN)/ddbench run --suite quick $(REGRESS_ONLY) --results $(RESULTS)/regress --cache-dir $(RESULTS)/regress-cache --batch-seeds off --jobs $(JOBS)
 	$(BIN)/ddbench compare $(BASELINE) $(RESULTS)/regress $(REGRESS_TOLERANCES) $(REGRESS_ONLY)
 
 clean:

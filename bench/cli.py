@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-num-cpus", type=float, default=None, help="with --executor ray: CPUs per cell task (default 1)")
     run.add_argument("--ray-num-gpus", type=float, default=None,
                      help="with --executor ray: GPUs per cell task (default 1 on CUDA, else 0)")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="CPU runs: N cells side by side, each in its own process with cores/N torch threads "
+                          "(default 1; recorded as cells_side_by_side)")
     _common(run)
 
     validate = sub.add_parser("validate", help="resolve every cell of a suite and check its names, without running")
@@ -245,6 +248,7 @@ def _evaluate(args: argparse.Namespace) -> None:
                 identity["eval_epochs"] = args.eval_epochs
             write_record(args.results, dict(
                 set_fields(meta), label=meta.get("method"), record_id=stable_hash(identity), suite=None, env=env, isolated=False,
+                cells_side_by_side=1,
                 eval_epochs_override=args.eval_epochs,
                 quick=bool(args.quick or meta.get("quick")), learned_lr=distilled.learned_lr,
                 distilled_path=str(args.path), phases=phases, status="ok", error=None, **NOT_DISTILLED_HERE, **fields,
@@ -259,7 +263,8 @@ def _executor_options(args: argparse.Namespace) -> dict:
                  if value is not None}
     if args.executor != "ray" and (args.ray_address or resources):
         raise UserError("--ray-address, --ray-num-cpus and --ray-num-gpus go with --executor ray")
-    return {"executor": args.executor, "ray_address": args.ray_address or "auto", "ray_resources": resources}
+    return {"executor": args.executor, "ray_address": args.ray_address or "auto", "ray_resources": resources,
+            "jobs": args.jobs}
 
 
 def _run(args: argparse.Namespace) -> int:

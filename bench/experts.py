@@ -19,9 +19,10 @@ Quick recipes are the same recipes with fewer epochs (and pools with fewer exper
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -80,6 +81,22 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ddbench"
 
 
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """An advisory lock on ``path`` (POSIX ``flock``; where there is none, no lock): held by one process at a time."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class ExpertPool:
     """``count`` experts of one recipe on one dataset and architecture, trained on demand and cached."""
 
@@ -113,17 +130,26 @@ class ExpertPool:
         return self.folder / f"expert_{index:04d}.safetensors"
 
     def ensure(self, on_epoch: Callable[[int, int, float], None] | None = None) -> None:
-        """Train every missing expert, in order; those already cached are kept."""
-        missing = [i for i in range(self.count) if not self.path(i).is_file()]
-        if not missing:
-            self.log(f"experts: {self.count} × {self.recipe.name} on {self.dataset.name}/{self.arch} loaded from cache {self.folder}")
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.folder / "identity.json", self.identity)
-        self.log(f"experts: training {len(missing)} of {self.count} × {self.recipe.name} on {self.dataset.name}/{self.arch} into {self.folder}")
-        for index in missing:
-            self._train(index, on_epoch)
-            self.trained_now += 1
+        """Train every missing expert, in order; those already cached are kept.
+
+        Training holds an exclusive lock on the pool's folder, so processes sharing a cache (cells side by side,
+        Ray tasks on one node) train each expert once: the others wait, then load it."""
+        if self._missing():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with _exclusive_lock(self.folder / ".lock"):
+                missing = self._missing()
+                if missing:
+                    write_json_atomic(self.folder / "identity.json", self.identity)
+                    self.log(f"experts: training {len(missing)} of {self.count} × {self.recipe.name} on "
+                             f"{self.dataset.name}/{self.arch} into {self.folder}")
+                    for index in missing:
+                        self._train(index, on_epoch)
+                        self.trained_now += 1
+                    return
+        self.log(f"experts: {self.count} × {self.recipe.name} on {self.dataset.name}/{self.arch} loaded from cache {self.folder}")
+
+    def _missing(self) -> list[int]:
+        return [i for i in range(self.count) if not self.path(i).is_file()]
 
     def _train(self, index: int, on_epoch: Callable[[int, int, float], None] | None) -> None:
         generator = generator_for(self.seed, "expert", self.key, str(index))

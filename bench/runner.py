@@ -70,6 +70,7 @@ class RunRequest:
     executor: str = "local"  # where cells run: "local" (this machine) or "ray" (a Ray cluster); see bench.executors
     ray_address: str = "auto"  # with the ray executor: a running cluster's HOST:PORT, or auto
     ray_resources: dict = field(default_factory=dict)  # with the ray executor: each cell task's num_cpus / num_gpus
+    jobs: int = 1  # CPU runs, local executor: cells run side by side, each with cores // jobs torch threads
 
 
 @dataclass
@@ -125,9 +126,10 @@ def check_request(request: RunRequest) -> list[str]:
     get_protocol(request.protocol)
     for arch in [request.distill_arch, *request.eval_archs]:
         check_arch(arch)
-    from bench.executors import check_executor
+    from bench.executors import check_executor, check_jobs
 
     check_executor(request)
+    check_jobs(request)
     return specs
 
 
@@ -526,7 +528,8 @@ def _base_record(cell: Cell, request: RunRequest, arch: str, ids: dict[str, str]
     """The fields every record of this cell and evaluation architecture carries, whatever happened."""
     return dict(set_fields(cell_metadata(cell, request)), label=cell.label or cell.method_spec, suite=request.suite,
                 quick=request.quick,
-                record_id=ids[arch], status="ok", error=None, isolated=request.isolate, eval_epochs_override=request.eval_epochs,
+                record_id=ids[arch], status="ok", error=None, isolated=request.isolate, cells_side_by_side=request.jobs,
+                eval_epochs_override=request.eval_epochs,
                 flops_per_eval_epoch=None, eval_flops_reason="no evaluation ran",
                 **evaluation_fields(arch, protocol, protocol_for(protocol, None, request.quick, request.eval_epochs),
                                     request.seeds))
@@ -595,12 +598,14 @@ class CellTask:
     ids: dict[str, str]
     label: str | None = None
     gpu: str | None = None  # a CUDA_VISIBLE_DEVICES entry: the one GPU the process may use (None: as inherited)
+    threads: int | None = None  # torch's intra-op threads in the process (None: torch's default)
 
 
-def cell_task(cell: Cell, archs: list[str], ids: dict[str, str], gpu: str | None = None) -> CellTask:
+def cell_task(cell: Cell, archs: list[str], ids: dict[str, str], gpu: str | None = None,
+              threads: int | None = None) -> CellTask:
     """The ``CellTask`` of a planned cell."""
     return CellTask(cell.method_spec, cell.method, cell.ipc, bool(getattr(cell.method.config, "zca", False)), archs, ids,
-                    cell.label, gpu)
+                    cell.label, gpu, threads)
 
 
 def _cell_child(connection, request: RunRequest, task: CellTask) -> None:
@@ -608,6 +613,8 @@ def _cell_child(connection, request: RunRequest, task: CellTask) -> None:
     try:
         if task.gpu is not None:  # set before anything here starts CUDA
             os.environ["CUDA_VISIBLE_DEVICES"] = task.gpu
+        if task.threads is not None:
+            torch.set_num_threads(task.threads)
         dataset = load_dataset(request.dataset, request.data_root, zca=task.zca, device=resolve_device(request.device))
         cell = Cell(task.method_spec, task.method, task.ipc, dataset, task.label)
         records = run_cell(cell, request, task.archs, task.ids)
@@ -644,12 +651,13 @@ def _child_context():
 
 
 def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str],
-                      gpu: str | None = None) -> list[dict]:
-    """``run_cell`` in a fresh child process (seeing only GPU ``gpu`` when given): peaks are the cell's own, and a
-    crash or an out-of-memory kill costs only this cell — its records then say so, with the peak RSS the parent saw."""
+                      gpu: str | None = None, threads: int | None = None) -> list[dict]:
+    """``run_cell`` in a fresh child process (seeing only GPU ``gpu`` when given; with ``threads`` torch threads when
+    given): peaks are the cell's own, and a crash or an out-of-memory kill costs only this cell — its records then
+    say so, with the peak RSS the parent saw."""
     context = _child_context()
     receiver, sender = context.Pipe(duplex=False)
-    task = cell_task(cell, archs, ids, gpu)
+    task = cell_task(cell, archs, ids, gpu, threads)
     child = context.Process(target=_cell_child, args=(sender, request, task), name=f"ddbench-cell-{ids[archs[0]]}")
     child.start()
     RUNNING_CHILDREN.add(child)

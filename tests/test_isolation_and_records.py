@@ -101,3 +101,33 @@ def test_periodic_methods_are_timed_by_whole_periods():
     for _ in range(6):
         single.iteration_done()
     assert single.fields()["iter_time_s"]["n"] == 3 and "per_period" not in single.fields()["iter_time_s"]
+
+
+def test_cells_side_by_side_give_every_record_and_say_so(tmp_path):
+    """--jobs 2: two cells at a time, each in its own process with its share of the cores; two cells that need the
+    same experts (MTT and TESLA) train them once between them (the pool's lock), and each record says how it ran."""
+    from bench.executors import cpu_threads_per_job
+
+    trajectory = {"iterations": 2, "num_experts": 1, "expert_train_epochs": 2, "syn_steps": 2, "expert_epochs": 1,
+                  "max_start_epoch": 1}
+    request = _request(tmp_path, ["random", "mtt", "tesla"], jobs=2, cache_dir=str(tmp_path / "cache"),
+                       method_options={"mtt": trajectory, "tesla": trajectory})
+    records = run(request, echo=lambda _: None)
+    assert sorted(r["method"] for r in records) == ["mtt", "random", "tesla"]
+    assert all(r["status"] == "ok" and r["cells_side_by_side"] == 2 for r in records)
+    assert {r["env"]["cpu_threads"] for r in records} == {cpu_threads_per_job(2)}
+    experts = [r["phases"]["experts"] for r in records if r["method"] in ("mtt", "tesla")]
+    assert sum(e["trained"] for e in experts) == 1 and sum(e["cached"] for e in experts) == 1
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"jobs": 0}, "at least 1"),
+    ({"jobs": 2, "isolate": False}, "--no-isolate"),
+    ({"jobs": 2, "device": "cuda"}, "CPU runs|CUDA is not available"),
+])
+def test_impossible_jobs_are_refused_before_any_work(tmp_path, options, message):
+    from bench.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        run(_request(tmp_path, ["random"], **options), echo=lambda _: None)
+    assert not (tmp_path / "results" / "records").exists()
