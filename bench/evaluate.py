@@ -46,6 +46,7 @@ from bench.augment import DSA
 from bench.data import Dataset
 from bench.distilled import DistilledSet, write_json_atomic
 from bench.errors import UserError
+from bench.measure import innermost_flop_counter
 from bench.models import create_network
 from bench.registry import Registry
 from bench.seed_stack import (BATCHNORM_REASON, SeedStack, batching_unsupported_reason, forward_kind,
@@ -197,10 +198,8 @@ def _train(
     decay_epoch = protocol.epochs // 2 + 1 if protocol.decay_epoch is None else protocol.decay_epoch
     n, count = images.shape[0], len(generators)
     epoch_losses = [float("nan")] * count
-    for epoch in range(protocol.epochs):
-        if epoch == decay_epoch:
-            for group in steps.optimizer.param_groups:
-                group["lr"] = protocol.lr * 0.1
+
+    def one_epoch() -> list[float]:
         orders = [torch.randperm(n, generator=generator).to(images.device) for generator in generators]
         totals, seen = [0.0] * count, 0
         for start in range(0, n, protocol.batch_size):
@@ -209,7 +208,26 @@ def _train(
             step_losses = steps.step(inputs, [targets[batch] for batch in batches])
             totals = [total + value * len(batches[0]) for total, value in zip(totals, step_losses)]
             seen += len(batches[0])
-        epoch_losses = [total / seen for total in totals]
+        return [total / seen for total in totals]
+
+    # Inside a FLOP-counting window (APM's student training is inside the distillation's): count the first
+    # epoch's steps, then run the others uncounted and add the same count — same operations, same shapes.
+    counter = innermost_flop_counter()
+    epoch_flops = 0
+    for epoch in range(protocol.epochs):
+        if epoch == decay_epoch:
+            for group in steps.optimizer.param_groups:
+                group["lr"] = protocol.lr * 0.1
+        if counter is None:
+            epoch_losses = one_epoch()
+        elif epoch == 0:
+            before = counter.total
+            epoch_losses = one_epoch()
+            epoch_flops = counter.total - before
+        else:
+            with counter.paused():
+                epoch_losses = one_epoch()
+            counter.add(epoch_flops)
         if on_epoch is not None:
             for value in epoch_losses:
                 on_epoch(epoch, value)

@@ -253,6 +253,8 @@ class IterationMeter:
     ``warmup`` iterations, and its iterations are left out of the timing statistics, since counting FLOPs slows
     them down. Warm-up iterations are dropped too. With a period longer than one, the time per iteration is that
     of whole periods (period time / period), so the long iterations are neither hidden by a median nor missed.
+    The window's own wall time is kept too (``flop_window_s``): beside ``period × median`` it shows what counting
+    cost, measured in the same run.
     """
 
     def __init__(self, device: torch.device, period: int = 1, warmup: int = ITERATION_WARMUP):
@@ -264,6 +266,8 @@ class IterationMeter:
         self.flop_reason: str | None = "the method reported no iterations"
         self._flop_start = 0
         self._counting = self._counted = False
+        self._window_began: float | None = None
+        self.flop_window_s: float | None = None
         self._last = time.perf_counter()
 
     def start(self, total: int) -> None:
@@ -281,6 +285,7 @@ class IterationMeter:
             if self.reported == self._flop_start + self.period:
                 self.flops, self.flop_reason = self.counter.stop(), self.counter.reason
                 self._counting = False
+                self.flop_window_s = time.perf_counter() - self._window_began
         else:
             self.durations[self.reported - 1] = now - self._last
         self._maybe_begin_count()
@@ -289,6 +294,7 @@ class IterationMeter:
     def _maybe_begin_count(self) -> None:
         if not self._counted and self.reported == self._flop_start:
             self._counting = self._counted = True
+            self._window_began = time.perf_counter()
             self.counter.start()
 
     def _time_per_iteration(self) -> dict:
@@ -310,7 +316,7 @@ class IterationMeter:
             self.flop_reason = f"the run ended inside the {self.period}-iteration FLOP-counting window"
         return {
             "iterations": self.reported,
-            "iter_time_s": self._time_per_iteration(),
+            "iter_time_s": dict(self._time_per_iteration(), flop_window_s=self.flop_window_s),
             "flops_per_iter": None if self.flops is None else self.flops // self.period,
             "flops_reason": None if self.flops is not None else self.flop_reason,
         }

@@ -186,6 +186,56 @@ def test_flop_counter_never_raises_into_the_measured_code(monkeypatch):
     assert "no dispatch mode today" in counter.reason
 
 
+@pytest.mark.parametrize("protocol_name, batched", [("standard", False), ("soft", False), ("standard", True)])
+def test_a_training_inside_a_counting_window_counts_what_counting_every_epoch_counts(monkeypatch, protocol_name, batched):
+    """The training loop counts its first epoch and adds it for the others (``innermost_flop_counter``): the
+    same total as counting every epoch — DSA on, an uneven last batch, one network or a seed stack — and the
+    epoch callbacks are still counted as they run."""
+    from bench import evaluate
+    from bench.augment import DSA
+    from bench.models import create_network
+    from bench.seeding import generator_for
+
+    protocol = evaluate.get_protocol(protocol_name).resolve(quick=True, epochs=4, batch_size=7)
+    images = torch.randn(20, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    targets = torch.arange(20) % 10 if protocol.targets == "hard" else torch.randn(20, 10)
+
+    def counted() -> tuple[int, list]:
+        def on_epoch(epoch: int, loss: float) -> None:
+            if epoch == 2:  # work of its own in one epoch only: counted as it happens, not extrapolated
+                torch.randn(16, 16) @ torch.randn(16, 16)
+
+        generators = [generator_for(seed, "evaluate", "convnet") for seed in (0, 1)]
+        models = [create_network("convnet[width=8]", 10, 1, 8, g) for g in generators]
+        counter = FlopCounter()
+        counter.start()
+        if batched:
+            evaluate.train_networks_batched(models, images, targets, protocol, generators, DSA.for_dataset(True), on_epoch)
+        else:
+            for model, generator in zip(models, generators):
+                evaluate.train_network(model, images, targets, protocol, generator, DSA.for_dataset(True), on_epoch)
+        return counter.stop(), [p.detach().clone() for m in models for p in m.parameters()]
+
+    extrapolated, trained = counted()
+    monkeypatch.setattr(evaluate, "innermost_flop_counter", lambda: None)  # count every epoch
+    every_epoch, trained_again = counted()
+    assert extrapolated == every_epoch > 0
+    assert all(torch.equal(a, b) for a, b in zip(trained, trained_again))  # pausing changes nothing computed
+
+
+def test_a_paused_counter_counts_nothing_and_resumes():
+    counter = FlopCounter()
+    counter.start()
+    assert measure.innermost_flop_counter() is counter
+    with counter.paused():
+        torch.randn(8, 8) @ torch.randn(8, 8)
+        assert measure.innermost_flop_counter() is None
+    torch.randn(4, 4) @ torch.randn(4, 4)
+    counter.add(10)
+    assert counter.stop() == 2 * 4 * 4 * 4 + 10
+    assert measure.innermost_flop_counter() is None
+
+
 STAMP_KEYS = {
     "ddbench", "git_sha", "git_dirty", "python", "torch", "timm", "cuda", "cudnn", "gpu_name", "gpu_count",
     "gpu_driver", "cpu_model", "cpu_threads", "cpu_count", "hostname", "platform", "tf32_matmul", "tf32_cudnn",
