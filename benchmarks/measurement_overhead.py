@@ -113,7 +113,7 @@ def main() -> None:
               f"minima {100 * (min(times[name]) / min(times['plain']) - 1):+.2f} %, "
               f"median of paired ratios {100 * (statistics.median(paired) - 1):+.2f} %, "
               f"CPU time medians {100 * (cpu[name] / cpu['plain'] - 1):+.2f} %")
-    parts = measured_parts(method.config.iterations)
+    parts = measured_parts(method.config.iterations, median["plain"])
     parts["FLOP window: excess over an uncounted period"] = statistics.median(window_excess)
     total = sum(parts.values())
     print(f"from its parts, measured in the run (share of the plain run's median {median['plain']:.3f} s):")
@@ -122,8 +122,9 @@ def main() -> None:
     print(f"  {'total':<52} {total * 1000:9.2f} ms  {100 * total / median['plain']:6.3f} %")
 
 
-def measured_parts(iterations: int) -> dict[str, float]:
-    """Seconds the harness adds to one distillation outside the FLOP window, each part timed apart."""
+def measured_parts(iterations: int, distill_s: float) -> dict[str, float]:
+    """Seconds the harness adds to one distillation of ``distill_s`` seconds outside the FLOP window, each part
+    timed apart."""
     from bench.runner import IterationMeter, _progress
 
     calls = 20_000
@@ -144,12 +145,16 @@ def measured_parts(iterations: int) -> dict[str, float]:
         with measure.phase(phases, "distill"):
             pass
     per_phase = (time.perf_counter() - start) / 100
-    sampler = measure.MemorySampler().start()
-    threads = sampler._thread is not None
+    parts = {f"bookkeeping × {iterations} iterations (meter, progress bar)": per_iteration * iterations,
+             "2 phases (experts, distill): samplers started, stopped": 2 * per_phase}
+    sampler = measure.MemorySampler().start()  # as a phase starts it
+    time.sleep(1.0)
     sampler.stop()
-    return {f"bookkeeping × {iterations} iterations (meter, progress bar)": per_iteration * iterations,
-            "2 phases (experts, distill): samplers started, stopped": 2 * per_phase,
-            "sampler thread: none (the kernel's peak-RSS mark)" if not threads else "sampler thread": 0.0}
+    if sampler.thread_cpu_s is None:  # no thread: on Linux the kernel keeps this process's peak RSS
+        parts["sampler thread: none (the kernel's peak-RSS mark)"] = 0.0
+    else:  # its CPU time over one second, scaled to the distillation's length
+        parts["sampler thread: its CPU time"] = sampler.thread_cpu_s * distill_s
+    return parts
 
 
 if __name__ == "__main__":

@@ -51,3 +51,22 @@ def test_quick_recipes_are_shorter_copies():
     full, quick = EXPERT_RECIPES["apm"], expert_recipe("apm", quick=True)
     assert quick.epochs < full.epochs and quick.lr == full.lr and quick.momentum == full.momentum
     assert quick.decay_epoch == quick.epochs // 2
+
+
+def test_a_second_process_waits_for_the_lock_then_loads(tmp_path):
+    """While one holder of the pool's lock trains the experts, another ``ensure`` waits, then trains nothing."""
+    import threading
+
+    from bench.experts import _exclusive_lock
+
+    digits = load_dataset("digits")
+    trainer, waiter = pool(digits, tmp_path, count=1), pool(digits, tmp_path, count=1)
+    trainer.folder.mkdir(parents=True)
+    with _exclusive_lock(trainer.folder / ".lock"):  # a separate open file: flock makes the thread wait on it
+        thread = threading.Thread(target=waiter.ensure)
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive() and not trainer.path(0).exists()  # blocked, not training its own copy
+        trainer._train(0, None)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and waiter.trained_now == 0
