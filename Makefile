@@ -74,7 +74,7 @@ report: venv
 # code and seeds gave APM at digits ipc 1 60.0 on one 2-core machine and 56.9 on another (CPU kernels round
 # differently, and APM's adversarial updates amplify it); 2 standard errors still apply.
 # CI checks the ipc-1 half of the grid (`full` included: it has no ipc) to keep its run short; `make regress
-# REGRESS_ONLY=` checks the whole grid against the whole baseline (12.1 min on a 2-core AMD EPYC with JOBS=2).
+# REGRESS_ONLY=` checks the whole grid against the whole baseline (about 9 min on a 2-core AMD EPYC with JOBS=2).
 REGRESS_TOLERANCES ?= --acc-tol 3 --memory-rel-tol 0.15 --time-rel-tol 1.0
 REGRESS_ONLY ?= --only ipc=1
 regress: venv

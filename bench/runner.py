@@ -214,8 +214,9 @@ def protocol_for(protocol: Protocol, distilled: DistilledSet | None, quick: bool
 
     A method may hand over settings for a protocol in ``metadata["protocol_overrides"][name]`` — APM gives the
     ``soft`` protocol its recipe's ``lr`` and ``epochs`` (Table A9) — and a learned lr (MTT) replaces the lr of
-    protocols that accept one. Under ``quick`` the quick epochs stand. ``epochs`` (a smoke test's
-    ``--eval-epochs``) overrides them all.
+    protocols that accept one. Under ``quick`` the quick epochs stand, unless the method hands over
+    ``quick_epochs`` (``full``: the whole training set needs fewer passes than a few images). ``epochs`` (a smoke
+    test's ``--eval-epochs``) overrides them all.
     """
     if epochs is not None:
         return replace(protocol_for(protocol, distilled, quick), epochs=epochs, decay_epoch=epochs // 2 + 1)
@@ -225,8 +226,9 @@ def protocol_for(protocol: Protocol, distilled: DistilledSet | None, quick: bool
     resolved = protocol.resolve(quick, None if "lr" in handed else distilled.learned_lr)
     if "lr" in handed:
         resolved = replace(resolved, lr=float(handed["lr"]))
-    if "epochs" in handed and not quick:
-        resolved = replace(resolved, epochs=int(handed["epochs"]), decay_epoch=int(handed["epochs"]) // 2 + 1)
+    handed_epochs = handed.get("quick_epochs") if quick else handed.get("epochs")
+    if handed_epochs is not None:
+        resolved = replace(resolved, epochs=int(handed_epochs), decay_epoch=int(handed_epochs) // 2 + 1)
     return resolved
 
 
@@ -252,7 +254,8 @@ class IterationMeter:
     iterations, so its iterations alternate long and short); it starts at the first period boundary after
     ``warmup`` iterations, and its iterations are left out of the timing statistics, since counting FLOPs slows
     them down. Warm-up iterations are dropped too. With a period longer than one, the time per iteration is that
-    of whole periods (period time / period), so the long iterations are neither hidden by a median nor missed.
+    of whole periods (period time / period), so the long iterations are neither hidden by a median nor missed;
+    the iterations that do not begin a period are also summarised apart (``rest_of_period``).
     The window's own wall time is kept too (``flop_window_s``): beside ``period × median`` it shows what counting
     cost, measured in the same run.
     """
@@ -307,7 +310,9 @@ class IterationMeter:
                 whole_periods.append(sum(self.durations[i] for i in indices) / self.period)
         if not whole_periods:  # too short a run for one whole timed period: every timed iteration
             return dict(iteration_stats([self.durations[i] for i in sorted(self.durations)], self.warmup), per_period=None)
-        return dict(iteration_stats(whole_periods, 0), per_period=self.period)
+        # the iterations that do not begin a period (APM: image steps without a student's training), timed apart
+        rest = [self.durations[i] for i in sorted(self.durations) if i >= self.warmup and i % self.period]
+        return dict(iteration_stats(whole_periods, 0), per_period=self.period, rest_of_period=iteration_stats(rest, 0))
 
     def fields(self) -> dict:
         if self._counting:  # the method stopped inside the window

@@ -13,7 +13,9 @@ Top-level keys that scripts and reports rely on: ``schema_version``, ``record_id
   gpu_torch_allocated_peak_mb, gpu_torch_reserved_peak_mb, gpu_reason, gpu_nvml_source}``; GPU figures are null
   with a reason where they cannot be measured, never 0. ``experts`` also counts experts ``trained`` / ``cached``.
 * ``iterations``, ``iter_time_s`` ``{median, p90, n}`` (after warm-up, outside the FLOP-counting window; with
-  ``per_period`` when timed by whole periods of a periodic method such as APM, and ``flop_window_s``, the wall
+  ``per_period`` when timed by whole periods of a periodic method such as APM — then ``rest_of_period``
+  ``{median, p90, n}`` times the iterations that do not begin a period (APM's image steps without a student's
+  training) — and ``flop_window_s``, the wall
   time of the FLOP-counting window, whose excess over ``per_period × median`` is what counting cost),
   ``flops_per_iter`` (or ``flops_reason``), ``flops_per_eval_epoch``;
 * ``process_peak_rss_mb`` (``ru_maxrss`` of the cell's own process when ``isolated``), ``crash_peak_rss_mb``

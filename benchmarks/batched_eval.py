@@ -6,8 +6,9 @@ then again with the choice it cached (what every later run on this machine pays)
 Shapes: digits (1×8×8), MNIST (1×28×28) and CIFAR-10 (3×32×32, ``--shapes cifar10``), 10 classes, ipc 1/10/50 (10/100/500 images): random tensors of the
 right shape — no data needed; the test set is ``--test-images`` random images (the accuracy pass is timed too).
 Speed is sequential time / time (above 1: faster than sequential). Each configuration first runs one untimed
-epoch of both paths (first-call costs); ``--repeats`` measures every column that many times, interleaved, and
-keeps the fastest (the last repeat's auto reason is shown). The calibration cost — the time auto's first run
+epoch of both paths (first-call costs); ``--repeats`` measures every column that many times, interleaved, with
+the order of the three groups (sequential, batched, auto's first + cached run) rotated each repeat, and keeps the
+fastest (the last repeat's auto reason is shown). The calibration cost — the time auto's first run
 spends calibrating, timed apart (the fastest repeat), as a share of the sequential time — is what the first run
 adds when auto then picks the sequential path; totals of the same path differ by the machine's noise.
 
@@ -120,15 +121,30 @@ def main() -> None:
                     timed_evaluation(distilled, dataset, args.arch, replace(protocol, epochs=1), seeds, mode, scratch, args.device)
             times: dict[str, list[float]] = {"off": [], "on": [], "auto 1st": [], "auto cached": []}
             CALIBRATION_SECONDS.clear()
-            for _ in range(args.repeats):
+            for repeat in range(args.repeats):
                 with tempfile.TemporaryDirectory() as cache:  # auto's first run finds an empty cache
-                    sequential, _, acc_sequential = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "off", cache, args.device)
-                    batched, _, acc_batched = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "on", cache, args.device)
-                    auto_first, engine, _ = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "auto", cache, args.device)
-                    auto_cached, cached_engine, _ = timed_evaluation(distilled, dataset, args.arch, protocol, seeds, "auto", cache, args.device)
+                    def run(mode: str) -> tuple[float, dict, list[float]]:
+                        return timed_evaluation(distilled, dataset, args.arch, protocol, seeds, mode, cache, args.device)
+
+                    def auto_pair() -> None:  # the cached run needs the first run's choice: they stay in order
+                        for column in ("auto 1st", "auto cached"):
+                            seconds, results[column + " engine"], _ = run("auto")
+                            times[column].append(seconds)
+
+                    def single(column: str, mode: str):
+                        def go() -> None:
+                            seconds, _, results[column + " acc"] = run(mode)
+                            times[column].append(seconds)
+                        return go
+
+                    results: dict = {}
+                    groups = [single("off", "off"), single("on", "on"), auto_pair]
+                    # rotated each repeat, so that no column always runs first (or last) in a drifting machine
+                    for group in groups[repeat % 3:] + groups[:repeat % 3]:
+                        group()
                     calibrated = list(read_engine_cache(cache).values())
-                for column, seconds in zip(times, (sequential, batched, auto_first, auto_cached)):
-                    times[column].append(seconds)
+                acc_sequential, acc_batched = results["off acc"], results["on acc"]
+                engine, cached_engine = results["auto 1st engine"], results["auto cached engine"]
             sequential, batched, auto_first, auto_cached = (min(times[column]) for column in times)
             calibration = (f"{min(CALIBRATION_SECONDS):.2f} s = {100 * min(CALIBRATION_SECONDS) / sequential:.1f} %"
                            if CALIBRATION_SECONDS else "none")

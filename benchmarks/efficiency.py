@@ -4,7 +4,9 @@ isolation), so every peak is that cell's own.
 
 Reported per cell, from its record: the distill phase's peak RSS (the kernel's high-water mark of the cell's
 process), on a GPU its NVML peak and the allocator's peak, seconds per iteration (median after warm-up, outside
-the FLOP-counting window) and FLOPs per iteration.
+the FLOP-counting window; APM's by whole periods, so each student's training is spread over its period's
+iterations), APM's seconds per iteration without a student's training (the image steps alone: the part the
+segment size acts on) and FLOPs per iteration.
 
 On a CPU (the default): quick recipes, digits ipc 50 (batch_syn 500), ``--iterations`` iterations each (default
 12: 2 warm-up iterations, one 3-iteration FLOP window and 7 timed ones).
@@ -112,6 +114,7 @@ def main() -> None:
         rows.append(dict(label=label, cpu_peak_rss_mb=d["cpu_peak_rss_mb"], process_peak_rss_mb=r["process_peak_rss_mb"],
                          gpu_nvml_peak_mb=d["gpu_nvml_peak_mb"], gpu_torch_allocated_peak_mb=d["gpu_torch_allocated_peak_mb"],
                          gpu_reason=d["gpu_reason"], s_per_iter=r["iter_time_s"]["median"], n=r["iter_time_s"]["n"],
+                         s_per_rest_iter=(r["iter_time_s"].get("rest_of_period") or {}).get("median"),
                          flops_per_iter=r["flops_per_iter"], distill_wall_s=d["wall_s"], quick=r["quick"],
                          record=r["record_id"]))
     if not rows:
@@ -123,13 +126,14 @@ def main() -> None:
     print(f"\n{args.dataset} ipc {args.ipc} ({pixels}{'full' if args.full else 'quick'} recipes"
           f"{', cheap experts' if args.cheap_experts else ''}), ConvNet, {args.iterations} iterations, {where}")
     print("| cell | GPU NVML peak MB ↓ | GPU allocated peak MB ↓ | distill peak RSS MB ↓ | s/iteration ↓ (n) "
-          "| GFLOPs/iteration ↓ | distill wall s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| s/iteration without a student's training ↓ | GFLOPs/iteration ↓ | distill wall s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         gpu = [f"{row[k]:.0f}" if row[k] is not None else "–" for k in ("gpu_nvml_peak_mb", "gpu_torch_allocated_peak_mb")]
         flops = f"{row['flops_per_iter'] / 1e9:.2f}" if row["flops_per_iter"] else "–"
+        rest = f"{row['s_per_rest_iter']:.4f}" if row["s_per_rest_iter"] is not None else "–"
         print(f"| {row['label']} | {gpu[0]} | {gpu[1]} | {row['cpu_peak_rss_mb']:.0f} | {row['s_per_iter']:.4f} "
-              f"({row['n']}) | {flops} | {row['distill_wall_s']:.1f} |")
+              f"({row['n']}) | {rest} | {flops} | {row['distill_wall_s']:.1f} |")
     if rows[0]["gpu_reason"]:
         print(f"GPU columns: {rows[0]['gpu_reason']}")
     (results / "efficiency_table.json").write_text(json.dumps(

@@ -35,6 +35,21 @@ def test_full_is_the_training_set():
     assert torch.equal(out.images, ctx.dataset.train_images)
 
 
+def test_full_trains_fewer_quick_epochs_and_the_protocol_epochs_otherwise():
+    from bench.evaluate import get_protocol
+    from bench.runner import protocol_for
+    from methods.full import QUICK_EPOCHS
+
+    out = create_method("full").distill(context(1))
+    for name in ("standard", "soft"):
+        quick = protocol_for(get_protocol(name), out, quick=True)
+        assert (quick.epochs, quick.decay_epoch) == (QUICK_EPOCHS, QUICK_EPOCHS // 2 + 1) and QUICK_EPOCHS < 300
+        assert protocol_for(get_protocol(name), out, quick=False).epochs == 1000
+        assert protocol_for(get_protocol(name), out, quick=True, epochs=7).epochs == 7  # --eval-epochs wins
+    random_set = create_method("random").distill(context(1))
+    assert protocol_for(get_protocol("standard"), random_set, quick=True).epochs == 300
+
+
 def test_herding_order_keeps_the_running_mean_close():
     g = torch.Generator().manual_seed(0)
     features = torch.randn(50, 4, generator=g)
