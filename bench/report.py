@@ -268,8 +268,12 @@ def accuracy_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool) -
     _bold_best(rows, means, labels)
     notes = ["Bold: the best of each column (full data excluded)."]
     if "full" in labels:
-        notes.append("full: trained on the whole training set; it does not depend on ipc, so its one value fills every "
-                     "column of its dataset.")
+        quick_epochs = sorted({config.get("quick_eval_epochs") for config, label in zip(group["config"], group["label"])
+                               if label == "full" and quick and config.get("quick_eval_epochs")})
+        trained = (f" for {', '.join(map(str, quick_epochs))} epochs (its quick recipe: an epoch of the whole set is "
+                   "many mini-batches)") if quick_epochs else ""
+        notes.append(f"full: trained on the whole training set{trained}; it does not depend on ipc, so its one value "
+                     "fills every column of its dataset.")
     headers = ["method"] + [f"{dataset} ipc {_ipc_text(ipc)}" for dataset, ipc in columns]
     return Table(_accuracy_title(arch, protocol, quick, seeds), headers, rows, notes)
 

@@ -8,7 +8,8 @@ right shape — no data needed; the test set is ``--test-images`` random images 
 Speed is sequential time / time (above 1: faster than sequential). Each configuration first runs one untimed
 epoch of both paths (first-call costs); ``--repeats`` measures every column that many times, interleaved, with
 the order of the three groups (sequential, batched, auto's first + cached run) rotated each repeat, and keeps the
-fastest (the last repeat's auto reason is shown). The calibration cost — the time auto's first run
+fastest (the last repeat's auto reason is shown); ``--min-column-seconds`` repeats a short configuration more (up
+to ``--max-repeats``), until its sequential runs add up to that long. The calibration cost — the time auto's first run
 spends calibrating, timed apart (the fastest repeat), as a share of the sequential time — is what the first run
 adds when auto then picks the sequential path; totals of the same path differ by the machine's noise.
 
@@ -93,7 +94,10 @@ def main() -> None:
                         help="the standard protocol's full recipe (batch size and all) instead of its quick copy")
     parser.add_argument("--json", default=None, help="also write the rows and the environment stamp to this file")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="measure each column this many times, interleaved, and keep the fastest")
+                        help="measure each column at least this many times, interleaved, and keep the fastest")
+    parser.add_argument("--min-column-seconds", type=float, default=0.0,
+                        help="repeat a configuration until its sequential runs add up to this many seconds")
+    parser.add_argument("--max-repeats", type=int, default=15, help="the most repeats --min-column-seconds may take")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,8 +113,8 @@ def main() -> None:
           f"{'full' if args.full_protocol else 'quick'} protocol recipe, load average {os.getloadavg()[0]:.1f} at the start")
     print("| shape | ipc | epochs | steps | sequential s | batched s | auto, 1st run s | auto, cached s | batched speed "
           "| auto 1st speed | auto cached speed | calibration cost | calibration: batched step / S sequential steps "
-          "| auto's path (reason) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+          "| auto's path (reason) | repeats |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
         epochs = args.mnist_epochs if shape == "mnist" and args.mnist_epochs else args.epochs
         protocol = replace(standard, epochs=epochs, decay_epoch=epochs // 2 + 1)
@@ -121,7 +125,10 @@ def main() -> None:
                     timed_evaluation(distilled, dataset, args.arch, replace(protocol, epochs=1), seeds, mode, scratch, args.device)
             times: dict[str, list[float]] = {"off": [], "on": [], "auto 1st": [], "auto cached": []}
             CALIBRATION_SECONDS.clear()
-            for repeat in range(args.repeats):
+            repeat = 0
+            # at least --repeats, and more for short trainings (as timeit's autorange): a 2-second column's noise is a
+            # large fraction of it
+            while repeat < args.repeats or (sum(times["off"]) < args.min_column_seconds and repeat < args.max_repeats):
                 with tempfile.TemporaryDirectory() as cache:  # auto's first run finds an empty cache
                     def run(mode: str) -> tuple[float, dict, list[float]]:
                         return timed_evaluation(distilled, dataset, args.arch, protocol, seeds, mode, cache, args.device)
@@ -145,6 +152,7 @@ def main() -> None:
                     calibrated = list(read_engine_cache(cache).values())
                 acc_sequential, acc_batched = results["off acc"], results["on acc"]
                 engine, cached_engine = results["auto 1st engine"], results["auto cached engine"]
+                repeat += 1
             sequential, batched, auto_first, auto_cached = (min(times[column]) for column in times)
             calibration = (f"{min(CALIBRATION_SECONDS):.2f} s = {100 * min(CALIBRATION_SECONDS) / sequential:.1f} %"
                            if CALIBRATION_SECONDS else "none")
@@ -165,11 +173,12 @@ def main() -> None:
                   f"| {batched:.2f} | {auto_first:.2f} | {auto_cached:.2f} | {sequential / batched:.2f}× "
                   f"| {sequential / auto_first:.2f}× | {sequential / auto_cached:.2f}× | {calibration} "
                   f"| {step_s[0] * 1000:.1f} / {step_s[1] * 1000:.1f} ms = {step_s[0] / step_s[1]:.2f} ({source}) "
-                  f"| {engine['path']} ({engine['reason']}) |", flush=True)
+                  f"| {engine['path']} ({engine['reason']}) | {repeat} |", flush=True)
             rows.append(dict(shape=shape, image_shape=list(distilled.images.shape[1:]), ipc=ipc, epochs=epochs,
                              steps=steps, seeds=len(seeds), sequential_s=sequential, batched_s=batched,
                              auto_first_s=auto_first, auto_cached_s=auto_cached, auto_path=engine["path"],
-                             auto_reason=engine["reason"], batched_step_s=step_s[0], sequential_steps_s=step_s[1]))
+                             auto_reason=engine["reason"], batched_step_s=step_s[0], sequential_steps_s=step_s[1],
+                             repeats=repeat, all_times_s=times))
             if max(abs(a - b) for a, b in zip(acc_sequential, acc_batched)) > 1.0:
                 print(f"  note: batched and sequential accuracies differ: {acc_batched} vs {acc_sequential}")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")

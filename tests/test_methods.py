@@ -38,15 +38,17 @@ def test_full_is_the_training_set():
 def test_full_trains_fewer_quick_epochs_and_the_protocol_epochs_otherwise():
     from bench.evaluate import get_protocol
     from bench.runner import protocol_for
-    from methods.full import QUICK_EPOCHS
 
-    out = create_method("full").distill(context(1))
+    quick = create_method("full", quick=True)
+    out = quick.distill(context(1))
+    epochs = quick.resolved_config["quick_eval_epochs"]
     for name in ("standard", "soft"):
-        quick = protocol_for(get_protocol(name), out, quick=True)
-        assert (quick.epochs, quick.decay_epoch) == (QUICK_EPOCHS, QUICK_EPOCHS // 2 + 1) and QUICK_EPOCHS < 300
-        assert protocol_for(get_protocol(name), out, quick=False).epochs == 1000
+        resolved = protocol_for(get_protocol(name), out, quick=True)
+        assert (resolved.epochs, resolved.decay_epoch) == (epochs, epochs // 2 + 1) and epochs < 300
         assert protocol_for(get_protocol(name), out, quick=True, epochs=7).epochs == 7  # --eval-epochs wins
-    random_set = create_method("random").distill(context(1))
+    full_recipe = create_method("full").distill(context(1))
+    assert protocol_for(get_protocol("standard"), full_recipe, quick=False).epochs == 1000
+    random_set = create_method("random", quick=True).distill(context(1))
     assert protocol_for(get_protocol("standard"), random_set, quick=True).epochs == 300
 
 

@@ -187,6 +187,14 @@ def test_quick_results_are_marked_and_compared_with_care(tmp_path):
     assert "not a failed reproduction" in text
 
 
+def test_quick_full_row_says_how_many_epochs_it_trained(tmp_path):
+    write_record(tmp_path / "res", make_record("full", None, [98.0, 98.5, 99.0], iter_s=None, quick=True,
+                                               config={"quick_eval_epochs": 100}))
+    write_record(tmp_path / "res", make_record("dc", 1, [80.0, 81.0, 82.0], quick=True))
+    write_reports(tmp_path / "res", tmp_path / "out", name="quick")
+    assert "full: trained on the whole training set for 100 epochs" in (tmp_path / "out" / "quick.md").read_text()
+
+
 def test_figures_are_written_and_open(report):
     out, paths, text = report
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
