@@ -12,12 +12,16 @@ REPORTS ?= reports
 
 venv: $(VENV)/.installed
 
-# --no-compile: pip would byte-compile every installed module (torch alone: about 30 s of a 75 s install here);
-# Python compiles the ones a run imports, once, on first import.
+# pip byte-compiles what it installs one file at a time (about 70 s of a 2 min 47 s install on our 2-core machine);
+# compileall does it on every core (29 s), and writes the .pyc files even where PYTHONDONTWRITEBYTECODE is set, as
+# on our machines: without them every process (the CLI, each cell, each test worker) would compile torch again on
+# import. A few files of the installed packages are not valid for this Python (torch's py312 test helpers):
+# compileall reports them and exits 1, which is not an error of the install.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-compile $(TORCH_SPEC)
 	$(BIN)/pip install --quiet --no-compile -e '.[dev]'
+	-$(BIN)/python -m compileall -q -j 0 $(VENV)/lib bench methods > /dev/null 2>&1
 	touch $@
 
 # The tests in parallel (pytest-xdist), one worker per core, each with one torch thread: two 2-thread torch
