@@ -13,9 +13,9 @@ REPORTS ?= reports
 venv: $(VENV)/.installed
 
 # pip byte-compiles what it installs one file at a time (torch and torchvision: 75 s with it, 43 s without, on our
-# 2-core machine); compileall does the whole venv on every core (29 s), and writes the .pyc files even where PYTHONDONTWRITEBYTECODE is set, as
-# on our machines: without them every process (the CLI, each cell, each test worker) would compile torch again on
-# import. A few files of the installed packages are not valid for this Python (torch's py312 test helpers):
+# 2-core machine); compileall does the whole venv on every core (29 s), and writes the .pyc files even where
+# PYTHONDONTWRITEBYTECODE is set, as on our machines: without them every process (the CLI, each cell, each test
+# worker) would compile torch again on import. A few files of the installed packages are not valid for this Python (torch's py312 test helpers):
 # compileall reports them and exits 1, which is not an error of the install.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

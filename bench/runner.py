@@ -311,7 +311,7 @@ class IterationMeter:
         if not whole_periods:  # too short a run for one whole timed period: every timed iteration
             return dict(iteration_stats([self.durations[i] for i in sorted(self.durations)], self.warmup), per_period=None)
         # the iterations that do not begin a period (APM: image steps without a student's training), timed apart
-        rest = [self.durations[i] for i in sorted(self.durations) if i >= self.warmup and i % self.period]
+        rest = [self.durations[i] for i in sorted(self.durations) if i % self.period and i - i % self.period >= self.warmup]
         return dict(iteration_stats(whole_periods, 0), per_period=self.period, rest_of_period=iteration_stats(rest, 0))
 
     def fields(self) -> dict:

@@ -130,28 +130,18 @@ def main() -> None:
             # large fraction of it
             while repeat < args.repeats or (sum(times["off"]) < args.min_column_seconds and repeat < args.max_repeats):
                 with tempfile.TemporaryDirectory() as cache:  # auto's first run finds an empty cache
-                    def run(mode: str) -> tuple[float, dict, list[float]]:
-                        return timed_evaluation(distilled, dataset, args.arch, protocol, seeds, mode, cache, args.device)
-
-                    def auto_pair() -> None:  # the cached run needs the first run's choice: they stay in order
-                        for column in ("auto 1st", "auto cached"):
-                            seconds, results[column + " engine"], _ = run("auto")
-                            times[column].append(seconds)
-
-                    def single(column: str, mode: str):
-                        def go() -> None:
-                            seconds, _, results[column + " acc"] = run(mode)
-                            times[column].append(seconds)
-                        return go
-
-                    results: dict = {}
-                    groups = [single("off", "off"), single("on", "on"), auto_pair]
-                    # rotated each repeat, so that no column always runs first (or last) in a drifting machine
+                    engines, accs = {}, {}
+                    # rotated each repeat, so that no column always runs first (or last) on a drifting machine; auto's
+                    # cached run needs its first run's choice, so the two stay together and in order
+                    groups = [[("off", "off")], [("on", "on")], [("auto 1st", "auto"), ("auto cached", "auto")]]
                     for group in groups[repeat % 3:] + groups[:repeat % 3]:
-                        group()
+                        for column, mode in group:
+                            seconds, engines[column], accs[column] = timed_evaluation(
+                                distilled, dataset, args.arch, protocol, seeds, mode, cache, args.device)
+                            times[column].append(seconds)
                     calibrated = list(read_engine_cache(cache).values())
-                acc_sequential, acc_batched = results["off acc"], results["on acc"]
-                engine, cached_engine = results["auto 1st engine"], results["auto cached engine"]
+                acc_sequential, acc_batched = accs["off"], accs["on"]
+                engine, cached_engine = engines["auto 1st"], engines["auto cached"]
                 repeat += 1
             sequential, batched, auto_first, auto_cached = (min(times[column]) for column in times)
             calibration = (f"{min(CALIBRATION_SECONDS):.2f} s = {100 * min(CALIBRATION_SECONDS) / sequential:.1f} %"

@@ -142,7 +142,7 @@ class DC(Method):
         # 80 networks instead of 1000 and real batches of 64 instead of 256; everything else is the paper's.
         "mnist_ipc1_cpu": {"outer_loop": 1, "inner_loop": 1, "iterations": 80, "batch_real": 64},
     }
-    # Applied on top of any recipe with --quick (the digits bench, 15–50 s per cell on one core of our 2-core
+    # Applied on top of any recipe with --quick (the digits bench, 10–50 s per cell on one core of our 2-core
     # machine): 20× fewer networks, and at ipc ≥ 10 a fifth of the by-ipc loops (ipc 10: 2 image steps and 10
     # inner epochs per network instead of 10 and 50); batches and learning rates unchanged.
     quick = {"iterations": 50, "loop_scale": 0.2}

@@ -3,9 +3,8 @@
 Under ``--quick`` the evaluation trains for ``quick_eval_epochs`` (50) epochs instead of the quick protocol's
 300: an epoch of the whole training set is many mini-batches (digits: 1,437 images, 6 steps of 256), where an
 epoch of a distilled set of up to 256 images is one, so 50 epochs give the 300 optimiser steps a quick distilled
-set gets. It
-is part of the quick config, so records (``config``, ``protocol_config``) show it and ``--resume`` never takes a
-record made with other epochs for this one. The full recipes (no ``--quick``) train for the protocol's epochs.
+set gets. It is part of the quick config, so records (``config``, ``protocol_config``) show it and ``--resume``
+never takes a record made with other epochs for this one. The full recipes (no ``--quick``) train for the protocol's epochs.
 """
 
 from __future__ import annotations
