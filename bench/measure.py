@@ -34,6 +34,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 from torch.utils.flop_counter import flop_registry
 
+from bench import host_allocator
+
 DEFAULT_SAMPLE_INTERVAL_S = 0.01  # NVML (and psutil where needed) 100 times a second: ~40-120 µs of one core each
 PHASE_FIELDS = ("wall_s", "cpu_peak_rss_mb", "gpu_nvml_peak_mb", "gpu_torch_allocated_peak_mb",
                 "gpu_torch_reserved_peak_mb", "gpu_reason")
@@ -127,6 +129,11 @@ def _reset_rss_high_water_mark() -> bool:
         return _rss_high_water_mark() is not None
     except OSError:
         return False
+
+
+def _note_process_peak(num_bytes: int | None) -> None:
+    global _PEAK_BEFORE_RESETS
+    _PEAK_BEFORE_RESETS = max(_PEAK_BEFORE_RESETS, num_bytes or 0)
 
 
 def _rss_high_water_mark() -> int | None:
@@ -223,6 +230,9 @@ class MemorySampler:
                 mark = _rss_high_water_mark()
                 if mark is not None and (self._rss_peak is None or mark > self._rss_peak):
                     self._rss_peak = mark
+                # the kernel updates its stored mark lazily (VmHWM reads max(mark, RSS now)); memory that the host
+                # allocator hands back after the phase would take this peak out of ru_maxrss
+                _note_process_peak(self._rss_peak)
             source = "process" if self._gpu_process_peak is not None else (
                 "device_minus_baseline" if self._gpu_device_peak is not None else None)
             gpu_peak = self._gpu_process_peak if source == "process" else self._gpu_device_peak
@@ -303,6 +313,7 @@ class _OpenPhase:
         self.started = 0.0
 
     def resume(self) -> None:
+        host_allocator.keep_freed_memory()
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -315,7 +326,10 @@ class _OpenPhase:
                 torch.cuda.synchronize(self.device)
         finally:
             self.figures["wall_s"] += time.perf_counter() - self.started
-            span = self.sampler.stop() if self.sampler is not None else {}
+            try:
+                span = self.sampler.stop() if self.sampler is not None else {}
+            finally:
+                host_allocator.return_freed_memory()
             if self.cuda:
                 span["gpu_torch_allocated_peak_mb"] = _mb(torch.cuda.max_memory_allocated(self.device))
                 span["gpu_torch_reserved_peak_mb"] = _mb(torch.cuda.max_memory_reserved(self.device))
@@ -572,4 +586,5 @@ def environment_stamp() -> dict:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "host_allocator": host_allocator.description(),
     }

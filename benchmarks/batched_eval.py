@@ -5,13 +5,16 @@ then again with the choice it cached (what every later run on this machine pays)
 
 Shapes: digits (1×8×8), MNIST (1×28×28) and CIFAR-10 (3×32×32, ``--shapes cifar10``), 10 classes, ipc 1/10/50 (10/100/500 images): random tensors of the
 right shape — no data needed; the test set is ``--test-images`` random images (the accuracy pass is timed too).
-Speed is sequential time / time (above 1: faster than sequential). Each configuration first runs one untimed
-epoch of both paths (first-call costs); ``--repeats`` measures every column that many times, interleaved, with
-the order of the three groups (sequential, batched, auto's first + cached run) rotated each repeat, and keeps the
-fastest (the last repeat's auto reason is shown); ``--min-column-seconds`` repeats a short configuration more (up
-to ``--max-repeats``), until its sequential runs add up to that long. The calibration cost — the time auto's first run
-spends calibrating, timed apart (the fastest repeat), as a share of the sequential time — is what the first run
-adds when auto then picks the sequential path; totals of the same path differ by the machine's noise.
+Each evaluation runs inside a measured ``eval`` phase, as in the runner (memory sampler, and the host allocator
+keeping freed memory: ``bench.host_allocator``). Each configuration first runs one untimed epoch of both paths
+(first-call costs); ``--repeats`` measures every column that many times, interleaved, with the order of the three
+groups (sequential, batched, auto's first + cached run) rotated each repeat; ``--min-column-seconds`` repeats a
+short configuration more (up to ``--max-repeats``), until its sequential runs add up to that long. Times are the
+fastest repeat's. Speeds are sequential time / time (above 1: faster than sequential), each the median over the
+repeats of the ratio of that repeat's two runs — measured seconds apart, so that the machine's drift over minutes
+(up to ±30 % on the 2-core CI machine) cancels; the last repeat's auto reason is shown. The calibration cost — the
+time auto's first run spends calibrating, timed apart (the fastest repeat), as a share of the sequential time — is
+what the first run adds when auto then picks the sequential path.
 
     .venv/bin/python benchmarks/batched_eval.py [--epochs 30] [--seeds 5] [--shapes digits,mnist] [--ipc 1,10,50]
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +39,7 @@ from bench.augment import DSA
 from bench.data import DATASETS, Dataset
 from bench.distilled import DistilledSet
 from bench.evaluate import calibrate_seed_batching, evaluate_distilled, get_protocol, read_engine_cache
-from bench.measure import environment_stamp
+from bench.measure import environment_stamp, phase
 from bench.models import create_network
 from bench.seeding import generator_for
 
@@ -71,9 +75,11 @@ def _timed_calibration(*args, **kwargs) -> tuple[float, float]:
 
 def timed_evaluation(distilled: DistilledSet, dataset: Dataset, arch: str, protocol, seeds: list[int],
                      batch_seeds: str, cache_dir: str, device: str = "cpu") -> tuple[float, dict, list[float]]:
+    """One evaluation inside a measured ``eval`` phase, as the runner runs it (samplers, host allocator and all)."""
     start = time.perf_counter()
-    result = evaluate_distilled(distilled, dataset, arch, protocol, seeds, device, batch_seeds=batch_seeds,
-                                cache_dir=cache_dir, log=lambda message: None)
+    with phase({}, "eval", device):
+        result = evaluate_distilled(distilled, dataset, arch, protocol, seeds, device, batch_seeds=batch_seeds,
+                                    cache_dir=cache_dir, log=lambda message: None)
     return time.perf_counter() - start, result.eval_engine, result.acc
 
 
@@ -144,6 +150,8 @@ def main() -> None:
                 engine, cached_engine = engines["auto 1st"], engines["auto cached"]
                 repeat += 1
             sequential, batched, auto_first, auto_cached = (min(times[column]) for column in times)
+            # speeds from the runs of one repeat (seconds apart), so that the machine's drift over minutes cancels
+            speed = {column: statistics.median(s / t for s, t in zip(times["off"], times[column])) for column in times}
             calibration = (f"{min(CALIBRATION_SECONDS):.2f} s = {100 * min(CALIBRATION_SECONDS) / sequential:.1f} %"
                            if CALIBRATION_SECONDS else "none")
             n = len(distilled)
@@ -160,13 +168,14 @@ def main() -> None:
                 source = "calibrated apart"
             assert cached_engine["path"] == engine["path"]
             print(f"| {shape} {tuple(distilled.images.shape[1:])} | {ipc} | {epochs} | {steps} | {sequential:.2f} "
-                  f"| {batched:.2f} | {auto_first:.2f} | {auto_cached:.2f} | {sequential / batched:.2f}× "
-                  f"| {sequential / auto_first:.2f}× | {sequential / auto_cached:.2f}× | {calibration} "
+                  f"| {batched:.2f} | {auto_first:.2f} | {auto_cached:.2f} | {speed['on']:.2f}× "
+                  f"| {speed['auto 1st']:.2f}× | {speed['auto cached']:.2f}× | {calibration} "
                   f"| {step_s[0] * 1000:.1f} / {step_s[1] * 1000:.1f} ms = {step_s[0] / step_s[1]:.2f} ({source}) "
                   f"| {engine['path']} ({engine['reason']}) | {repeat} |", flush=True)
             rows.append(dict(shape=shape, image_shape=list(distilled.images.shape[1:]), ipc=ipc, epochs=epochs,
                              steps=steps, seeds=len(seeds), sequential_s=sequential, batched_s=batched,
-                             auto_first_s=auto_first, auto_cached_s=auto_cached, auto_path=engine["path"],
+                             auto_first_s=auto_first, auto_cached_s=auto_cached, paired_speed=speed,
+                             auto_path=engine["path"],
                              auto_reason=engine["reason"], batched_step_s=step_s[0], sequential_steps_s=step_s[1],
                              repeats=repeat, all_times_s=times))
             if max(abs(a - b) for a, b in zip(acc_sequential, acc_batched)) > 1.0:
