@@ -5,16 +5,18 @@ then again with the choice it cached (what every later run on this machine pays)
 
 Shapes: digits (1×8×8), MNIST (1×28×28) and CIFAR-10 (3×32×32, ``--shapes cifar10``), 10 classes, ipc 1/10/50 (10/100/500 images): random tensors of the
 right shape — no data needed; the test set is ``--test-images`` random images (the accuracy pass is timed too).
-Each evaluation runs inside a measured ``eval`` phase, as in the runner (memory sampler, and the host allocator
-keeping freed memory: ``bench.host_allocator``). Each configuration first runs one untimed epoch of both paths
-(first-call costs); ``--repeats`` measures every column that many times, interleaved, with the order of the three
-groups (sequential, batched, auto's first + cached run) rotated each repeat; ``--min-column-seconds`` repeats a
-short configuration more (up to ``--max-repeats``), until its sequential runs add up to that long. Times are the
-fastest repeat's. Speeds are sequential time / time (above 1: faster than sequential), each the median over the
-repeats of the ratio of that repeat's two runs — measured seconds apart, so that the machine's drift over minutes
-(up to ±30 % on the 2-core CI machine) cancels; the last repeat's auto reason is shown. The calibration cost — the
-time auto's first run spends calibrating, timed apart (the fastest repeat), as a share of the sequential time — is
-what the first run adds when auto then picks the sequential path.
+Each timed evaluation runs in a fresh process, inside a measured ``eval`` phase — as a grid cell runs it (its own
+process, memory sampler, the host allocator keeping freed memory: ``bench.host_allocator``), first-call costs
+included; the time excludes the process's start and imports. (In one long process, a run right after a batched
+one was up to 30 % slower on the same path, and that showed as auto — running the sequential path — at 0.79×
+sequential.) ``--repeats`` measures every column that many times, interleaved, with the order of the three groups
+(sequential, batched, auto's first + cached run) rotated each repeat; ``--min-column-seconds`` repeats a short
+configuration more (up to ``--max-repeats``), until its sequential runs add up to that long. Times are the fastest
+repeat's. Speeds are sequential time / time (above 1: faster than sequential), each the median over the repeats of
+the ratio of that repeat's two runs — measured seconds apart, so that the machine's drift over minutes (up to
+±30 % on the 2-core CI machine) cancels; the last repeat's auto reason is shown. The calibration cost — the time
+auto's first run spends calibrating, timed apart (the fastest repeat), as a share of the sequential time — is what
+the first run adds when auto then picks the sequential path.
 
     .venv/bin/python benchmarks/batched_eval.py [--epochs 30] [--seeds 5] [--shapes digits,mnist] [--ipc 1,10,50]
 """
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,6 +86,25 @@ def timed_evaluation(distilled: DistilledSet, dataset: Dataset, arch: str, proto
     return time.perf_counter() - start, result.eval_engine, result.acc
 
 
+def child_measurement(request: dict) -> dict:
+    """The timed evaluation of one fresh process (``--child``): what a grid cell's process pays for it."""
+    if request["threads"]:
+        torch.set_num_threads(request["threads"])
+    evaluate_module.calibrate_seed_batching = _timed_calibration  # auto calls it through the module
+    standard = get_protocol("standard").resolve(quick=not request["full_protocol"])
+    protocol = replace(standard, epochs=request["epochs"], decay_epoch=request["epochs"] // 2 + 1)
+    distilled, dataset = random_case(request["shape"], request["ipc"], request["test_images"])
+    seconds, engine, acc = timed_evaluation(distilled, dataset, request["arch"], protocol, list(range(request["seeds"])),
+                                            request["mode"], request["cache"], request["device"])
+    return {"seconds": seconds, "engine": engine, "acc": acc, "calibration_s": CALIBRATION_SECONDS}
+
+
+def measure_in_fresh_process(request: dict) -> dict:
+    output = subprocess.run([sys.executable, __file__, "--child", json.dumps(request)], capture_output=True,
+                            text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=30, help="training epochs per network (lr decay at epochs//2+1)")
@@ -104,10 +126,13 @@ def main() -> None:
     parser.add_argument("--min-column-seconds", type=float, default=0.0,
                         help="repeat a configuration until its sequential runs add up to this many seconds")
     parser.add_argument("--max-repeats", type=int, default=15, help="the most repeats --min-column-seconds may take")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child_measurement(json.loads(args.child))))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
-    evaluate_module.calibrate_seed_batching = _timed_calibration  # auto calls it through the module
     seeds = list(range(args.seeds))
     standard = get_protocol("standard").resolve(quick=not args.full_protocol)
     where = (f"{torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else
@@ -126,11 +151,8 @@ def main() -> None:
         protocol = replace(standard, epochs=epochs, decay_epoch=epochs // 2 + 1)
         for ipc in [int(i) for i in args.ipc.split(",") if i.strip()]:
             distilled, dataset = random_case(shape, ipc, args.test_images)
-            with tempfile.TemporaryDirectory() as scratch:  # untimed: first-call costs of both paths at these shapes
-                for mode in ("off", "on"):
-                    timed_evaluation(distilled, dataset, args.arch, replace(protocol, epochs=1), seeds, mode, scratch, args.device)
             times: dict[str, list[float]] = {"off": [], "on": [], "auto 1st": [], "auto cached": []}
-            CALIBRATION_SECONDS.clear()
+            calibration_seconds: list[float] = []
             repeat = 0
             # at least --repeats, and more for short trainings (as timeit's autorange): a 2-second column's noise is a
             # large fraction of it
@@ -142,9 +164,13 @@ def main() -> None:
                     groups = [[("off", "off")], [("on", "on")], [("auto 1st", "auto"), ("auto cached", "auto")]]
                     for group in groups[repeat % 3:] + groups[:repeat % 3]:
                         for column, mode in group:
-                            seconds, engines[column], accs[column] = timed_evaluation(
-                                distilled, dataset, args.arch, protocol, seeds, mode, cache, args.device)
-                            times[column].append(seconds)
+                            measured = measure_in_fresh_process(dict(
+                                shape=shape, ipc=ipc, epochs=epochs, seeds=args.seeds, mode=mode, cache=cache,
+                                arch=args.arch, device=args.device, test_images=args.test_images,
+                                full_protocol=args.full_protocol, threads=args.threads))
+                            times[column].append(measured["seconds"])
+                            engines[column], accs[column] = measured["engine"], measured["acc"]
+                            calibration_seconds += measured["calibration_s"]
                     calibrated = list(read_engine_cache(cache).values())
                 acc_sequential, acc_batched = accs["off"], accs["on"]
                 engine, cached_engine = engines["auto 1st"], engines["auto cached"]
@@ -152,8 +178,8 @@ def main() -> None:
             sequential, batched, auto_first, auto_cached = (min(times[column]) for column in times)
             # speeds from the runs of one repeat (seconds apart), so that the machine's drift over minutes cancels
             speed = {column: statistics.median(s / t for s, t in zip(times["off"], times[column])) for column in times}
-            calibration = (f"{min(CALIBRATION_SECONDS):.2f} s = {100 * min(CALIBRATION_SECONDS) / sequential:.1f} %"
-                           if CALIBRATION_SECONDS else "none")
+            calibration = (f"{min(calibration_seconds):.2f} s = {100 * min(calibration_seconds) / sequential:.1f} %"
+                           if calibration_seconds else "none")
             n = len(distilled)
             steps = epochs * -(-n // protocol.batch_size)
             if calibrated:  # auto calibrated in its first run
