@@ -414,11 +414,11 @@ def calibrate_seed_batching(models: list[nn.Module], images: Tensor, targets: Te
     Runs on copies of the networks with generators of its own, so the evaluation is unchanged. Each path runs
     one warm-up step then ``CALIBRATION_ROUNDS`` timed steps in a row — as in training, where a network's steps
     follow each other — and its figure is their mean; the sequential figure is S × one network's mean step,
-    augmentation included. (The fastest single step, used before, flattered the short sequential steps: on the
-    2-core CI machine it put batching at 0.93× sequential time at digits ipc 10, where whole trainings measured
-    0.64–0.79×.) When the first timed batched step already takes over ``GIVE_UP_RATIO`` × the sequential time,
-    the calibration stops there: a clear loss costs two batched steps, and a gain repays its calibration within a
-    few steps.
+    augmentation included. (The fastest single step, used before, flattered the short sequential steps and kept
+    auto sequential where batching was 1.2–1.4× faster; ``benchmarks/calibration_fidelity.py`` sets the
+    calibration beside whole trainings.) When the first timed batched step already takes over ``GIVE_UP_RATIO`` ×
+    the sequential time, the calibration stops there: a clear loss costs two batched steps, and a gain repays its
+    calibration within a few steps.
     """
     count, n = len(models), images.shape[0]
     batch_size = min(protocol.batch_size, n)
