@@ -10,7 +10,8 @@ it: a seed-batched evaluation at digits ipc 50 on the 2-core CI machine took 3.6
 While a phase of ``bench.measure.phase`` runs, the harness turns both off (``M_MMAP_MAX`` 0: no block is
 mmapped; ``M_TRIM_THRESHOLD`` 2 GiB: the heap is not trimmed), so that freed blocks are reused; when the phase
 pauses or ends it restores glibc's default values and calls ``malloc_trim(0)``, so that the memory goes back to
-the system before the next phase measures its own peak RSS. A phase's peak RSS stays its own working set's high
+the system before the next phase measures its own peak RSS (and a phase trims when it starts, too, so that memory
+freed outside any phase cannot serve its allocations unseen). A phase's peak RSS stays its own working set's high
 water mark. One lasting change: glibc's adaptive mmap threshold stops adapting after the first phase (setting any
 of these values fixes it at its current value).
 
@@ -80,6 +81,9 @@ def _change_depth(step: int) -> None:
     with _lock:
         before, _depth = _depth, max(0, _depth + step)
         if before == 0 and _depth == 1:
+            # Free memory left resident by what ran before (blocks under the mmap threshold, freed outside any
+            # phase) would serve this phase's first allocations unseen by its peak RSS: return it first.
+            libc.malloc_trim(0)
             libc.mallopt(M_MMAP_MAX, 0)
             libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD)
         elif before == 1 and _depth == 0:
