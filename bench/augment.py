@@ -99,7 +99,8 @@ class DSA:
 
     def apply(self, x: Tensor, params: AugmentParams) -> Tensor:
         """Apply sampled parameters to a batch; batch-wide parameters (size 1) broadcast to every image."""
-        v = {k: t.to(x.device) for k, t in params.values.items()}
+        # non_blocking: a plain copy from the host would wait for the device at every training step
+        v = {k: t.to(x.device, non_blocking=True) for k, t in params.values.items()}
         n = x.shape[0]
         if all(t.shape[0] == 1 for t in v.values()):
             v = {k: t.expand(n) for k, t in v.items()}

@@ -54,7 +54,9 @@ from bench.seed_stack import (BATCHNORM_REASON, SeedStack, batching_unsupported_
                               has_batchnorm_statistics)
 from bench.seeding import generator_for
 
-EpochCallback = Callable[[int, float], None]
+EpochCallback = Callable[[int, Tensor], None]
+"""``on_epoch(epoch, loss)``: ``loss`` is the epoch's mean training loss, a float64 scalar tensor on the training
+device (``float(loss)`` reads it, and waits for the device to get there)."""
 
 
 @dataclass(frozen=True)
@@ -144,12 +146,12 @@ class _OneNetworkSteps:
         self.model, self.protocol = model, protocol
         self.optimizer = _optimizer(model.parameters(), protocol)
 
-    def step(self, inputs: list[Tensor], targets: list[Tensor]) -> list[float]:
+    def step(self, inputs: list[Tensor], targets: list[Tensor]) -> Tensor:
         value = _loss(self.protocol, self.model(inputs[0]), targets[0])
         self.optimizer.zero_grad(set_to_none=True)
         value.backward()
         self.optimizer.step()
-        return [float(value.detach())]
+        return value.detach().reshape(1)
 
 
 class _StackedSteps:
@@ -162,12 +164,12 @@ class _StackedSteps:
         self.stack, self.protocol = stack, protocol
         self.optimizer = _optimizer(stack.parameters, protocol)
 
-    def step(self, inputs: list[Tensor], targets: list[Tensor]) -> list[float]:
+    def step(self, inputs: list[Tensor], targets: list[Tensor]) -> Tensor:
         values = _stacked_losses(self.protocol, self.stack.logits(torch.stack(inputs)), torch.stack(targets))
         self.optimizer.zero_grad(set_to_none=True)
         values.sum().backward()
         self.optimizer.step()
-        return values.detach().tolist()
+        return values.detach()
 
 
 def _draw_inputs(images: Tensor, batches: list[Tensor], generators: list[torch.Generator],
@@ -198,23 +200,26 @@ def _train(
     """
     decay_epoch = protocol.epochs // 2 + 1 if protocol.decay_epoch is None else protocol.decay_epoch
     n, count = images.shape[0], len(generators)
-    epoch_losses = [float("nan")] * count
 
-    def one_epoch() -> list[float]:
-        orders = [torch.randperm(n, generator=generator).to(images.device) for generator in generators]
-        totals, seen = [0.0] * count, 0
+    def one_epoch() -> Tensor:
+        orders = [torch.randperm(n, generator=generator).to(images.device, non_blocking=True) for generator in generators]
+        totals, seen = torch.zeros(count, dtype=torch.float64, device=images.device), 0
         for start in range(0, n, protocol.batch_size):
             batches = [order[start : start + protocol.batch_size] for order in orders]
             inputs = _draw_inputs(images, batches, generators, augment)
             step_losses = steps.step(inputs, [targets[batch] for batch in batches])
-            totals = [total + value * len(batches[0]) for total, value in zip(totals, step_losses)]
+            totals += step_losses.to(torch.float64) * len(batches[0])
             seen += len(batches[0])
-        return [total / seen for total in totals]
+        return totals / seen
 
+    # The losses stay on the device (float64: the sums of Python floats) and are read once, at the end: reading
+    # one per step or per epoch would make the host wait for the device each time, and at a few images per
+    # class an epoch is one step.
     # Inside a FLOP-counting window (APM's student training is inside the distillation's): count the first
     # epoch's steps, then run the others uncounted and add the same count — same operations, same shapes.
     counter = innermost_flop_counter()
     epoch_flops = 0
+    epoch_losses = torch.full((count,), float("nan"), dtype=torch.float64)
     for epoch in range(protocol.epochs):
         if epoch == decay_epoch:
             for group in steps.optimizer.param_groups:
@@ -232,7 +237,7 @@ def _train(
         if on_epoch is not None:
             for value in epoch_losses:
                 on_epoch(epoch, value)
-    return epoch_losses
+    return epoch_losses.tolist()
 
 
 def train_network(

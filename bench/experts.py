@@ -129,7 +129,7 @@ class ExpertPool:
     def path(self, index: int) -> Path:
         return self.folder / f"expert_{index:04d}.safetensors"
 
-    def ensure(self, on_epoch: Callable[[int, int, float], None] | None = None) -> None:
+    def ensure(self, on_epoch: Callable[[int, int, Tensor], None] | None = None) -> None:
         """Train every missing expert, in order; those already cached are kept.
 
         Training holds an exclusive lock on the pool's folder, so processes sharing a cache (cells side by side,
@@ -151,7 +151,7 @@ class ExpertPool:
     def _missing(self) -> list[int]:
         return [i for i in range(self.count) if not self.path(i).is_file()]
 
-    def _train(self, index: int, on_epoch: Callable[[int, int, float], None] | None) -> None:
+    def _train(self, index: int, on_epoch: Callable[[int, int, Tensor], None] | None) -> None:
         generator = generator_for(self.seed, "expert", self.key, str(index))
         data = self.dataset
         model = create_network(self.arch, data.num_classes, data.channels, data.resolution, generator).to(self.device)
@@ -161,7 +161,7 @@ class ExpertPool:
             for name, param in model.named_parameters():
                 snapshots[f"epoch{epoch:04d}/{name}"] = param.detach().cpu().clone()
 
-        def after_epoch(epoch: int, loss: float) -> None:
+        def after_epoch(epoch: int, loss: Tensor) -> None:
             if self.recipe.keep_trajectory:
                 snapshot(epoch + 1)
             if on_epoch is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from bench.data import DATASETS, Dataset, load_dataset, resolve_data_root
@@ -478,7 +479,7 @@ class EvalFlops:
         self._first_epoch: int | None = None
         self._networks = 0  # networks that reported the first epoch before the counting window closed
 
-    def __call__(self, epoch: int, loss: float) -> None:
+    def __call__(self, epoch: int, loss: Tensor) -> None:
         self.bar.update(1)
         self.calls += 1
         if self.calls == 1:

@@ -65,6 +65,7 @@ def random_case(shape: str, ipc: int, test_images: int, seed: int = 0) -> tuple[
     return DistilledSet(images, labels, metadata={"dataset": info.name}), dataset
 
 
+AUTO_FLOOR = 0.95  # issue 9: auto is never meaningfully slower than sequential
 CALIBRATION_SECONDS: list[float] = []  # time spent in auto's calibrations, measured apart from the noisy totals
 
 
@@ -206,6 +207,12 @@ def main() -> None:
                              repeats=repeat, all_times_s=times))
             if max(abs(a - b) for a, b in zip(acc_sequential, acc_batched)) > 1.0:
                 print(f"  note: batched and sequential accuracies differ: {acc_batched} vs {acc_sequential}")
+    for column, label in (("auto 1st", "auto's first run"), ("auto cached", "auto with its cached choice")):
+        if rows:
+            low = min(rows, key=lambda row: row["paired_speed"][column])
+            verdict = "yes" if low["paired_speed"][column] >= AUTO_FLOOR else "NO"
+            print(f"{label} at least {AUTO_FLOOR}× sequential in every row: {verdict} (lowest "
+                  f"{low['paired_speed'][column]:.2f}×, {low['shape']} ipc {low['ipc']})")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     if args.json:
         Path(args.json).write_text(json.dumps({"benchmark": "batched_eval", "argv": sys.argv[1:],

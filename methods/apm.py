@@ -94,7 +94,7 @@ class CheckpointRecorder:
         self.network, self.after = network, set(after_epochs)
         self.saved: list[nn.Module] = []
 
-    def __call__(self, epoch: int, loss: float) -> None:
+    def __call__(self, epoch: int, loss: Tensor) -> None:
         if epoch + 1 in self.after:
             frozen = copy.deepcopy(self.network).eval()
             frozen.requires_grad_(False)

@@ -223,3 +223,35 @@ def test_batch_seeds_option_on_the_command_line_and_in_suites(tmp_path):
     suite_file.write_text("version: 1\ngrids:\n  - {datasets: [digits], ipc: [1], methods: [random], batch_seeds: fast}\n")
     with pytest.raises(UserError, match="batch_seeds.*auto, on or off"):
         load_suite(str(suite_file))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
+@pytest.mark.parametrize("batched", [False, True], ids=["sequential", "batched"])
+def test_training_reads_the_gpu_once(batched):
+    """At a few images per class a training is launch-bound: a host that waits for the device at every step
+    (a loss read, a blocking copy of DSA's parameters or of the epoch's order) cannot queue the next step's
+    kernels meanwhile. The loop reads the device once, for the losses it returns."""
+    device = torch.device("cuda:0")
+    models, generators = fresh_networks()
+    models = [m.float().to(device) for m in models]
+    images = torch.randn(20, 1, 8, 8, device=device)
+    labels = torch.arange(20, device=device) % 10
+    protocol = short(epochs=4, batch_size=8)  # 3 steps an epoch
+    augment = DSA.for_dataset(True)
+    seen: list[torch.Tensor] = []
+    torch.cuda.synchronize(device)
+    with pytest.warns(UserWarning) as caught:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            if batched:
+                train_networks_batched(models, images, labels, protocol, generators, augment,
+                                       on_epoch=lambda epoch, loss: seen.append(loss))
+            else:
+                train_network(models[0], images, labels, protocol, generators[0], augment,
+                              on_epoch=lambda epoch, loss: seen.append(loss))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    assert len(seen) == 4 * (len(models) if batched else 1) and all(loss.device == device for loss in seen)
