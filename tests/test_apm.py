@@ -40,6 +40,24 @@ def test_segment_accumulation_equals_one_segment():
     assert whole[batch].abs().sum() > 0
 
 
+def test_image_step_gradient_is_that_of_the_objective_on_the_batch():
+    """The segments' gradients, gathered at each segment and scattered into the set's gradient, are autograd's
+    gradient of ce·CE(T(u_b), y_b) − Σ_k L1(S_k(u_b), T(u_b)) with respect to the whole set."""
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(9, 1, 8, 8, generator=g, dtype=torch.float64)
+    labels = torch.arange(9) % 10
+    teacher, *students = tiny_networks(3)
+    batch = torch.tensor([8, 1, 4, 0, 6])
+    u = images.clone().requires_grad_(True)
+    t = teacher(u[batch])
+    objective = 0.1 * torch.nn.functional.cross_entropy(t, labels[batch]) - sum(
+        torch.nn.functional.l1_loss(s(u[batch]), t) for s in students)
+    (expected,) = torch.autograd.grad(objective, u)
+    for segment in (5, 2):
+        got, _ = gradient(segment, images, labels, batch, teacher, students)
+        assert torch.allclose(got, expected, rtol=1e-10, atol=1e-13), segment
+
+
 def test_image_step_is_ce_minus_disagreement():
     images = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     labels = torch.tensor([1, 2, 3])
