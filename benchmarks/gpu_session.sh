@@ -7,19 +7,22 @@
 # Stages, each under its own time limit, each logged to WORK/<stage>.log; WORK is packed into OUT/gpu_session.tgz
 # after every stage (logs and records; distilled sets stay behind, over the device tool's 16 MiB per file), so a
 # run cut short still returns what it finished:
-#   gpu_tests     pytest -m gpu (NVML and the allocator against a known 1 GiB allocation; the environment stamp)
+#   gpu_tests     pytest -m gpu (NVML and the allocator against a known 1 GiB allocation; the environment stamp;
+#                 the evaluation loop reads the device once per training, not once per step)
 #   batched_eval  seed-batched vs sequential evaluation at CIFAR-10 shapes, ConvNet-3, ipc 1/10/50, 5 seeds,
-#                 300 epochs, the full standard protocol (issue 9)
+#                 300 epochs, the full standard protocol (issue 9); every timed evaluation starts a process
+#                 (CUDA's start included: about 12 processes)
 #   efficiency    APM at segment 500/250/100 vs MTT vs TESLA, full CIFAR-10 ipc 50 recipes on random pixels of
 #                 CIFAR-10's shape, cheap experts, 30 iterations each (issue 5)
 #   e2e_digits    `ddbench run` of random, DM and APM (quick) on digits on the GPU, evaluated: a full record there
+#                 (not by default — it ran on 2026-11-30, results/gpu/2026-11-30-h200; STAGES="... e2e_digits")
 set -u
 PY=${PY:-python3}
 WORK=${WORK:-/tmp/gpu-session}
 OUT=${OUT:-$WORK/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DDBENCH_CACHE=$WORK/cache
 mkdir -p "$WORK" "$OUT"
-only=${STAGES:-gpu_tests batched_eval efficiency e2e_digits}
+only=${STAGES:-gpu_tests batched_eval efficiency}
 
 stage() {  # stage NAME LIMIT_S COMMAND...
     local name=$1 limit=$2; shift 2
@@ -35,8 +38,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 $PY -c "import torch, timm, pynvml; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))"
-stage gpu_tests 90 $PY -m pytest -m gpu tests/test_measure_gpu.py -q -p no:cacheprovider
-stage batched_eval 150 $PY benchmarks/batched_eval.py --device cuda --shapes cifar10 --ipc 1,10,50 --epochs 300 \
+stage gpu_tests 120 $PY -m pytest -m gpu tests/test_measure_gpu.py tests/test_batched_eval.py -q -p no:cacheprovider
+stage batched_eval 300 $PY benchmarks/batched_eval.py --device cuda --shapes cifar10 --ipc 1,10,50 --epochs 300 \
     --seeds 5 --full-protocol --json "$WORK/batched_eval.json"
 stage efficiency 240 $PY benchmarks/efficiency.py --full --random-cifar10 "$WORK/random-cifar10" --cheap-experts \
     --iterations 30 --results "$WORK/efficiency_cifar10_random" --device cuda
