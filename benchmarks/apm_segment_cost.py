@@ -112,17 +112,15 @@ def main() -> None:
         variant, segment = args.child.split(":")
         print(json.dumps(measure(variant, int(segment), args)))
         return
-    torch_threads = torch.get_num_threads()
     print(f"APM image step: {args.images} synthetic images of {args.shape}, batch_syn {args.batch_syn}, K {args.students}, "
-          f"{args.arch}, {torch_threads} torch threads; median of {args.iterations} iterations after a warm-up; "
+          f"{args.arch}, {torch.get_num_threads()} torch threads; median of {args.iterations} iterations after a warm-up; "
           f"each (variant, segment) in a fresh process")
     print("| variant | segment | s/iteration | × segment = batch_syn | peak RSS MB |")
     print("|---|---:|---:|---:|---:|")
-    passthrough = [a for a in sys.argv[1:]]
     for variant in args.variants.split(","):
         first = None
         for segment in [int(s) for s in args.segments.split(",")]:
-            output = subprocess.run([sys.executable, __file__, *passthrough, "--child", f"{variant}:{segment}"],
+            output = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"{variant}:{segment}"],
                                     capture_output=True, text=True, check=True).stdout
             row = json.loads(output.strip().splitlines()[-1])
             first = first or row["s_per_iter"]
