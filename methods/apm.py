@@ -41,8 +41,9 @@ Deviations from the official code, on purpose (``notes/methods.md`` §7):
   gradient once. The official code backpropagates each of its K + 1 passes per segment through an index of the
   whole set and adds the whole set's gradient into an accumulator: work in the size of the set, not of the
   segment. At ImageNet-1K ipc 50 (50,000 images, ``batch_syn`` 500) that bookkeeping is what makes small segments
-  slow: re-implemented in ``benchmarks/apm_segment_cost.py``, its image step took 28 / 34 / 79 s at segment 500 /
-  250 / 100 on a 2-core CPU, where this one took 5.7 / 5.7 / 5.6 s (the paper: 8.6 / 11.1 / 18.2 s per iteration).
+  slow: re-implemented in ``benchmarks/apm_segment_cost.py`` (image step alone, narrow ConvNet-4 networks, 2-core CPU),
+  its image step took 28 / 34 / 79 s at segment 500 / 250 / 100, where this one took 5.7 / 5.7 / 5.6 s (the paper,
+  whole iterations on a GPU: 8.6 / 11.1 / 18.2 s).
 
 The paper has no recipe for ipc 1 or for CIFAR-10 ipc 10; ours (``cifar10_ipc1``, ``cifar10_ipc10``,
 ``cifar100_ipc1``) reuse the CIFAR-10 ipc 50 recipe (ZCA, lr_img 1, lr_net 0.02, all images per update), the
