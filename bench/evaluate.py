@@ -18,7 +18,8 @@ The seeds of one evaluation can train at once (``batch_seeds``): the S networks 
 parameters and SGD state — its generator is consumed exactly as when it trains alone, so both paths compute
 the same thing (up to floating-point rounding). ``auto`` takes whichever a short calibration finds faster on
 this machine (on a CPU often the sequential path), remembered in ``<cache>/eval_engine.json``; records say which
-path ran and why (``eval_engine``).
+path ran and why (``eval_engine``). On CUDA the batched steps may be replayed from CUDA graphs (``_CudaGraphSteps``),
+which auto checks against eager steps before using them.
 
 Deviations from the DC reference loop, on purpose: it trains ``Epoch + 1`` epochs and re-creates the optimiser
 (dropping momentum) when decaying the lr; here exactly ``epochs`` epochs run and the decay keeps momentum.
@@ -139,37 +140,132 @@ def _optimizer(parameters: Iterable[Tensor], protocol: Protocol) -> torch.optim.
     return torch.optim.SGD(parameters, lr=protocol.lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay)
 
 
-class _OneNetworkSteps:
-    """Training steps of one network (the sequential path): forward, loss, backward, SGD step."""
+class _Steps:
+    """Training steps of one network or of a stack of them: ``tensors`` turns the networks' inputs and targets into
+    the batch tensors, ``losses`` maps them to one loss per network, and ``step`` is forward, loss, backward and
+    SGD step (the losses summed before the backward pass, so each network gets its own gradient)."""
+
+    optimizer: torch.optim.SGD
+
+    def tensors(self, inputs: list[Tensor], targets: list[Tensor]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def losses(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, inputs: list[Tensor], targets: list[Tensor]) -> Tensor:
+        values = self.losses(*self.tensors(inputs, targets))
+        self.optimizer.zero_grad(set_to_none=True)
+        values.sum().backward()
+        self.optimizer.step()
+        return values.detach()
+
+
+class _OneNetworkSteps(_Steps):
+    """Training steps of one network (the sequential path)."""
 
     def __init__(self, model: nn.Module, protocol: Protocol):
         self.model, self.protocol = model, protocol
         self.optimizer = _optimizer(model.parameters(), protocol)
 
-    def step(self, inputs: list[Tensor], targets: list[Tensor]) -> Tensor:
-        value = _loss(self.protocol, self.model(inputs[0]), targets[0])
-        self.optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        self.optimizer.step()
-        return value.detach().reshape(1)
+    def tensors(self, inputs: list[Tensor], targets: list[Tensor]) -> tuple[Tensor, Tensor]:
+        return inputs[0], targets[0]
+
+    def losses(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        return _loss(self.protocol, self.model(inputs), targets).reshape(1)
 
 
-class _StackedSteps:
-    """Training steps of a ``SeedStack`` (the seed-batched path): one forward and backward for every seed, the sum
-    of the seeds' losses backpropagated (so each seed's slice gets its own gradient), and ``torch.optim.SGD`` on
-    the stacked parameters — element-wise, so each seed gets exactly the update it would get alone, momentum
-    buffer (the first step sets it to the gradient), weight decay and lr decay included."""
+class _StackedSteps(_Steps):
+    """Training steps of a ``SeedStack`` (the seed-batched path): one forward and backward for every seed, and
+    ``torch.optim.SGD`` on the stacked parameters — element-wise, so each seed gets exactly the update it would
+    get alone, momentum buffer (the first step sets it to the gradient), weight decay and lr decay included."""
 
     def __init__(self, stack: SeedStack, protocol: Protocol):
         self.stack, self.protocol = stack, protocol
         self.optimizer = _optimizer(stack.parameters, protocol)
 
+    def tensors(self, inputs: list[Tensor], targets: list[Tensor]) -> tuple[Tensor, Tensor]:
+        return torch.stack(inputs), torch.stack(targets)
+
+    def losses(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        return _stacked_losses(self.protocol, self.stack.logits(inputs), targets)
+
+
+@dataclass
+class _CapturedStep:
+    graph: "torch.cuda.CUDAGraph"
+    inputs: Tensor  # the static buffers the graph reads: each step's batch is copied in
+    targets: Tensor
+    losses: Tensor  # the static buffer the graph writes
+
+
+class _CudaGraphSteps(_Steps):
+    """``steps`` with the forward, backward and SGD step of each training step replayed from a CUDA graph: one
+    launch instead of the hundreds of small kernel launches that bound a step at a few images per class (on an
+    H200, one eager batched ConvNet step of 5 seeds at ipc 1 took 5.7 ms, far more than its arithmetic needs).
+
+    What the graph replays is exactly ``steps.step``: the batch order and the DSA parameters are still drawn by
+    the host from each seed's generator, outside the graph, and the batch is copied into the graph's static
+    input buffers. A graph is captured per (input shape, learning rate): the last batch of an epoch may be
+    smaller, and the lr decay changes a constant that SGD's kernels hold. As ``torch.cuda.graph``'s documentation
+    asks, each graph is captured after ``WARMUP_STEPS`` eager steps on a side stream; those are real training
+    steps (the first one creates SGD's momentum buffers, which the graphs then update in place). Inside a
+    FLOP-counting window the steps run eagerly, since a replay dispatches no operation to count.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, steps: _Steps):
+        self.steps, self.optimizer = steps, steps.optimizer
+        self.captured: dict[tuple, _CapturedStep] = {}
+        self.eager_steps: dict[tuple, int] = {}
+        self.side_stream = torch.cuda.Stream()
+
+    def tensors(self, inputs: list[Tensor], targets: list[Tensor]) -> tuple[Tensor, Tensor]:
+        return self.steps.tensors(inputs, targets)
+
+    def losses(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        return self.steps.losses(inputs, targets)
+
     def step(self, inputs: list[Tensor], targets: list[Tensor]) -> Tensor:
-        values = _stacked_losses(self.protocol, self.stack.logits(torch.stack(inputs)), torch.stack(targets))
-        self.optimizer.zero_grad(set_to_none=True)
-        values.sum().backward()
-        self.optimizer.step()
-        return values.detach()
+        if innermost_flop_counter() is not None:
+            return self.steps.step(inputs, targets)
+        batch_inputs, batch_targets = self.tensors(inputs, targets)
+        key = (tuple(batch_inputs.shape), tuple(batch_targets.shape),
+               tuple(group["lr"] for group in self.optimizer.param_groups))
+        captured = self.captured.get(key)
+        if captured is None:
+            if self.eager_steps.get(key, 0) < self.WARMUP_STEPS:
+                self.eager_steps[key] = self.eager_steps.get(key, 0) + 1
+                return self._eager_step(batch_inputs, batch_targets)
+            captured = self.captured[key] = self._capture(batch_inputs, batch_targets)
+        captured.inputs.copy_(batch_inputs)
+        captured.targets.copy_(batch_targets)
+        captured.graph.replay()
+        return captured.losses.clone()
+
+    def _eager_step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        self.side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side_stream):
+            values = self.losses(inputs, targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            values.sum().backward()
+            self.optimizer.step()
+            values = values.detach()
+        torch.cuda.current_stream().wait_stream(self.side_stream)
+        values.record_stream(torch.cuda.current_stream())  # read on this stream, made on the side one
+        return values
+
+    def _capture(self, inputs: Tensor, targets: Tensor) -> _CapturedStep:
+        static_inputs, static_targets = inputs.clone(), targets.clone()
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates its own gradients
+        # thread_local: cells running in other threads may use the GPU meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            static_losses = self.losses(static_inputs, static_targets)
+            static_losses.sum().backward()
+            self.optimizer.step()
+        return _CapturedStep(graph, static_inputs, static_targets, static_losses.detach())
 
 
 def _draw_inputs(images: Tensor, batches: list[Tensor], generators: list[torch.Generator],
@@ -184,7 +280,7 @@ def _draw_inputs(images: Tensor, batches: list[Tensor], generators: list[torch.G
 
 
 def _train(
-    steps: _OneNetworkSteps | _StackedSteps,
+    steps: _Steps,
     images: Tensor,
     targets: Tensor,
     protocol: Protocol,
@@ -267,6 +363,7 @@ def train_networks_batched(
     augment: DSA | None = None,
     on_epoch: EpochCallback | None = None,
     grouped: bool = True,
+    cuda_graphs: bool = False,
 ) -> list[float]:
     """Train ``models`` (one architecture, one network per generator) in place, all at once as one stacked model;
     returns each one's last-epoch mean loss.
@@ -274,9 +371,13 @@ def train_networks_batched(
     Each network gets what ``train_network`` would give it alone with its generator — the same batches, the same
     augmentation, its own SGD state — up to floating-point rounding. ``on_epoch(epoch, loss)`` runs after each
     epoch once per network. ``grouped=False``: ``vmap`` even where grouped convolutions could compute the stack.
+    ``cuda_graphs``: replay the steps from CUDA graphs (``_CudaGraphSteps``; CUDA only).
     """
     stack = SeedStack(models, grouped).train()
-    losses = _train(_StackedSteps(stack, protocol), images, targets, protocol, generators, augment, on_epoch)
+    steps: _Steps = _StackedSteps(stack, protocol)
+    if cuda_graphs:
+        steps = _CudaGraphSteps(steps)
+    losses = _train(steps, images, targets, protocol, generators, augment, on_epoch)
     stack.write_back()
     return losses
 
@@ -349,12 +450,13 @@ def check_compatible(distilled: DistilledSet, dataset: Dataset) -> None:
 
 BATCH_SEEDS_CHOICES = ("auto", "on", "off")
 ENGINE_CACHE_FILE = "eval_engine.json"  # in the cache folder: auto's calibrated choices on this machine
-ENGINE_CACHE_VERSION = 1
+ENGINE_CACHE_VERSION = 2  # 2: CUDA entries also say whether graphs are replayed
 CALIBRATION_ROUNDS = 3  # timed steps of each path, after one warm-up step of each
 MIN_STEPS_TO_CALIBRATE = 100  # fewer training steps: sequential, uncalibrated (calibrating costs up to ~4 steps)
 BATCHED_BELOW = 0.9  # auto batches when a batched step takes less than this fraction of the S sequential ones
 GIVE_UP_RATIO = 1.2  # calibration stops after one timed batched step when it took over this × the sequential time
 CALIBRATION_SEED = 1_000_003  # the calibration's own generators: the seeds' generators are never touched
+GRAPH_AGREEMENT = 1e-4  # graphed and eager batched steps from one start must agree to this (relative): see below
 _LOGGED: set[str] = set()
 
 
@@ -431,7 +533,7 @@ def calibrate_seed_batching(models: list[nn.Module], images: Tensor, targets: Te
     single = _OneNetworkSteps(copy.deepcopy(models[0]).train(), protocol)
     stacked = _StackedSteps(SeedStack(models).train(), protocol)
 
-    def seconds(steps: _OneNetworkSteps | _StackedSteps, networks: int) -> float:
+    def seconds(steps: _Steps, networks: int) -> float:
         batches = [torch.randperm(n, generator=g)[:batch_size].to(images.device) for g in generators[:networks]]
         _synchronize(images.device)
         start = time.perf_counter()
@@ -448,6 +550,45 @@ def calibrate_seed_batching(models: list[nn.Module], images: Tensor, targets: Te
     return sequential_s, statistics.fmean(batched_s)
 
 
+def calibrate_cuda_graphs(models: list[nn.Module], images: Tensor, targets: Tensor, protocol: Protocol,
+                          augment: DSA | None) -> tuple[float | None, str | None]:
+    """(seconds of one batched step replayed from a CUDA graph, None) — or (None, why not) where capture fails or
+    the replayed steps do not compute what eager steps do.
+
+    Two stacks of the same networks train side by side on the same batches, one eagerly (``_StackedSteps``), one
+    through ``_CudaGraphSteps`` (its warm-up, its capture and ``CALIBRATION_ROUNDS`` timed replays); their
+    parameters must then agree to ``GRAPH_AGREEMENT`` (relative to the largest parameter: cuDNN's kernels are
+    not bitwise reproducible, a stale static buffer or a lost update is far larger). The evaluation's networks
+    and generators are untouched.
+    """
+    count, n = len(models), images.shape[0]
+    batch_size = min(protocol.batch_size, n)
+    generators = [torch.Generator().manual_seed(CALIBRATION_SEED + s) for s in range(count)]
+    try:
+        eager = _StackedSteps(SeedStack(models).train(), protocol)
+        graphed = _CudaGraphSteps(_StackedSteps(SeedStack(models).train(), protocol))
+        timed: list[float] = []
+        for step in range(_CudaGraphSteps.WARMUP_STEPS + CALIBRATION_ROUNDS):
+            batches = [torch.randperm(n, generator=g)[:batch_size].to(images.device) for g in generators]
+            inputs, step_targets = _draw_inputs(images, batches, generators, augment), [targets[b] for b in batches]
+            eager.step(inputs, step_targets)
+            _synchronize(images.device)
+            start = time.perf_counter()
+            graphed.step(inputs, step_targets)
+            _synchronize(images.device)
+            if step >= _CudaGraphSteps.WARMUP_STEPS:  # the capture's step and the replays after it
+                timed.append(time.perf_counter() - start)
+    except Exception as exc:  # any failure to capture or replay (out of memory included): the steps run eagerly
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None, f"CUDA graph capture failed ({type(exc).__name__}: {first_line[:200]})"
+    scale = max(float(p.abs().max()) for p in eager.stack.parameters)
+    difference = max(float((a - b).abs().max()) for a, b in zip(eager.stack.parameters, graphed.steps.stack.parameters))
+    if not difference <= GRAPH_AGREEMENT * scale:
+        return None, (f"CUDA graph replay disagreed with eager steps (largest parameter difference "
+                      f"{difference:.3g}, {difference / scale:.3g} of the largest parameter)")
+    return statistics.fmean(timed[1:]), None  # the first timed step also captured the graph
+
+
 def choose_eval_engine(
     batch_seeds: str,
     eval_arch: str,
@@ -460,7 +601,7 @@ def choose_eval_engine(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """The record's ``eval_engine``: ``{"path": "batched" | "sequential", "reason": ...}`` (with
-    ``batched_forward`` when batched, and the TF32 settings on CUDA).
+    ``batched_forward`` when batched; on CUDA, the TF32 settings and, when batched, ``cuda_graphs``).
 
     ``off``: sequential. ``on``: batched unless the networks cannot be stacked (BatchNorm running statistics, a
     forward vmap refuses), which falls back to sequential with the reason logged once. ``auto``: sequential for
@@ -468,7 +609,9 @@ def choose_eval_engine(
     ``<cache>/eval_engine.json``, so that later runs on this machine take the same path without calibrating;
     else sequential for a training of under ``MIN_STEPS_TO_CALIBRATE`` steps (calibrating could cost more than
     batching saves); else the path ``calibrate_seed_batching`` finds faster — batched when it takes under
-    ``BATCHED_BELOW`` × the sequential time — which is then cached.
+    ``BATCHED_BELOW`` × the sequential time — which is then cached. On CUDA, auto also measures the batched step
+    replayed from CUDA graphs (``calibrate_cuda_graphs``, which checks it against eager steps) and replays graphs
+    when they are faster; ``on`` runs the batched steps eagerly.
     """
     if batch_seeds not in BATCH_SEEDS_CHOICES:
         raise UserError(f"batch_seeds must be one of {', '.join(BATCH_SEEDS_CHOICES)}, got {batch_seeds!r}")
@@ -479,6 +622,8 @@ def choose_eval_engine(
         engine["batched_forward"] = forward_kind(models[0])
     if device.type == "cuda":
         engine["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+        if engine["path"] == "batched":
+            engine.setdefault("cuda_graphs", False)
     return engine
 
 
@@ -497,7 +642,7 @@ def _choose_path(batch_seeds: str, eval_arch: str, models: list[nn.Module], imag
     if batch_seeds == "auto":
         cached = read_engine_cache(cache_dir).get(key)
         if isinstance(cached, dict) and cached.get("path") in ("batched", "sequential"):  # it ran when calibrated
-            return {"path": cached["path"],
+            return {"path": cached["path"], **({"cuda_graphs": True} if cached.get("cuda_graphs") else {}),
                     "reason": f"auto: cached calibration, batched {cached.get('ratio')}× sequential time"}
         steps = protocol.epochs * math.ceil(n / protocol.batch_size)
         if steps < MIN_STEPS_TO_CALIBRATE:
@@ -514,12 +659,24 @@ def _choose_path(batch_seeds: str, eval_arch: str, models: list[nn.Module], imag
         reason = f"auto: the batched path ran out of memory while calibrating ({type(exc).__name__})"
         _log_once(log, f"evaluation of {eval_arch}: seeds trained one at a time: {reason}")
         return {"path": "sequential", "reason": reason}
-    ratio = round(batched_s / sequential_s, 2)
-    path = "batched" if batched_s < BATCHED_BELOW * sequential_s else "sequential"
+    graphed_s, no_graphs = None, "not a CUDA device"
+    if images.device.type == "cuda":
+        graphed_s, no_graphs = calibrate_cuda_graphs(models, images, targets, protocol, augment)
+        if no_graphs is not None:
+            _log_once(log, f"evaluation of {eval_arch}: no CUDA graphs: {no_graphs}")
+    use_graphs = graphed_s is not None and graphed_s < batched_s
+    best_s = graphed_s if use_graphs else batched_s
+    ratio = round(best_s / sequential_s, 2)
+    path = "batched" if best_s < BATCHED_BELOW * sequential_s else "sequential"
+    use_graphs = use_graphs and path == "batched"
     _remember_choice(cache_dir, key, {"path": path, "ratio": ratio, "sequential_step_s": round(sequential_s, 6),
                                       "batched_step_s": round(batched_s, 6),
+                                      "graphed_step_s": None if graphed_s is None else round(graphed_s, 6),
+                                      "cuda_graphs": use_graphs, "no_graphs_reason": no_graphs,
                                       "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}, log)
-    return {"path": path, "reason": f"auto: calibrated batched {ratio}× sequential time"}
+    graphs = " (replayed from CUDA graphs)" if use_graphs else ""
+    return {"path": path, **({"cuda_graphs": True} if use_graphs else {}),
+            "reason": f"auto: calibrated batched{graphs} {ratio}× sequential time"}
 
 
 def evaluate_distilled(
@@ -562,7 +719,10 @@ def evaluate_distilled(
     test_images, test_labels = dataset.test_images.to(device), dataset.test_labels.to(device)
     if engine["path"] == "batched":
         stack = SeedStack(models).train()
-        losses = _train(_StackedSteps(stack, protocol), images, targets, protocol, generators, augment, on_epoch)
+        steps: _Steps = _StackedSteps(stack, protocol)
+        if engine.get("cuda_graphs"):
+            steps = _CudaGraphSteps(steps)
+        losses = _train(steps, images, targets, protocol, generators, augment, on_epoch)
         accs = stacked_accuracies(stack, test_images, test_labels)
     else:
         losses, accs = [], []

@@ -24,7 +24,8 @@ Top-level keys that scripts and reports rely on: ``schema_version``, ``record_id
 * ``eval_engine``: how the evaluation's seeds were trained — ``{"path": "batched" | "sequential", "reason": ...}``
   (``batch_seeds`` auto / on / off; e.g. ``"auto: calibrated batched 0.6× sequential time"``, ``"off"``,
   ``"BatchNorm running statistics cannot be vmapped"``), with ``batched_forward`` (grouped convolutions or
-  ``torch.func.vmap``) when batched and ``tf32`` (``{matmul, cudnn}``) on CUDA; null when no evaluation ran.
+  ``torch.func.vmap``) when batched and ``tf32`` (``{matmul, cudnn}``) on CUDA, with ``cuda_graphs`` (whether the
+  batched steps were replayed from CUDA graphs) when batched on CUDA; null when no evaluation ran.
   Not part of the record's identity: both paths compute the same thing.
 
 Version 1 records (no measurement; ``environment`` instead of ``env``) are still read.

@@ -8,7 +8,8 @@
 # after every stage (logs and records; distilled sets stay behind, over the device tool's 16 MiB per file), so a
 # run cut short still returns what it finished:
 #   gpu_tests     pytest -m gpu (NVML and the allocator against a known 1 GiB allocation; the environment stamp;
-#                 the evaluation loop reads the device once per training, not once per step)
+#                 the evaluation loop reads the device once per training, not once per step; batched steps
+#                 replayed from CUDA graphs compute the eager steps, and auto's check rejects a stale replay)
 #   batched_eval  seed-batched vs sequential evaluation at CIFAR-10 shapes, ConvNet-3, ipc 1/10/50, 5 seeds,
 #                 300 epochs, the full standard protocol (issue 9); every timed evaluation starts a process
 #                 (CUDA's start included: about 12 processes)

@@ -1,6 +1,7 @@
 """Seed-batched evaluation (issue 9): every seed of an evaluation trained at once, as one stacked model, computing
 what the sequential loop computes; the path chosen (auto / on / off) is recorded, and auto's choice is cached."""
 
+import copy
 import json
 from dataclasses import replace
 from functools import partial
@@ -189,7 +190,9 @@ def test_auto_calibrates_once_then_reuses_the_cached_choice(digits, small_set, t
     assert second.eval_engine["reason"].startswith("auto: cached calibration")
     assert second.acc == first.acc and second.final_train_loss == first.final_train_loss
     for path in ("batched", "sequential"):  # the cached entry decides, whatever it says
-        engine_cache_path(tmp_path).write_text(json.dumps({"version": 1, "choices": {key: {"path": path, "ratio": 1.0}}}))
+        entry = {"path": path, "ratio": 1.0}
+        engine_cache_path(tmp_path).write_text(json.dumps({"version": evaluate_module.ENGINE_CACHE_VERSION,
+                                                           "choices": {key: entry}}))
         chosen = evaluate_distilled(small_set, digits, ARCH, protocol, SEEDS, "cpu", cache_dir=tmp_path)
         assert chosen.eval_engine["path"] == path
 
@@ -255,3 +258,54 @@ def test_training_reads_the_gpu_once(batched):
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, [str(w.message) for w in syncs]
     assert len(seen) == 4 * (len(models) if batched else 1) and all(loss.device == device for loss in seen)
+
+
+def _gpu_problem():
+    device = torch.device("cuda:0")
+    models, generators = fresh_networks()
+    models = [m.float().to(device) for m in models]
+    images = torch.randn(20, 1, 8, 8, generator=torch.Generator().manual_seed(5)).to(device)
+    labels = torch.arange(20, device=device) % 10
+    return models, generators, images, labels
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
+def test_cuda_graph_steps_compute_the_eager_steps(monkeypatch):
+    """Replayed from CUDA graphs, a seed-batched training computes what its eager steps compute: batches of 8,
+    8 and 4 (two shapes) and an lr decay (two learning rates) give four graphs, each captured after its warm-up
+    and replayed; with deterministic cuDNN kernels the parameters agree to float32 rounding."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    protocol = short(epochs=12, batch_size=8)  # 3 steps an epoch; lr ×0.1 from epoch 7
+    models, generators, images, labels = _gpu_problem()
+    twins = [copy.deepcopy(m) for m in models]
+    twin_generators = [copy.deepcopy(g) for g in generators]
+    eager_losses = train_networks_batched(models, images, labels, protocol, generators, DSA.for_dataset(True))
+    steps = evaluate_module._CudaGraphSteps(evaluate_module._StackedSteps(SeedStack(twins).train(), protocol))
+    graphed_losses = evaluate_module._train(steps, images, labels, protocol, twin_generators, DSA.for_dataset(True),
+                                            None)
+    steps.steps.stack.write_back()
+    assert sorted(key[0][1] for key in steps.captured) == [4, 4, 8, 8]  # [S, batch, ...]: both shapes, both lrs
+    assert len({key[2] for key in steps.captured}) == 2
+    for eager, graphed in zip(models, twins):
+        for a, b in zip(eager.parameters(), graphed.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
+def test_graph_calibration_times_replays_and_rejects_a_replay_that_computes_otherwise(monkeypatch):
+    models, generators, images, labels = _gpu_problem()
+    protocol = short(epochs=300, batch_size=256)
+    seconds, reason = evaluate_module.calibrate_cuda_graphs(models, images, labels, protocol, DSA.for_dataset(True))
+    assert reason is None and 0 < seconds < 1
+    capture = evaluate_module._CudaGraphSteps._capture
+
+    def stale_inputs(self, inputs, targets):  # batches are copied into a buffer that the graph does not read
+        return replace(capture(self, inputs, targets), inputs=inputs.clone())
+
+    monkeypatch.setattr(evaluate_module._CudaGraphSteps, "_capture", stale_inputs)
+    seconds, reason = evaluate_module.calibrate_cuda_graphs(models, images, labels, protocol, DSA.for_dataset(True))
+    assert seconds is None and reason.startswith("CUDA graph replay disagreed with eager steps"), reason
