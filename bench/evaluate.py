@@ -260,8 +260,9 @@ class _CudaGraphSteps(_Steps):
         static_inputs, static_targets = inputs.clone(), targets.clone()
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates its own gradients
-        # thread_local: cells running in other threads may use the GPU meanwhile
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # Captured on the warm-up's stream, whose library handles (cuBLAS, cuDNN) the warm-up created; thread_local:
+        # cells running in other threads may use the GPU meanwhile.
+        with torch.cuda.graph(graph, stream=self.side_stream, capture_error_mode="thread_local"):
             static_losses = self.losses(static_inputs, static_targets)
             static_losses.sum().backward()
             self.optimizer.step()
