@@ -24,6 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ALL_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+# Each operation's parameters, and values that leave an image unchanged (``dense_params`` fills them in where an
+# image's batch drew another operation; ``apply_dense`` discards those outputs anyway).
+IDENTITY = {
+    "color": {"brightness": 0.0, "saturation": 1.0, "contrast": 1.0},
+    "crop": {"shift_x": 0, "shift_y": 0},
+    "cutout": {"centre_x": -1_000_000, "centre_y": -1_000_000},
+    "flip": {"flip": False},
+    "scale": {"sx": 1.0, "sy": 1.0},
+    "rotate": {"angle": 0.0},
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,13 @@ class AugmentParams:
 
     operation: str
     values: dict[str, Tensor] = field(default_factory=dict)
+
+
+_DTYPES = {  # as ``DSA.sample`` draws them (torch.randint, torch.rand)
+    **dict.fromkeys(("shift_x", "shift_y", "centre_x", "centre_y"), torch.int64),
+    "flip": torch.bool,
+    **dict.fromkeys(("brightness", "saturation", "contrast", "sx", "sy", "angle"), torch.float32),
+}
 
 
 class DSA:
@@ -126,6 +143,43 @@ class DSA:
             for i, part in zip(members, self.apply(torch.cat([batches[i] for i in members]), joined).split(sizes)):
                 out[i] = part
         return out
+
+    def dense_params(self, drawn: list[AugmentParams], sizes: list[int]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``drawn[i]`` (for a batch of ``sizes[i]`` images) as ``apply_dense`` takes it, for the batches joined:
+        every image's operation (its index in the strategy) and every operation's parameters for every image —
+        its batch's draw where the batch drew that operation, the identity elsewhere (host tensors)."""
+        operation = torch.cat([torch.full((size,), self.strategy.index(params.operation))
+                               for params, size in zip(drawn, sizes)])
+        values: dict[str, Tensor] = {}
+        for name in self.strategy:
+            for key, identity in IDENTITY[name].items():
+                values[key] = torch.cat([params.values[key].expand(size) if params.operation == name
+                                         else torch.full((size,), identity, dtype=_DTYPES[key])
+                                         for params, size in zip(drawn, sizes)])
+        return operation, values
+
+    def apply_dense(self, x: Tensor, operation: Tensor, values: dict[str, Tensor]) -> Tensor:
+        """The images of ``augment_each``'s batches, joined, each transformed by its batch's draw (``dense_params``),
+        computed without a branch on the draw: every operation of the strategy runs on every image and each image
+        keeps its own operation's output — the same values (every operation acts on each image alone), and one
+        fixed sequence of kernels, whatever was drawn (so that a CUDA graph can hold it)."""
+        out = x
+        for index, name in enumerate(self.strategy):
+            transformed = getattr(self, f"_{name}")(x, {key: values[key] for key in IDENTITY[name]})
+            out = torch.where((operation == index).view(-1, 1, 1, 1), transformed, out)
+        return out
+
+    def pack(self, drawn: list[AugmentParams], sizes: list[int]) -> Tensor:
+        """``dense_params`` as one float64 host tensor ``[1 + parameters, N]`` (row 0: the operations), which one copy
+        takes to the device; every value survives the round trip exactly (float32 values, small integers, bools)."""
+        operation, values = self.dense_params(drawn, sizes)
+        return torch.stack([operation, *(values[key] for name in self.strategy for key in IDENTITY[name])]).double()
+
+    def apply_packed(self, x: Tensor, packed: Tensor) -> Tensor:
+        """``apply_dense`` of ``pack``'s tensor (on ``x``'s device)."""
+        keys = [key for name in self.strategy for key in IDENTITY[name]]
+        values = {key: packed[row].to(_DTYPES[key]) for row, key in enumerate(keys, start=1)}
+        return self.apply_dense(x, packed[0].long(), values)
 
     def siamese(self, x: Tensor, generator: torch.Generator) -> AugmentParams:
         """Batch-wide parameters for a matching step: ``apply`` them to the real and the synthetic batch."""

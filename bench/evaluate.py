@@ -160,6 +160,11 @@ class _Steps:
         self.optimizer.step()
         return values.detach()
 
+    def train_step(self, images: Tensor, targets: Tensor, batches: list[Tensor], generators: list[torch.Generator],
+                   augment: DSA | None) -> Tensor:
+        """One step of every network on its ``batches[i]`` of (images, targets), augmented with its generator."""
+        return self.step(_draw_inputs(images, batches, generators, augment), [targets[batch] for batch in batches])
+
 
 class _OneNetworkSteps(_Steps):
     """Training steps of one network (the sequential path)."""
@@ -194,23 +199,27 @@ class _StackedSteps(_Steps):
 @dataclass
 class _CapturedStep:
     graph: "torch.cuda.CUDAGraph"
-    inputs: Tensor  # the static buffers the graph reads: each step's batch is copied in
-    targets: Tensor
+    batch_index: Tensor  # static buffers the graph reads, refilled every step: the seeds' batches, joined
+    augmentation: Tensor | None  # the seeds' DSA draws, packed (``DSA.pack``)
     losses: Tensor  # the static buffer the graph writes
 
 
 class _CudaGraphSteps(_Steps):
-    """``steps`` with the forward, backward and SGD step of each training step replayed from a CUDA graph: one
-    launch instead of the hundreds of small kernel launches that bound a step at a few images per class (on an
-    H200, one eager batched ConvNet step of 5 seeds at ipc 1 took 5.7 ms, far more than its arithmetic needs).
+    """``steps`` with each whole training step — batch gather, DSA, forward, backward, SGD step — replayed from a
+    CUDA graph: one launch instead of the hundreds of small kernel launches that bound a step at a few images per
+    class (on an H200, one eager batched ConvNet step of 5 seeds at ipc 1 took 5.7 ms, far more than its
+    arithmetic needs).
 
-    What the graph replays is exactly ``steps.step``: the batch order and the DSA parameters are still drawn by
-    the host from each seed's generator, outside the graph, and the batch is copied into the graph's static
-    input buffers. A graph is captured per (input shape, learning rate): the last batch of an epoch may be
-    smaller, and the lr decay changes a constant that SGD's kernels hold. As ``torch.cuda.graph``'s documentation
-    asks, each graph is captured after ``WARMUP_STEPS`` eager steps on a side stream; those are real training
-    steps (the first one creates SGD's momentum buffers, which the graphs then update in place). Inside a
-    FLOP-counting window the steps run eagerly, since a replay dispatches no operation to count.
+    The host still draws everything from each seed's generator, exactly as an eager step does (the epoch's batch
+    order, then each step's DSA operation and parameters), and copies the draws into the graph's static buffers:
+    the batch indices, and the DSA draws packed into one tensor. A graph cannot branch on the drawn operation, so
+    it applies DSA through ``DSA.apply_packed``: every operation on every image, each image keeping its own
+    operation's output — the same values as the eager ``augment_each``. A graph is captured per (batch size,
+    learning rate): an epoch's last batch may be smaller, and the lr decay changes a constant that SGD's kernels
+    hold. As ``torch.cuda.graph``'s documentation asks, each graph is captured after ``WARMUP_STEPS`` eager steps
+    on a side stream, and on that stream; those are real training steps (the first one creates SGD's momentum
+    buffers, which the graphs then update in place). Inside a FLOP-counting window the steps run eagerly, since
+    a replay dispatches no operation to count.
     """
 
     WARMUP_STEPS = 3
@@ -227,46 +236,54 @@ class _CudaGraphSteps(_Steps):
     def losses(self, inputs: Tensor, targets: Tensor) -> Tensor:
         return self.steps.losses(inputs, targets)
 
-    def step(self, inputs: list[Tensor], targets: list[Tensor]) -> Tensor:
+    def train_step(self, images: Tensor, targets: Tensor, batches: list[Tensor], generators: list[torch.Generator],
+                   augment: DSA | None) -> Tensor:
         if innermost_flop_counter() is not None:
-            return self.steps.step(inputs, targets)
-        batch_inputs, batch_targets = self.tensors(inputs, targets)
-        key = (tuple(batch_inputs.shape), tuple(batch_targets.shape),
-               tuple(group["lr"] for group in self.optimizer.param_groups))
+            return self.steps.train_step(images, targets, batches, generators, augment)
+        size = len(batches[0])
+        key = (size, tuple(group["lr"] for group in self.optimizer.param_groups))
         captured = self.captured.get(key)
+        if captured is None and self.eager_steps.get(key, 0) < self.WARMUP_STEPS:
+            self.eager_steps[key] = self.eager_steps.get(key, 0) + 1
+            return self._eager_step(images, targets, batches, generators, augment)
+        packed = None
+        if augment is not None:  # the draws of _draw_inputs, in its order
+            image_size = (images.shape[2], images.shape[3])
+            packed = augment.pack([augment.sample(size, image_size, g) for g in generators], [size] * len(batches))
         if captured is None:
-            if self.eager_steps.get(key, 0) < self.WARMUP_STEPS:
-                self.eager_steps[key] = self.eager_steps.get(key, 0) + 1
-                return self._eager_step(batch_inputs, batch_targets)
-            captured = self.captured[key] = self._capture(batch_inputs, batch_targets)
-        captured.inputs.copy_(batch_inputs)
-        captured.targets.copy_(batch_targets)
+            captured = self.captured[key] = self._capture(images, targets, len(batches), size, augment, packed)
+        torch.cat(batches, out=captured.batch_index)
+        if packed is not None:
+            captured.augmentation.copy_(packed.pin_memory(), non_blocking=True)  # pinned: no wait for the device
         captured.graph.replay()
         return captured.losses.clone()
 
-    def _eager_step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+    def _eager_step(self, images: Tensor, targets: Tensor, batches: list[Tensor], generators: list[torch.Generator],
+                    augment: DSA | None) -> Tensor:
         self.side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side_stream):
-            values = self.losses(inputs, targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            values.sum().backward()
-            self.optimizer.step()
-            values = values.detach()
+            values = self.steps.train_step(images, targets, batches, generators, augment)
         torch.cuda.current_stream().wait_stream(self.side_stream)
         values.record_stream(torch.cuda.current_stream())  # read on this stream, made on the side one
         return values
 
-    def _capture(self, inputs: Tensor, targets: Tensor) -> _CapturedStep:
-        static_inputs, static_targets = inputs.clone(), targets.clone()
+    def _capture(self, images: Tensor, targets: Tensor, networks: int, size: int, augment: DSA | None,
+                 packed: Tensor | None) -> _CapturedStep:
+        batch_index = torch.zeros(networks * size, dtype=torch.long, device=images.device)
+        augmentation = None if packed is None else packed.to(images.device)
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates its own gradients
         # Captured on the warm-up's stream, whose library handles (cuBLAS, cuDNN) the warm-up created; thread_local:
         # cells running in other threads may use the GPU meanwhile.
         with torch.cuda.graph(graph, stream=self.side_stream, capture_error_mode="thread_local"):
-            static_losses = self.losses(static_inputs, static_targets)
-            static_losses.sum().backward()
+            inputs = images[batch_index]
+            if augment is not None:
+                inputs = augment.apply_packed(inputs, augmentation)
+            batch_targets = targets[batch_index]
+            values = self.losses(*self.tensors(list(inputs.split(size)), list(batch_targets.split(size))))
+            values.sum().backward()
             self.optimizer.step()
-        return _CapturedStep(graph, static_inputs, static_targets, static_losses.detach())
+        return _CapturedStep(graph, batch_index, augmentation, values.detach())
 
 
 def _draw_inputs(images: Tensor, batches: list[Tensor], generators: list[torch.Generator],
@@ -303,8 +320,7 @@ def _train(
         totals, seen = torch.zeros(count, dtype=torch.float64, device=images.device), 0
         for start in range(0, n, protocol.batch_size):
             batches = [order[start : start + protocol.batch_size] for order in orders]
-            inputs = _draw_inputs(images, batches, generators, augment)
-            step_losses = steps.step(inputs, [targets[batch] for batch in batches])
+            step_losses = steps.train_step(images, targets, batches, generators, augment)
             totals += step_losses.to(torch.float64) * len(batches[0])
             seen += len(batches[0])
         return totals / seen
@@ -556,26 +572,30 @@ def calibrate_cuda_graphs(models: list[nn.Module], images: Tensor, targets: Tens
     """(seconds of one batched step replayed from a CUDA graph, None) — or (None, why not) where capture fails or
     the replayed steps do not compute what eager steps do.
 
-    Two stacks of the same networks train side by side on the same batches, one eagerly (``_StackedSteps``), one
-    through ``_CudaGraphSteps`` (its warm-up, its capture and ``CALIBRATION_ROUNDS`` timed replays); their
-    parameters must then agree to ``GRAPH_AGREEMENT`` (relative to the largest parameter: cuDNN's kernels are
-    not bitwise reproducible, a stale static buffer or a lost update is far larger). The evaluation's networks
-    and generators are untouched.
+    Two stacks of the same networks train side by side on the same batches and DSA draws (two copies of the same
+    generators), one eagerly (``_StackedSteps``), one through ``_CudaGraphSteps`` (its warm-up, its capture and
+    ``CALIBRATION_ROUNDS`` timed replays); their parameters must then agree to ``GRAPH_AGREEMENT`` (relative to the
+    largest parameter: cuDNN's kernels are not bitwise reproducible, a stale static buffer or a lost update is
+    far larger). The evaluation's networks and generators are untouched.
     """
     count, n = len(models), images.shape[0]
     batch_size = min(protocol.batch_size, n)
-    generators = [torch.Generator().manual_seed(CALIBRATION_SEED + s) for s in range(count)]
+
+    def calibration_generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(CALIBRATION_SEED + s) for s in range(count)]
+
     try:
         eager = _StackedSteps(SeedStack(models).train(), protocol)
         graphed = _CudaGraphSteps(_StackedSteps(SeedStack(models).train(), protocol))
+        eager_generators, graphed_generators = calibration_generators(), calibration_generators()
         timed: list[float] = []
         for step in range(_CudaGraphSteps.WARMUP_STEPS + CALIBRATION_ROUNDS):
-            batches = [torch.randperm(n, generator=g)[:batch_size].to(images.device) for g in generators]
-            inputs, step_targets = _draw_inputs(images, batches, generators, augment), [targets[b] for b in batches]
-            eager.step(inputs, step_targets)
+            batches = [torch.randperm(n, generator=g)[:batch_size].to(images.device) for g in eager_generators]
+            eager.train_step(images, targets, batches, eager_generators, augment)
+            batches = [torch.randperm(n, generator=g)[:batch_size].to(images.device) for g in graphed_generators]
             _synchronize(images.device)
             start = time.perf_counter()
-            graphed.step(inputs, step_targets)
+            graphed.train_step(images, targets, batches, graphed_generators, augment)
             _synchronize(images.device)
             if step >= _CudaGraphSteps.WARMUP_STEPS:  # the capture's step and the replays after it
                 timed.append(time.perf_counter() - start)

@@ -92,6 +92,7 @@ class SeedStack:
         self.skeleton = models[0]  # functional_call swaps the stacked tensors in for the call only
         self.chain = _plain_chain(models[0]) if grouped else None
         self.forward_kind = GROUPED_FORWARD if self.chain is not None else VMAP_FORWARD
+        self.memory_format = torch.contiguous_format  # of the grouped forward's activations (channels_last: to compare)
 
     @property
     def parameters(self) -> list[Tensor]:
@@ -133,6 +134,7 @@ class SeedStack:
             h = inputs
         else:  # [S, B, C, H, W] → [B, S·C, H, W]: seed s owns channels s·C … (s+1)·C − 1
             h = inputs.transpose(0, 1).reshape(inputs.shape[1], -1, *inputs.shape[3:])
+        h = h.contiguous(memory_format=self.memory_format)
 
         def stack_shared(x: Tensor) -> Tensor:
             return x.repeat(1, S, 1, 1)

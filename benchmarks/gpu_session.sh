@@ -10,6 +10,8 @@
 #   gpu_tests     pytest -m gpu (NVML and the allocator against a known 1 GiB allocation; the environment stamp;
 #                 the evaluation loop reads the device once per training, not once per step; batched steps
 #                 replayed from CUDA graphs compute the eager steps, and auto's check rejects a stale replay)
+#   step_variants one batched ConvNet step of 5 seeds at CIFAR-10 shapes, ipc 1/10/50: eager vs channels-last vs
+#                 torch.compile vs CUDA graphs, interleaved in one process (issue 9's "what makes it fast")
 #   batched_eval  seed-batched vs sequential evaluation at CIFAR-10 shapes, ConvNet-3, ipc 1/10/50, 5 seeds,
 #                 300 epochs, the full standard protocol (issue 9); every timed evaluation starts a process
 #                 (CUDA's start included: about 12 processes)
@@ -23,7 +25,7 @@ WORK=${WORK:-/tmp/gpu-session}
 OUT=${OUT:-$WORK/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DDBENCH_CACHE=$WORK/cache
 mkdir -p "$WORK" "$OUT"
-only=${STAGES:-gpu_tests batched_eval efficiency}
+only=${STAGES:-gpu_tests step_variants batched_eval efficiency}
 
 stage() {  # stage NAME LIMIT_S COMMAND...
     local name=$1 limit=$2; shift 2
@@ -40,6 +42,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 $PY -c "import torch, timm, pynvml; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))"
 stage gpu_tests 120 $PY -m pytest -m gpu tests/test_measure_gpu.py tests/test_batched_eval.py -q -p no:cacheprovider
+stage step_variants 120 $PY benchmarks/batched_step_variants.py --device cuda --shapes cifar10 --ipc 1,10,50 --pairs 8
 stage batched_eval 300 $PY benchmarks/batched_eval.py --device cuda --shapes cifar10 --ipc 1,10,50 --epochs 300 \
     --seeds 5 --full-protocol --json "$WORK/batched_eval.json"
 stage efficiency 240 $PY benchmarks/efficiency.py --full --random-cifar10 "$WORK/random-cifar10" --cheap-experts \

@@ -83,3 +83,36 @@ def test_color_parameters_in_the_official_ranges():
     assert -0.5 <= p.values["brightness"].min() and p.values["brightness"].max() <= 0.5
     assert 0 <= p.values["saturation"].min() and p.values["saturation"].max() <= 2.0
     assert 0.5 <= p.values["contrast"].min() and p.values["contrast"].max() <= 1.5
+
+
+def test_branch_free_augmentation_gives_each_batch_its_own_draw_exactly():
+    """``apply_packed`` (what a CUDA graph replays: every operation on every image, each image keeping its own
+    batch's) gives bit for bit the images of ``augment_each``, for every operation drawn, both strategies, float32
+    and float64, batches of one size (a seed stack) and of several; and consumes nothing from the generators."""
+    operations_seen = set()
+    for digit_like in (True, False):
+        dsa = DSA.for_dataset(digit_like)
+        for dtype in (torch.float32, torch.float64):
+            for trial in range(12):
+                sizes = [6, 6, 6, 6, 6] if trial % 2 else [5, 3]
+                batches = [batch(n, 3, 8, 8, seed=100 * trial + i).to(dtype) for i, n in enumerate(sizes)]
+                generators = [torch.Generator().manual_seed(10 * trial + i) for i in range(len(sizes))]
+                twins = [torch.Generator().manual_seed(10 * trial + i) for i in range(len(sizes))]
+                expected = torch.cat(dsa.augment_each(batches, generators))
+                drawn = [dsa.sample(n, (8, 8), g) for n, g in zip(sizes, twins)]
+                operations_seen.update(params.operation for params in drawn)
+                packed = dsa.pack(drawn, sizes)
+                assert packed.dtype == torch.float64 and packed.shape[1] == sum(sizes)
+                assert torch.equal(dsa.apply_packed(torch.cat(batches), packed), expected)
+                assert all(torch.equal(g.get_state(), t.get_state()) for g, t in zip(generators, twins))
+    assert operations_seen == set(ALL_OPERATIONS)
+
+
+def test_branch_free_augmentation_keeps_the_identity_where_another_operation_was_drawn():
+    dsa = DSA(("cutout", "flip"))
+    x = batch(4)
+    drawn = [AugmentParams("flip", {"flip": torch.tensor([True, True])}),
+             AugmentParams("cutout", {"centre_x": torch.tensor([4, 4]), "centre_y": torch.tensor([4, 4])})]
+    out = dsa.apply_packed(x, dsa.pack(drawn, [2, 2]))
+    assert torch.equal(out[:2], x[:2].flip(3))
+    assert torch.equal(out[2:, :, 2:6, 2:6], torch.zeros(2, 3, 4, 4)) and torch.equal(out[2:, :, 0], x[2:, :, 0])

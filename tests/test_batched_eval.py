@@ -272,9 +272,10 @@ def _gpu_problem():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
 def test_cuda_graph_steps_compute_the_eager_steps(monkeypatch):
-    """Replayed from CUDA graphs, a seed-batched training computes what its eager steps compute: batches of 8,
-    8 and 4 (two shapes) and an lr decay (two learning rates) give four graphs, each captured after its warm-up
-    and replayed; with deterministic cuDNN kernels the parameters agree to float32 rounding."""
+    """Replayed from CUDA graphs — batch gather and DSA included — a seed-batched training computes what its eager
+    steps compute: batches of 8, 8 and 4 (two sizes) and an lr decay (two learning rates) give four graphs, each
+    captured after its warm-up and replayed; with deterministic cuDNN kernels the parameters agree to float32
+    rounding, and the generators end in the same state."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     protocol = short(epochs=12, batch_size=8)  # 3 steps an epoch; lr ×0.1 from epoch 7
@@ -286,8 +287,9 @@ def test_cuda_graph_steps_compute_the_eager_steps(monkeypatch):
     graphed_losses = evaluate_module._train(steps, images, labels, protocol, twin_generators, DSA.for_dataset(True),
                                             None)
     steps.steps.stack.write_back()
-    assert sorted(key[0][1] for key in steps.captured) == [4, 4, 8, 8]  # [S, batch, ...]: both shapes, both lrs
-    assert len({key[2] for key in steps.captured}) == 2
+    assert sorted(size for size, lrs in steps.captured) == [4, 4, 8, 8]  # both batch sizes, both lrs
+    assert len({lrs for size, lrs in steps.captured}) == 2
+    assert all(torch.equal(g.get_state(), t.get_state()) for g, t in zip(generators, twin_generators))
     for eager, graphed in zip(models, twins):
         for a, b in zip(eager.parameters(), graphed.parameters()):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
@@ -303,8 +305,9 @@ def test_graph_calibration_times_replays_and_rejects_a_replay_that_computes_othe
     assert reason is None and 0 < seconds < 1
     capture = evaluate_module._CudaGraphSteps._capture
 
-    def stale_inputs(self, inputs, targets):  # batches are copied into a buffer that the graph does not read
-        return replace(capture(self, inputs, targets), inputs=inputs.clone())
+    def stale_inputs(self, *args):  # each step's batch goes into a buffer that the graph does not read
+        captured = capture(self, *args)
+        return replace(captured, batch_index=captured.batch_index.clone())
 
     monkeypatch.setattr(evaluate_module._CudaGraphSteps, "_capture", stale_inputs)
     seconds, reason = evaluate_module.calibrate_cuda_graphs(models, images, labels, protocol, DSA.for_dataset(True))
