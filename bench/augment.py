@@ -12,6 +12,10 @@ image of both batches); non-siamese calls (evaluation training) draw per-image p
 
 Deviation from the official code, on purpose: parameters come from a ``torch.Generator`` handed in by the
 caller, instead of re-seeding the global RNG before every draw.
+
+``pack`` / ``apply_packed`` compute ``augment_each``'s images without branching on the drawn operations (every
+operation on every image, each image keeping its own): what a CUDA graph of a whole training step replays
+(``bench.evaluate._CudaGraphSteps``).
 """
 
 from __future__ import annotations
