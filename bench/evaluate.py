@@ -273,9 +273,10 @@ class _CudaGraphSteps(_Steps):
         augmentation = None if packed is None else packed.to(images.device)
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates its own gradients
-        # Captured on the warm-up's stream, whose library handles (cuBLAS, cuDNN) the warm-up created; thread_local:
-        # cells running in other threads may use the GPU meanwhile.
-        with torch.cuda.graph(graph, stream=self.side_stream, capture_error_mode="thread_local"):
+        # Captured on the warm-up's stream, whose library handles (cuBLAS, cuDNN) the warm-up created. The default
+        # capture mode ("global") is the one documented for a backward pass inside the capture (autograd runs it on
+        # its own thread); no other thread of a cell's process uses the GPU (cells are processes, one per GPU).
+        with torch.cuda.graph(graph, stream=self.side_stream):
             inputs = images[batch_index]
             if augment is not None:
                 inputs = augment.apply_packed(inputs, augmentation)
