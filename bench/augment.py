@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ALL_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
-# Each operation's parameters, and values that leave an image unchanged (``dense_params`` fills them in where an
-# image's batch drew another operation; ``apply_dense`` discards those outputs anyway).
+# Each operation's parameters, and values that leave an image unchanged (``pack`` fills them in where an image's
+# batch drew another operation; ``apply_dense`` discards those outputs anyway).
 IDENTITY = {
     "color": {"brightness": 0.0, "saturation": 1.0, "contrast": 1.0},
     "crop": {"shift_x": 0, "shift_y": 0},
@@ -148,22 +148,8 @@ class DSA:
                 out[i] = part
         return out
 
-    def dense_params(self, drawn: list[AugmentParams], sizes: list[int]) -> tuple[Tensor, dict[str, Tensor]]:
-        """``drawn[i]`` (for a batch of ``sizes[i]`` images) as ``apply_dense`` takes it, for the batches joined:
-        every image's operation (its index in the strategy) and every operation's parameters for every image —
-        its batch's draw where the batch drew that operation, the identity elsewhere (host tensors)."""
-        operation = torch.cat([torch.full((size,), self.strategy.index(params.operation))
-                               for params, size in zip(drawn, sizes)])
-        values: dict[str, Tensor] = {}
-        for name in self.strategy:
-            for key, identity in IDENTITY[name].items():
-                values[key] = torch.cat([params.values[key].expand(size) if params.operation == name
-                                         else torch.full((size,), identity, dtype=_DTYPES[key])
-                                         for params, size in zip(drawn, sizes)])
-        return operation, values
-
     def apply_dense(self, x: Tensor, operation: Tensor, values: dict[str, Tensor]) -> Tensor:
-        """The images of ``augment_each``'s batches, joined, each transformed by its batch's draw (``dense_params``),
+        """The images of ``augment_each``'s batches, joined, each transformed by its batch's draw (``pack``'s rows),
         computed without a branch on the draw: every operation of the strategy runs on every image and each image
         keeps its own operation's output — the same values (every operation acts on each image alone), and one
         fixed sequence of kernels, whatever was drawn (so that a CUDA graph can hold it)."""
@@ -174,10 +160,22 @@ class DSA:
         return out
 
     def pack(self, drawn: list[AugmentParams], sizes: list[int]) -> Tensor:
-        """``dense_params`` as one float64 host tensor ``[1 + parameters, N]`` (row 0: the operations), which one copy
-        takes to the device; every value survives the round trip exactly (float32 values, small integers, bools)."""
-        operation, values = self.dense_params(drawn, sizes)
-        return torch.stack([operation, *(values[key] for name in self.strategy for key in IDENTITY[name])]).double()
+        """``drawn[i]`` (the draw for a batch of ``sizes[i]`` images) for the batches joined, as one float64 host
+        tensor ``[1 + parameters, N]`` that one copy takes to the device: row 0 holds every image's operation (its
+        index in the strategy), then a row per parameter of the strategy's operations — the image's batch's draw
+        where the batch drew that operation, the identity elsewhere. Every value survives exactly (float32 values,
+        small integers, bools)."""
+        keys = [key for name in self.strategy for key in IDENTITY[name]]
+        row_of = {key: row for row, key in enumerate(keys, start=1)}
+        identity = [0.0, *(float(IDENTITY[name][key]) for name in self.strategy for key in IDENTITY[name])]
+        packed = torch.tensor(identity, dtype=torch.float64).unsqueeze(1).repeat(1, sum(sizes))
+        start = 0
+        for params, size in zip(drawn, sizes):
+            packed[0, start : start + size] = self.strategy.index(params.operation)
+            for key, value in params.values.items():
+                packed[row_of[key], start : start + size] = value
+            start += size
+        return packed
 
     def apply_packed(self, x: Tensor, packed: Tensor) -> Tensor:
         """``apply_dense`` of ``pack``'s tensor (on ``x``'s device)."""
