@@ -180,6 +180,8 @@ def test_auto_calibrates_once_then_reuses_the_cached_choice(digits, small_set, t
     cached = read_engine_cache(tmp_path)
     assert list(cached) == [key] and cached[key]["path"] == first.eval_engine["path"]
     assert json.loads(engine_cache_path(tmp_path).read_text())["choices"] == cached
+    assert "cuda_graphs" not in first.eval_engine  # graphs are a CUDA matter, and the entry says why none ran
+    assert cached[key]["cuda_graphs"] is False and cached[key]["no_graphs_reason"] == "not a CUDA device"
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("a cached choice must not be calibrated again")
