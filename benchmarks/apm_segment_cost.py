@@ -41,21 +41,22 @@ from methods.apm import image_step
 
 
 def official_style_step(images: Tensor, labels: Tensor, batch: Tensor, teacher: nn.Module, students: list[nn.Module],
-                        ce: float, segment: int) -> None:
+                        ce: float, segment: int, device: torch.device) -> None:
     """The official code's segment loop: per student and segment, the teacher's forward again and a backward
-    through ``images[chunk]`` into the whole set's gradient, added into a whole-set accumulator, then zeroed."""
+    through ``images[chunk]`` (moved to the networks' device) into the whole set's gradient, added into a
+    whole-set accumulator, then zeroed."""
     accumulated = torch.zeros_like(images)
     chunks = batch.split(segment)
     for student in students:
         for chunk in chunks:
-            u = images[chunk]
+            u = images[chunk].to(device)
             loss = -(len(chunk) / len(batch)) * F.l1_loss(student(u), teacher(u))
             loss.backward()
             accumulated += images.grad
             images.grad.zero_()
     for chunk in chunks:
-        u = images[chunk]
-        ((len(chunk) / len(batch)) * ce * F.cross_entropy(teacher(u), labels[chunk])).backward()
+        u = images[chunk].to(device)
+        ((len(chunk) / len(batch)) * ce * F.cross_entropy(teacher(u), labels[chunk].to(device))).backward()
         accumulated += images.grad
         images.grad.zero_()
     images.grad = accumulated
@@ -66,31 +67,36 @@ def measure(variant: str, segment: int, args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.images, *shape, generator=generator).requires_grad_(True)
     labels = torch.arange(args.images) % args.classes
+    device = torch.device(args.device)
     networks = [create_network(args.arch, args.classes, shape[0], shape[1], torch.Generator().manual_seed(s)).eval()
-                for s in range(args.students + 1)]
+                .to(device) for s in range(args.students + 1)]
     for network in networks:
         network.requires_grad_(False)
     teacher, students = networks[0], networks[1:]
     optimizer = torch.optim.SGD([images], lr=1.0, momentum=0.5)
     seconds, phases = [], {}
-    with phase(phases, "distill"):  # as the harness runs a distillation: freed memory kept (bench.host_allocator)
-        _iterate(variant, segment, args, images, labels, teacher, students, optimizer, generator, seconds)
+    with phase(phases, "distill", device):  # as the harness runs a distillation (freed host memory kept)
+        _iterate(variant, segment, args, images, labels, teacher, students, optimizer, generator, seconds, device)
+    figures = phases["distill"]
     return {"variant": variant, "segment": segment, "s_per_iter": statistics.median(seconds[1:]),
-            "all_s": seconds, "peak_rss_mb": phases["distill"]["cpu_peak_rss_mb"]}
+            "all_s": seconds, "peak_rss_mb": figures["cpu_peak_rss_mb"],
+            "gpu_allocated_peak_mb": figures["gpu_torch_allocated_peak_mb"], "gpu_nvml_peak_mb": figures["gpu_nvml_peak_mb"]}
 
 
 def _iterate(variant: str, segment: int, args: argparse.Namespace, images: Tensor, labels: Tensor, teacher: nn.Module,
              students: list[nn.Module], optimizer: torch.optim.Optimizer, generator: torch.Generator,
-             seconds: list[float]) -> None:
+             seconds: list[float], device: torch.device) -> None:
     for _ in range(args.iterations + 1):
         batch = torch.randperm(args.images, generator=generator)[:args.batch_syn]
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         if variant == "official":
-            official_style_step(images, labels, batch, teacher, students, args.ce, segment)
+            official_style_step(images, labels, batch, teacher, students, args.ce, segment, device)
         else:
-            image_step(images, labels, batch, teacher, students, args.ce, segment)
+            image_step(images, labels, batch, teacher, students, args.ce, segment, device)
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)
 
 
@@ -106,6 +112,8 @@ def main() -> None:
     parser.add_argument("--arch", default="convnet[width=16]", help="teacher and students (ConvNet-4 at 64×64)")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations, after one warm-up")
     parser.add_argument("--variants", default="official,ddbench")
+    parser.add_argument("--device", default="cpu", help="where the networks run (the set stays in host memory, as in "
+                                                         "the official code and ddbench's APM)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -115,8 +123,9 @@ def main() -> None:
     print(f"APM image step: {args.images} synthetic images of {args.shape}, batch_syn {args.batch_syn}, K {args.students}, "
           f"{args.arch}, {torch.get_num_threads()} torch threads; median of {args.iterations} iterations after a warm-up; "
           f"each (variant, segment) in a fresh process")
-    print("| variant | segment | s/iteration | × segment = batch_syn | peak RSS MB |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"device: {args.device}")
+    print("| variant | segment | s/iteration | × segment = batch_syn | peak RSS MB | GPU allocator peak MB | GPU NVML peak MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for variant in args.variants.split(","):
         first = None
         for segment in [int(s) for s in args.segments.split(",")]:
@@ -124,8 +133,9 @@ def main() -> None:
                                     capture_output=True, text=True, check=True).stdout
             row = json.loads(output.strip().splitlines()[-1])
             first = first or row["s_per_iter"]
+            gpu = [("–" if row[key] is None else f"{row[key]:.0f}") for key in ("gpu_allocated_peak_mb", "gpu_nvml_peak_mb")]
             print(f"| {variant} | {segment} | {row['s_per_iter']:.2f} | {row['s_per_iter'] / first:.2f}× "
-                  f"| {row['peak_rss_mb']:.0f} |", flush=True)
+                  f"| {row['peak_rss_mb']:.0f} | {gpu[0]} | {gpu[1]} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 #
 # The stages' limits add up to more than one 600-s command of the device tool; it ran in 393 s on 2026-11-30
 # before step_variants existed. The stages run in order of need (issue 9's GPU goal first); where time is short,
-# run STAGES="gpu_tests batched_eval" first and STAGES="step_variants efficiency" in a second call.
+# run STAGES="gpu_tests batched_eval" first and STAGES="step_variants apm_memory efficiency" in a second call.
 #
 # Stages, each under its own time limit, each logged to WORK/<stage>.log; WORK is packed into OUT/gpu_session.tgz
 # after every stage (logs and records; distilled sets stay behind, over the device tool's 16 MiB per file), so a
@@ -19,6 +19,9 @@
 #                 (CUDA's start included: about 12 processes)
 #   step_variants one batched ConvNet step of 5 seeds at CIFAR-10 shapes, ipc 1/10/50: eager vs channels-last vs
 #                 torch.compile vs CUDA graphs, interleaved in one process (issue 9's "what makes it fast")
+#   apm_memory    APM's image step at ImageNet-1K ipc-50 proportions (50,000 images of 3×64×64 in host memory,
+#                 batch_syn 500, K 5, ConvNet-4 of width 128 on the GPU) at segment 500/250/100: GPU peaks against
+#                 the paper's 13.4 / 7.0 / 6.5 GB (issue 5; the image step alone, no student training)
 #   efficiency    APM at segment 500/250/100 vs MTT vs TESLA, full CIFAR-10 ipc 50 recipes on random pixels of
 #                 CIFAR-10's shape, cheap experts, 30 iterations each (issue 5)
 #   e2e_digits    `ddbench run` of random, DM and APM (quick) on digits on the GPU, evaluated: a full record there
@@ -29,7 +32,7 @@ WORK=${WORK:-/tmp/gpu-session}
 OUT=${OUT:-$WORK/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DDBENCH_CACHE=$WORK/cache
 mkdir -p "$WORK" "$OUT"
-only=${STAGES:-gpu_tests batched_eval step_variants efficiency}
+only=${STAGES:-gpu_tests batched_eval step_variants apm_memory efficiency}
 
 stage() {  # stage NAME LIMIT_S COMMAND...
     local name=$1 limit=$2; shift 2
@@ -45,10 +48,11 @@ stage() {  # stage NAME LIMIT_S COMMAND...
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 $PY -c "import torch, timm, pynvml; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))"
-stage gpu_tests 120 $PY -m pytest -m gpu tests/test_measure_gpu.py tests/test_batched_eval.py -q -p no:cacheprovider
+stage gpu_tests 120 $PY -m pytest -m gpu tests -q -p no:cacheprovider
 stage batched_eval 300 $PY benchmarks/batched_eval.py --device cuda --shapes cifar10 --ipc 1,10,50 --epochs 300 \
     --seeds 5 --full-protocol --json "$WORK/batched_eval.json"
 stage step_variants 120 $PY benchmarks/batched_step_variants.py --device cuda --shapes cifar10 --ipc 1,10,50 --pairs 8
+stage apm_memory 180 $PY benchmarks/apm_segment_cost.py --device cuda --arch convnet --variants ddbench --iterations 2
 stage efficiency 240 $PY benchmarks/efficiency.py --full --random-cifar10 "$WORK/random-cifar10" --cheap-experts \
     --iterations 30 --results "$WORK/efficiency_cifar10_random" --device cuda
 stage e2e_digits 100 $PY -m bench.cli run --dataset digits --methods random,dm,apm --ipc 1 --seeds 0,1 --quick \

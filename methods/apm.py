@@ -22,6 +22,11 @@ plays a min-max game with single-level losses — no unrolled inner training, he
 
 Real data enters only through the teachers and the initialisation (ipc random real images per class).
 
+As in the official code, the synthetic set lives in host memory with its gradient and its optimiser's momentum
+(``images_on_host``): each update moves its batch to the device segment by segment, and the device holds only the
+networks and one segment's graphs. That placement is what keeps ImageNet-1K ipc 50 (50,000 images of 3×64×64:
+2.5 GB, three times over with gradient and momentum) within the paper's 6.5 GB at segment 100.
+
 With the harness's checkpoints on, the loop state is saved at period boundaries only — after an iteration
 whose successor draws a new teacher and student — so neither network needs saving (``APM.distill_group``); a
 killed run resumes from it with the same images.
@@ -88,6 +93,7 @@ class APMConfig(MethodConfig):
     zca: bool = False
     eval_epochs: int = 1000  # epochs of the `soft` evaluation (Table A9)
     subgroups: int = 1  # independent class-balanced subsets, merged
+    images_on_host: bool = True  # the set, its gradient and momentum in host memory, as the official code keeps them
 
 
 def _recipe(zca: bool, lr_img: float, lr_net: float, batch_syn: int | None, eval_epochs: int, segment: int | None = None) -> dict:
@@ -197,8 +203,9 @@ class APM(Method):
         pool = ctx.experts("apm", cfg.num_experts, epochs=cfg.expert_epochs)
         ctx.start(cfg.iterations * cfg.subgroups)
         resume = ctx.load_checkpoint()
-        finished = [] if resume is None else [images.to(ctx.device) for images in resume[1]["finished"]]
-        groups = [DistilledSet(images, ctx.hard_labels(per_group)) for images in finished]
+        home = self.home(ctx)
+        finished = [] if resume is None else [images.to(home) for images in resume[1]["finished"]]
+        groups = [DistilledSet(images, ctx.hard_labels(per_group).to(home)) for images in finished]
         for g in range(len(groups), cfg.subgroups):
             state = resume[1] if resume is not None and g == len(finished) else None
             images, labels = self.distill_group(ctx, pool, per_group, generators[g], offset=g * cfg.iterations,
@@ -218,12 +225,12 @@ class APM(Method):
         batches, the students' initialisation and their training. ``resume`` is such a state: the loop continues from it exactly.
         """
         cfg: APMConfig = self.config  # type: ignore[assignment]
-        data = ctx.dataset
+        data, home = ctx.dataset, self.home(ctx)
         if resume is None:
-            images = torch.cat([data.sample_class(c, ipc, generator) for c in range(data.num_classes)]).clone()
+            images = torch.cat([data.sample_class(c, ipc, generator) for c in range(data.num_classes)]).to(home).clone()
         else:
-            images = resume["images"].to(ctx.device)
-        labels = ctx.hard_labels(ipc)
+            images = resume["images"].to(home)
+        labels = ctx.hard_labels(ipc).to(home)
         images.requires_grad_(True)
         optimizer = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.img_momentum)
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[cfg.iterations // 2], gamma=0.3)
@@ -241,12 +248,12 @@ class APM(Method):
             if since_switch == cfg.mid_gap:
                 teacher = pool.network(int(torch.randint(pool.count, (1,), generator=generator)))
                 teacher.requires_grad_(False)
-                students = self.train_students(ctx, images[batch].detach(), teacher, generator)
+                students = self.train_students(ctx, images[batch].detach().to(ctx.device), teacher, generator)
                 since_switch = 0
             else:
                 since_switch += 1
             optimizer.zero_grad(set_to_none=True)
-            losses = image_step(images, labels, batch, teacher, students, cfg.ce, cfg.segment or batch_syn)
+            losses = image_step(images, labels, batch, teacher, students, cfg.ce, cfg.segment or batch_syn, ctx.device)
             optimizer.step()
             schedule.step()
             ctx.report(offset + it, **losses)
@@ -257,6 +264,10 @@ class APM(Method):
                     "context_generator": ctx.generator.get_state(), "finished": finished or [],
                 })
         return images.detach(), labels
+
+    def home(self, ctx: DistillContext) -> torch.device:
+        """Where the synthetic set lives: host memory (``images_on_host``, the official code's choice) or the device."""
+        return torch.device("cpu") if self.config.images_on_host else ctx.device  # type: ignore[attr-defined]
 
     def train_students(self, ctx: DistillContext, images: Tensor, teacher: nn.Module, generator: torch.Generator) -> list[nn.Module]:
         """A fresh student trained on the teacher's logits (L1, DSA); its K checkpoints, frozen."""
@@ -271,33 +282,36 @@ class APM(Method):
 
 
 def image_step(
-    images: Tensor, labels: Tensor, batch: Tensor, teacher: nn.Module, students: list[nn.Module], ce: float, segment: int
+    images: Tensor, labels: Tensor, batch: Tensor, teacher: nn.Module, students: list[nn.Module], ce: float, segment: int,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """Accumulate into ``images.grad`` the gradient of ce·CE(T(u), y) − Σ_k L1(S_k(u), T(u)) over ``batch``.
 
     The batch is processed ``segment`` images at a time; each segment's losses are weighted by its share of the
-    batch, so the accumulated gradient is that of the batch mean whatever the segment size. Returns the batch's
-    loss terms.
+    batch, so the accumulated gradient is that of the batch mean whatever the segment size. ``images``,
+    ``labels`` and ``batch`` (indices) live where the set lives; each segment moves to ``device`` (default: the
+    set's), where the networks are, and its gradient comes back. Returns the batch's loss terms.
     """
+    device = images.device if device is None else torch.device(device)
     total = len(batch)
     if images.grad is None:
         images.grad = torch.zeros_like(images)
-    disagreement = torch.zeros((), dtype=torch.float64, device=images.device)
-    class_term = torch.zeros((), dtype=torch.float64, device=images.device)
+    disagreement = torch.zeros((), dtype=torch.float64, device=device)
+    class_term = torch.zeros((), dtype=torch.float64, device=device)
     for part in batch.split(segment):
         weight = len(part) / total
         # The segment is a leaf of its own: its K + 1 backward passes stop at `segment` images, and one scatter
         # adds them to the set's gradient. Backpropagating through images[part] instead would build and add a
         # gradient of the whole set at every pass: work in the set's size, K + 1 times per segment.
-        u = images.detach()[part].requires_grad_(True)
+        u = images.detach()[part].to(device).requires_grad_(True)
         t = teacher(u)
         for student in students:
             gap = F.l1_loss(student(u), t)
             (-weight * gap).backward(retain_graph=True)
             disagreement += weight * gap.detach().double()
-        cross_entropy = F.cross_entropy(t, labels[part])
+        cross_entropy = F.cross_entropy(t, labels[part].to(device))
         (weight * ce * cross_entropy).backward()
         class_term += weight * cross_entropy.detach().double()
-        images.grad.index_add_(0, part, u.grad)
+        images.grad.index_add_(0, part, u.grad.to(images.device))
     disagreement, class_term = float(disagreement), float(class_term)
     return {"loss": ce * class_term - disagreement, "disagreement": disagreement, "teacher_ce": class_term}

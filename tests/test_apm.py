@@ -147,3 +147,36 @@ def test_soft_protocol_gets_the_recipe_lr(digits):
     assert protocol_for(get_protocol("soft"), out, quick=False).lr == 0.02
     assert protocol_for(get_protocol("soft"), out, quick=False).epochs == 1000
     assert protocol_for(get_protocol("standard"), out, quick=False).lr == 0.01
+
+
+def test_the_set_lives_in_host_memory_and_on_the_device_alike(digits):
+    """``images_on_host`` (the official placement) and the set on the device give the same images; the set comes
+    back from host memory. On a CPU both are one place; ``test_host_set_with_networks_on_the_gpu`` runs it apart."""
+    on_host = APM(APM.Config(**APM.smoke)).distill(context(digits))
+    on_device = APM(APM.Config(**APM.smoke, images_on_host=False)).distill(context(digits))
+    assert on_host.images.device.type == "cpu"
+    assert torch.equal(on_host.images, on_device.images) and torch.equal(on_host.labels, on_device.labels)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
+def test_host_set_with_networks_on_the_gpu(digits):
+    """The set in host memory, the networks on the GPU: each segment goes to the GPU and its gradient comes back,
+    the same gradient as with the set on the GPU; a whole (smoke) distillation runs so, and its set stays on the
+    host."""
+    device = torch.device("cuda:0")
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(9, 1, 8, 8, generator=g, dtype=torch.float64)
+    labels = torch.arange(9) % 10
+    teacher, *students = [net.to(device) for net in tiny_networks(3)]
+    batch = torch.tensor([8, 1, 4, 0, 6])
+    host = images.clone().requires_grad_(True)
+    host_losses = image_step(host, labels, batch, teacher, students, ce=0.1, segment=2, device=device)
+    gpu = images.to(device).requires_grad_(True)
+    gpu_losses = image_step(gpu, labels.to(device), batch.to(device), teacher, students, ce=0.1, segment=2)
+    assert host.grad.device.type == "cpu"
+    torch.testing.assert_close(host.grad, gpu.grad.cpu(), rtol=1e-9, atol=1e-12)
+    assert host_losses == pytest.approx(gpu_losses, rel=1e-9)
+    ctx = DistillContext(digits.to(device), 1, "convnet", torch.Generator().manual_seed(0), device, quick=True)
+    distilled = APM(APM.Config(**APM.smoke)).distill(ctx)
+    assert distilled.images.device.type == "cpu" and distilled.images.shape[0] == 10
