@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.measure import phase
+from fresh_process import run_fresh
 from bench.models import create_network
 from methods.apm import image_step
 
@@ -129,9 +129,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         first = None
         for segment in [int(s) for s in args.segments.split(",")]:
-            output = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"{variant}:{segment}"],
-                                    capture_output=True, text=True, check=True).stdout
-            row = json.loads(output.strip().splitlines()[-1])
+            row = run_fresh(__file__, *sys.argv[1:], "--child", f"{variant}:{segment}")
             first = first or row["s_per_iter"]
             gpu = [("–" if row[key] is None else f"{row[key]:.0f}") for key in ("gpu_allocated_peak_mb", "gpu_nvml_peak_mb")]
             print(f"| {variant} | {segment} | {row['s_per_iter']:.2f} | {row['s_per_iter'] / first:.2f}× "

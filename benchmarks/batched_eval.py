@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from bench.evaluate import calibrate_seed_batching, evaluate_distilled, get_prot
 from bench.measure import environment_stamp, phase
 from bench.models import create_network
 from bench.seeding import generator_for
+from fresh_process import run_fresh
 
 # shape name → (the registered dataset whose info it borrows, side length)
 SHAPES = {"digits": ("digits", 8), "mnist": ("mnist", 28), "cifar10": ("cifar10", 32)}
@@ -102,9 +102,7 @@ def child_measurement(request: dict) -> dict:
 
 
 def measure_in_fresh_process(request: dict) -> dict:
-    output = subprocess.run([sys.executable, __file__, "--child", json.dumps(request)], capture_output=True,
-                            text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return run_fresh(__file__, "--child", json.dumps(request))
 
 
 def main() -> None:

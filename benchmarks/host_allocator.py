@@ -17,12 +17,13 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from fresh_process import run_fresh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # batched_eval's random_case
 
@@ -85,9 +86,7 @@ def main() -> None:
             for name in order:
                 env = {key: value for key, value in os.environ.items() if key != "DDBENCH_KEEP_FREED_MEMORY"}
                 env.update(settings[name])
-                output = subprocess.run([sys.executable, __file__, "--child", case, "--seeds", str(args.seeds)],
-                                        env=env, capture_output=True, text=True, check=True).stdout
-                runs[name].append(json.loads(output.strip().splitlines()[-1]))
+                runs[name].append(run_fresh(__file__, "--child", case, "--seeds", str(args.seeds), env=env))
         for path in ("sequential", "batched"):
             ratios = [default[path]["wall_s"] / kept[path]["wall_s"]
                       for default, kept in zip(runs["glibc default"], runs["kept in phase"])]

@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fresh_process import run_fresh
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,12 +62,6 @@ def one_point(checkpoints: int, epochs: int, segment: int, ipc: int) -> dict:
             "peak_mb": round(rss_mb(), 1), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def run_fresh(checkpoints: int, epochs: int, segment: int, ipc: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", str(checkpoints), str(epochs), str(segment), "--ipc", str(ipc)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", nargs=3, type=int, metavar=("K", "E", "SEGMENT"), help=argparse.SUPPRESS)
@@ -87,7 +82,7 @@ def main() -> None:
     print(f"{'sweep':38s} {'K':>3s} {'E':>4s} {'segment':>8s} {'peak RSS MB':>12s} {'baseline MB':>12s} {'s':>6s}")
     for title, points in sweeps.items():
         for k, e, s in points:
-            r = run_fresh(k, e, s, ipc)
+            r = run_fresh(__file__, "--one", str(k), str(e), str(s), "--ipc", str(ipc))
             print(f"{title:38s} {k:3d} {e:4d} {s:8d} {r['peak_mb']:12.1f} {r['baseline_mb']:12.1f} {r['seconds']:6.1f}")
 
 

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from fresh_process import run_fresh
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,14 +78,13 @@ def main() -> None:
     rows = []
     for syn_steps in [int(s) for s in args.steps.split(",")]:
         for method in args.methods.split(","):
-            command = [sys.executable, __file__, "--one", method, str(syn_steps), "--ipc", str(args.ipc),
+            command = [__file__, "--one", method, str(syn_steps), "--ipc", str(args.ipc),
                        "--width", str(args.width), "--threads", str(args.threads)]
-            done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
-            if done.returncode != 0:
-                tail = (done.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
-                rows.append({"method": method, "syn_steps": syn_steps, "error": f"exit {done.returncode}: {tail}"})
-            else:
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            try:
+                rows.append(run_fresh(*command, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads))))
+            except subprocess.CalledProcessError as failed:
+                tail = (failed.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
+                rows.append({"method": method, "syn_steps": syn_steps, "error": f"exit {failed.returncode}: {tail}"})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     print(f"\nPeak RSS of one iteration, CIFAR-sized random problem (3×32×32, 10 classes, ipc {args.ipc}, "
