@@ -29,7 +29,8 @@ from torch import Tensor
 
 ALL_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 # Each operation's parameters, and values that leave an image unchanged (``pack`` fills them in where an image's
-# batch drew another operation; ``apply_dense`` discards those outputs anyway).
+# batch drew another operation; ``apply_dense`` discards those outputs anyway). Their Python types are the types
+# ``DSA.sample`` draws: int for torch.randint's int64, bool for the flip mask, float for torch.rand's float32.
 IDENTITY = {
     "color": {"brightness": 0.0, "saturation": 1.0, "contrast": 1.0},
     "crop": {"shift_x": 0, "shift_y": 0},
@@ -60,13 +61,6 @@ class AugmentParams:
 
     operation: str
     values: dict[str, Tensor] = field(default_factory=dict)
-
-
-_DTYPES = {  # as ``DSA.sample`` draws them (torch.randint, torch.rand)
-    **dict.fromkeys(("shift_x", "shift_y", "centre_x", "centre_y"), torch.int64),
-    "flip": torch.bool,
-    **dict.fromkeys(("brightness", "saturation", "contrast", "sx", "sy", "angle"), torch.float32),
-}
 
 
 class DSA:
@@ -165,9 +159,9 @@ class DSA:
         index in the strategy), then a row per parameter of the strategy's operations — the image's batch's draw
         where the batch drew that operation, the identity elsewhere. Every value survives exactly (float32 values,
         small integers, bools)."""
-        keys = [key for name in self.strategy for key in IDENTITY[name]]
-        row_of = {key: row for row, key in enumerate(keys, start=1)}
-        identity = [0.0, *(float(IDENTITY[name][key]) for name in self.strategy for key in IDENTITY[name])]
+        rows = self._packed_rows()
+        row_of = {key: row for row, (key, _) in enumerate(rows, start=1)}
+        identity = [0.0, *(float(value) for _, value in rows)]
         packed = torch.tensor(identity, dtype=torch.float64).unsqueeze(1).repeat(1, sum(sizes))
         start = 0
         for params, size in zip(drawn, sizes):
@@ -179,9 +173,14 @@ class DSA:
 
     def apply_packed(self, x: Tensor, packed: Tensor) -> Tensor:
         """``apply_dense`` of ``pack``'s tensor (on ``x``'s device)."""
-        keys = [key for name in self.strategy for key in IDENTITY[name]]
-        values = {key: packed[row].to(_DTYPES[key]) for row, key in enumerate(keys, start=1)}
+        dtype = {bool: torch.bool, int: torch.int64, float: torch.float32}
+        values = {key: packed[row].to(dtype[type(value)])
+                  for row, (key, value) in enumerate(self._packed_rows(), start=1)}
         return self.apply_dense(x, packed[0].long(), values)
+
+    def _packed_rows(self) -> list[tuple[str, bool | int | float]]:
+        """``pack``'s parameter rows after the operation row: (name, identity value), the strategy's in order."""
+        return [(key, value) for name in self.strategy for key, value in IDENTITY[name].items()]
 
     def siamese(self, x: Tensor, generator: torch.Generator) -> AugmentParams:
         """Batch-wide parameters for a matching step: ``apply`` them to the real and the synthetic batch."""

@@ -142,8 +142,9 @@ def _optimizer(parameters: Iterable[Tensor], protocol: Protocol) -> torch.optim.
 
 class _Steps:
     """Training steps of one network or of a stack of them: ``tensors`` turns the networks' inputs and targets into
-    the batch tensors, ``losses`` maps them to one loss per network, and ``step`` is forward, loss, backward and
-    SGD step (the losses summed before the backward pass, so each network gets its own gradient)."""
+    the batch tensors, ``losses`` maps them to one loss per network, and ``train_step`` is input drawing, forward,
+    loss, backward and SGD step (the losses summed before the backward pass, so each network gets its own
+    gradient)."""
 
     optimizer: torch.optim.SGD
 
@@ -153,17 +154,16 @@ class _Steps:
     def losses(self, inputs: Tensor, targets: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def step(self, inputs: list[Tensor], targets: list[Tensor]) -> Tensor:
-        values = self.losses(*self.tensors(inputs, targets))
+    def train_step(self, images: Tensor, targets: Tensor, batches: list[Tensor], generators: list[torch.Generator],
+                   augment: DSA | None) -> Tensor:
+        """One step of every network on its ``batches[i]`` of (images, targets), augmented with its generator;
+        returns the networks' losses (on the device)."""
+        inputs = _draw_inputs(images, batches, generators, augment)
+        values = self.losses(*self.tensors(inputs, [targets[batch] for batch in batches]))
         self.optimizer.zero_grad(set_to_none=True)
         values.sum().backward()
         self.optimizer.step()
         return values.detach()
-
-    def train_step(self, images: Tensor, targets: Tensor, batches: list[Tensor], generators: list[torch.Generator],
-                   augment: DSA | None) -> Tensor:
-        """One step of every network on its ``batches[i]`` of (images, targets), augmented with its generator."""
-        return self.step(_draw_inputs(images, batches, generators, augment), [targets[batch] for batch in batches])
 
 
 class _OneNetworkSteps(_Steps):
@@ -204,7 +204,7 @@ class _CapturedStep:
     losses: Tensor  # the static buffer the graph writes
 
 
-class _CudaGraphSteps(_Steps):
+class _CudaGraphSteps:
     """``steps`` with each whole training step — batch gather, DSA, forward, backward, SGD step — replayed from a
     CUDA graph: one launch instead of the hundreds of small kernel launches that bound a step at a few images per
     class (on an H200, one eager batched ConvNet step of 5 seeds at ipc 1 took 5.7 ms, far more than its
@@ -230,14 +230,9 @@ class _CudaGraphSteps(_Steps):
         self.eager_steps: dict[tuple, int] = {}
         self.side_stream = torch.cuda.Stream()
 
-    def tensors(self, inputs: list[Tensor], targets: list[Tensor]) -> tuple[Tensor, Tensor]:
-        return self.steps.tensors(inputs, targets)
-
-    def losses(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        return self.steps.losses(inputs, targets)
-
     def train_step(self, images: Tensor, targets: Tensor, batches: list[Tensor], generators: list[torch.Generator],
                    augment: DSA | None) -> Tensor:
+        """``steps.train_step``, replayed from this batch size's and learning rate's graph once it is captured."""
         if innermost_flop_counter() is not None:
             return self.steps.train_step(images, targets, batches, generators, augment)
         size = len(batches[0])
@@ -281,7 +276,7 @@ class _CudaGraphSteps(_Steps):
             if augment is not None:
                 inputs = augment.apply_packed(inputs, augmentation)
             batch_targets = targets[batch_index]
-            values = self.losses(*self.tensors(list(inputs.split(size)), list(batch_targets.split(size))))
+            values = self.steps.losses(*self.steps.tensors(list(inputs.split(size)), list(batch_targets.split(size))))
             values.sum().backward()
             self.optimizer.step()
         return _CapturedStep(graph, batch_index, augmentation, values.detach())
@@ -299,7 +294,7 @@ def _draw_inputs(images: Tensor, batches: list[Tensor], generators: list[torch.G
 
 
 def _train(
-    steps: _Steps,
+    steps: _Steps | _CudaGraphSteps,
     images: Tensor,
     targets: Tensor,
     protocol: Protocol,
@@ -381,7 +376,6 @@ def train_networks_batched(
     augment: DSA | None = None,
     on_epoch: EpochCallback | None = None,
     grouped: bool = True,
-    cuda_graphs: bool = False,
 ) -> list[float]:
     """Train ``models`` (one architecture, one network per generator) in place, all at once as one stacked model;
     returns each one's last-epoch mean loss.
@@ -389,13 +383,9 @@ def train_networks_batched(
     Each network gets what ``train_network`` would give it alone with its generator — the same batches, the same
     augmentation, its own SGD state — up to floating-point rounding. ``on_epoch(epoch, loss)`` runs after each
     epoch once per network. ``grouped=False``: ``vmap`` even where grouped convolutions could compute the stack.
-    ``cuda_graphs``: replay the steps from CUDA graphs (``_CudaGraphSteps``; CUDA only).
     """
     stack = SeedStack(models, grouped).train()
-    steps: _Steps = _StackedSteps(stack, protocol)
-    if cuda_graphs:
-        steps = _CudaGraphSteps(steps)
-    losses = _train(steps, images, targets, protocol, generators, augment, on_epoch)
+    losses = _train(_StackedSteps(stack, protocol), images, targets, protocol, generators, augment, on_epoch)
     stack.write_back()
     return losses
 
@@ -555,7 +545,7 @@ def calibrate_seed_batching(models: list[nn.Module], images: Tensor, targets: Te
         batches = [torch.randperm(n, generator=g)[:batch_size].to(images.device) for g in generators[:networks]]
         _synchronize(images.device)
         start = time.perf_counter()
-        steps.step(_draw_inputs(images, batches, generators[:networks], augment), [targets[batch] for batch in batches])
+        steps.train_step(images, targets, batches, generators[:networks], augment)
         _synchronize(images.device)
         return time.perf_counter() - start
 
@@ -741,7 +731,7 @@ def evaluate_distilled(
     test_images, test_labels = dataset.test_images.to(device), dataset.test_labels.to(device)
     if engine["path"] == "batched":
         stack = SeedStack(models).train()
-        steps: _Steps = _StackedSteps(stack, protocol)
+        steps: _Steps | _CudaGraphSteps = _StackedSteps(stack, protocol)
         if engine.get("cuda_graphs"):
             steps = _CudaGraphSteps(steps)
         losses = _train(steps, images, targets, protocol, generators, augment, on_epoch)

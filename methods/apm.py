@@ -24,8 +24,9 @@ Real data enters only through the teachers and the initialisation (ipc random re
 
 As in the official code, the synthetic set lives in host memory with its gradient and its optimiser's momentum
 (``images_on_host``): each update moves its batch to the device segment by segment, and the device holds only the
-networks and one segment's graphs. That placement is what keeps ImageNet-1K ipc 50 (50,000 images of 3×64×64:
-2.5 GB, three times over with gradient and momentum) within the paper's 6.5 GB at segment 100.
+networks and one segment's graphs. At ImageNet-1K ipc 50 the set (50,000 images of 3×64×64) is 2.5 GB, three times
+over with gradient and momentum: on the GPU that alone would exceed the paper's 6.5 GB at segment 100 (the GPU
+peaks of this placement are not yet measured: ``benchmarks/apm_segment_cost.py --device cuda``).
 
 With the harness's checkpoints on, the loop state is saved at period boundaries only — after an iteration
 whose successor draws a new teacher and student — so neither network needs saving (``APM.distill_group``); a

@@ -149,15 +149,6 @@ def test_soft_protocol_gets_the_recipe_lr(digits):
     assert protocol_for(get_protocol("standard"), out, quick=False).lr == 0.01
 
 
-def test_the_set_lives_in_host_memory_and_on_the_device_alike(digits):
-    """``images_on_host`` (the official placement) and the set on the device give the same images; the set comes
-    back from host memory. On a CPU both are one place; ``test_host_set_with_networks_on_the_gpu`` runs it apart."""
-    on_host = APM(APM.Config(**APM.smoke)).distill(context(digits))
-    on_device = APM(APM.Config(**APM.smoke, images_on_host=False)).distill(context(digits))
-    assert on_host.images.device.type == "cpu"
-    assert torch.equal(on_host.images, on_device.images) and torch.equal(on_host.labels, on_device.labels)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
 def test_host_set_with_networks_on_the_gpu(digits):
