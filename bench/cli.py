@@ -206,12 +206,16 @@ def _evaluate(args: argparse.Namespace) -> None:
     from bench.distilled import DistilledSet
     from bench.evaluate import get_protocol
     from bench.measure import environment_stamp
-    from bench.runner import NOT_DISTILLED_HERE, _check_arch_runs, measured_evaluation, protocol_for, resolve_device
+    from bench.runner import (NOT_DISTILLED_HERE, _check_arch_runs, measured_evaluation, protocol_for, reject_repeats,
+                              resolve_device)
     from bench.errors import UserError
+    from bench.experts import check_cache_dir
     from bench.store import check_results_dir, set_fields, stable_hash, write_record
 
     if not args.seeds:
         raise UserError("no seeds given: --seeds expects comma-separated integers, e.g. --seeds 0,1,2")
+    reject_repeats(args.seeds, "seed")
+    reject_repeats(args.archs, "architecture")
     distilled = DistilledSet.load(args.path)
     meta = distilled.metadata
     if "dataset" not in meta:
@@ -225,6 +229,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     resolved = protocol_for(protocol, distilled, args.quick, args.eval_epochs)
     for arch in args.archs:
         _check_arch_runs(arch, dataset.to("cpu"))
+    check_cache_dir(args.cache_dir)  # the soft protocol's teacher and auto's engine choices live there
     if args.results:
         check_results_dir(args.results)
     teacher = None

@@ -36,7 +36,7 @@ from bench.errors import UserError
 from bench.evaluate import Protocol, train_network
 from bench.models import create_network
 from bench.seeding import generator_for
-from bench.store import stable_hash
+from bench.store import check_writable_folder, stable_hash
 
 CACHE_ENV = "DDBENCH_CACHE"
 EXPERT_CODE_VERSION = 1  # bump when the training loop changes what an expert is
@@ -79,6 +79,14 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         return Path(cache_dir).expanduser()
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ddbench"
+
+
+def check_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder (``resolve_cache_dir``), checked before any work: experts, their locks and auto's engine
+    choices are written there, so a folder that cannot be written is a ``UserError`` now, not a failed cell later."""
+    path = resolve_cache_dir(cache_dir)
+    check_writable_folder(path, "cache folder", f"--cache-dir (or ${CACHE_ENV})", "for the expert cache")
+    return path
 
 
 @contextmanager

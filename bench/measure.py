@@ -153,9 +153,8 @@ class MemorySampler:
 
     CPU: for this process on Linux, the kernel's own peak-RSS mark, reset at start() and read at stop() — exact
     and free (``cpu_peak_source="kernel_high_water_mark"``); otherwise (another process, no /proc) a daemon thread
-    samples the resident set size (psutil) every ``interval_s`` (``"sampled"``). GPU: the thread samples,
-    when ``device`` is a CUDA device and NVML works, — when ``device`` is a CUDA device and NVML works — the GPU
-    memory used by that process: the process's own entry in NVML's list of compute processes
+    samples the resident set size (psutil) every ``interval_s`` (``"sampled"``). GPU: when ``device`` is a CUDA
+    device and NVML works, the thread samples the GPU memory used by that process: the process's own entry in NVML's list of compute processes
     (``gpu_nvml_source="process"``), or, where NVML gives none (a MIG instance that does not report processes,
     a container whose PIDs NVML cannot see), the device's used memory minus what was used at start()
     (``"device_minus_baseline"``).

@@ -28,7 +28,7 @@ from bench.data import DATASETS, Dataset, load_dataset, resolve_data_root
 from bench.distilled import DistilledSet
 from bench.errors import Diverged, UserError
 from bench.evaluate import BATCH_SEEDS_CHOICES, Protocol, evaluate_distilled, get_protocol
-from bench.experts import resolve_cache_dir, soft_protocol_teacher
+from bench.experts import check_cache_dir, resolve_cache_dir, soft_protocol_teacher
 from bench.measure import FlopCounter, MemorySampler, environment_stamp, iteration_stats, phase, process_peak_rss_mb
 from bench.models import check_arch, create_network
 from bench.registry import create_method, default_recipe, get_method_class, list_methods, split_method_spec
@@ -105,12 +105,25 @@ def _check_arch_runs(arch: str, dataset: Dataset) -> None:
         raise UserError(f"architecture '{arch}' cannot run on {dataset.name} ({dataset.resolution}×{dataset.resolution}): {exc}".splitlines()[0]) from None
 
 
+def reject_repeats(values: list, what: str) -> None:
+    """A ``UserError`` when a list of the request names one value twice: a repeated seed would train and count one
+    network twice, a repeated ipc, method or architecture would run a cell twice and overwrite its record."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise UserError(f"{what} {value} is named twice in {', '.join(map(str, values))}; name each once")
+        seen.add(value)
+
+
 def check_request(request: RunRequest) -> list[str]:
     """Check every name and option of a request without reading data; returns its method specs."""
     if not request.methods:
         raise UserError("no methods given")
     if request.eval_archs and not request.seeds:
         raise UserError("no seeds given: --seeds expects comma-separated integers, e.g. --seeds 0,1,2")
+    for values, what in ((request.methods, "method"), (request.ipcs, "ipc"), (request.seeds, "seed"),
+                         (request.eval_archs, "evaluation architecture")):
+        reject_repeats(values, what)
     for ipc in request.ipcs:
         if ipc < 1:
             raise UserError(f"ipc must be at least 1, got {ipc}")
@@ -150,6 +163,8 @@ def resolved_methods(request: RunRequest, spec: str) -> list[tuple[str, int | No
 def plan(request: RunRequest) -> list[Cell]:
     """Validate the whole request and return its cells; raises ``UserError`` before anything is written."""
     specs = check_request(request)
+    if request.executor == "local":  # a Ray task uses the cache folder of the node it runs on
+        check_cache_dir(request.cache_dir)
     datasets: dict[bool, Dataset] = {}
     # the ray executor's tasks load their own data on their own device: here it only describes the cells
     device = resolve_device(request.device) if request.executor == "local" else torch.device("cpu")
@@ -727,17 +742,24 @@ def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Ce
     On Ctrl-C the records written so far stay, the cells being run get records with status ``interrupted`` (which
     ``--resume`` redoes, overwriting them: same identity, same file), and ``KeyboardInterrupt`` goes on up."""
     cells = plan(request) if cells is None else cells
+    protocol = get_protocol(request.protocol)
+    cell_ids = [{arch: record_id(_identity(cell, request, arch, protocol)) for arch in request.eval_archs or [None]}
+                for cell in cells]
+    first_of: dict[str, Cell] = {}
+    for cell, ids in zip(cells, cell_ids):
+        earlier = first_of.setdefault(next(iter(ids.values())), cell)
+        if earlier is not cell:  # e.g. --methods apm,apm.digits_ipc1: both pick that recipe
+            raise UserError(f"{earlier.label or earlier.method_spec} and {cell.label or cell.method_spec} are the same cell ({cell.method_spec}, ipc {cell.ipc}); "
+                            f"name it once")
     check_results_dir(request.results_dir)
     if request.resume:  # a killed run may have left temporary files; a resumed one is the folder's only writer
         remove_stale_temporaries(request.results_dir)
     # children must see the same cache and data folders even if the environment changes under the parent
     request = replace(request, cache_dir=str(resolve_cache_dir(request.cache_dir)),
                       data_root=str(resolve_data_root(request.data_root)))
-    protocol = get_protocol(request.protocol)
     done = existing_record_ids(request.results_dir) if request.resume else set()
     jobs = []
-    for cell in cells:
-        ids = {arch: record_id(_identity(cell, request, arch, protocol)) for arch in request.eval_archs or [None]}
+    for cell, ids in zip(cells, cell_ids):
         archs = [arch for arch in ids if ids[arch] not in done]
         if not archs:
             echo(f"skip {cell.method_spec} ipc {cell.ipc}: records exist (--resume)")

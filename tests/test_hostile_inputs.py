@@ -82,6 +82,16 @@ def _results_under_a_file(tmp: Path) -> list[str]:
     return RUN + ["--results", str(tmp / "file" / "res")]
 
 
+def _cache_is_a_file(tmp: Path) -> list[str]:
+    (tmp / "cache").write_text("not a folder")
+    return RUN + ["--cache-dir", str(tmp / "cache"), "--results", str(tmp / "res")]
+
+
+def _cache_under_a_file(tmp: Path) -> list[str]:
+    (tmp / "file").write_text("not a folder")
+    return RUN + ["--cache-dir", str(tmp / "file" / "cache"), "--results", str(tmp / "res")]
+
+
 # (argv given a fresh tmp folder, a phrase the error must contain); results always go under the tmp folder
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "unknown method": (lambda t: _with(RUN, "--methods", "randm") + ["--results", str(t / "res")],
@@ -137,6 +147,24 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
                                                                     ",".join(map(str, range(1, 151))))
                                                     + ["--yes", "--results", str(t / "res")],
                                                     "is larger than the smallest class of digits"),
+    "seed named twice": (lambda t: _with(RUN, "--seeds", "0,1,0") + ["--results", str(t / "res")],
+                         "seed 0 is named twice in 0, 1, 0"),
+    "ipc named twice": (lambda t: _with(RUN, "--ipc", "1,1") + ["--results", str(t / "res")], "ipc 1 is named twice"),
+    "method named twice": (lambda t: _with(RUN, "--methods", "random,random") + ["--results", str(t / "res")],
+                           "method random is named twice"),
+    "architecture named twice": (lambda t: _with(RUN, "--eval-archs", "convnet,convnet") + ["--results", str(t / "res")],
+                                 "evaluation architecture convnet is named twice"),
+    "two names for one cell": (lambda t: _with(RUN, "--methods", "apm,apm.digits_ipc1") + ["--results", str(t / "res")],
+                               "apm and apm.digits_ipc1 are the same cell"),
+    "suite: seed named twice": (lambda t: ["run", "--suite", _suite(t, SUITE.replace("seeds: [0]", "seeds: [0, 0]")),
+                                           "--results", str(t / "res")], "seed 0 is named twice"),
+    "evaluate with a seed named twice": (lambda t: ["evaluate", str(_saved_set(t)), "--seeds", "2,2",
+                                                    "--results", str(t / "res")], "seed 2 is named twice"),
+    "cache folder is a file": (_cache_is_a_file, "is a file, not a folder; pass --cache-dir"),
+    "cache folder under a file": (_cache_under_a_file, "is not writable"),
+    "evaluate with a cache folder that is a file": (lambda t: ["evaluate", str(_saved_set(t)), "--cache-dir",
+                                                               str(_saved_set(t)), "--results", str(t / "res")],
+                                                    "cache folder"),
     "results folder is a file": (_results_is_a_file, "is a file, not a folder"),
     "results folder under a file": (_results_under_a_file, "is not writable"),
     "truncated distilled .safetensors": (_truncated_tensors, "truncated or corrupt"),
