@@ -55,6 +55,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="expert cache (default: $DDBENCH_CACHE or ~/.cache/ddbench)")
 
 
+def _measured(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory-sample-ms", type=float, default=10.0, metavar="MS",
+                        help="sample the GPU memory through NVML every MS milliseconds (default 10; recorded beside the "
+                             "peaks): shorter catches shorter spikes, at more CPU time")
+
+
 BATCH_SEEDS = ("auto", "on", "off")  # bench.evaluate.BATCH_SEEDS_CHOICES, without importing torch for --help
 BATCH_SEEDS_HELP = ("train an evaluation's seeds at once as one stacked model (on), one after the other (off), or "
                     "whichever a short calibration finds faster on this machine, remembered in the cache folder "
@@ -88,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-epochs", type=int, default=None,
                           help="smoke tests only: train each evaluation network this many epochs (recorded in every record)")
     _common(evaluate)
+    _measured(evaluate)
 
     run = sub.add_parser("run", help="distil and evaluate a grid (or a suite), one record per cell × evaluation architecture")
     run.add_argument("--suite", default=None, help="a suite name (ddbench ls suites) or a suite YAML file; replaces the grid options")
@@ -129,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU runs: N cells side by side, each in its own process with cores/N torch threads "
                           "(default 1; recorded as cells_side_by_side)")
     _common(run)
+    _measured(run)
 
     validate = sub.add_parser("validate", help="resolve every cell of a suite and check its names, without running")
     validate.add_argument("--suite", required=True)
@@ -226,6 +234,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     protocol = get_protocol(args.protocol)
     if args.eval_epochs is not None and args.eval_epochs < 1:
         raise UserError(f"--eval-epochs must be at least 1, got {args.eval_epochs}")
+    if not args.memory_sample_ms > 0:
+        raise UserError(f"--memory-sample-ms must be above 0, got {args.memory_sample_ms:g}")
     resolved = protocol_for(protocol, distilled, args.quick, args.eval_epochs)
     for arch in args.archs:
         _check_arch_runs(arch, dataset.to("cpu"))
@@ -242,7 +252,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     for arch in args.archs:
         phases: dict = {}
         fields = measured_evaluation(distilled, dataset, arch, protocol, resolved, args.seeds, device, phases, teacher,
-                                     args.batch_seeds, args.cache_dir)
+                                     args.batch_seeds, args.cache_dir, args.memory_sample_ms / 1000)
         print(f"{meta['dataset']} {meta.get('method', '?')} ipc {meta.get('ipc')} → {arch} [{protocol.name}"
               f"{', quick' if args.quick else ''}]: {fields['acc_mean']:.2f} ± {fields['acc_std']:.2f} "
               f"(seeds {args.seeds}: {', '.join(f'{a:.2f}' for a in fields['acc'])})")
@@ -278,7 +288,7 @@ def _run(args: argparse.Namespace) -> int:
     from bench.executors import executor_session
     from bench.runner import RunRequest, check_grid_size, run, summarize
 
-    options = _executor_options(args)
+    options = dict(_executor_options(args), memory_sample_s=args.memory_sample_ms / 1000)
     if args.suite:
         from bench.suite import load_suite, parse_only, run_suite, suite_requests
 

@@ -35,6 +35,7 @@ from bench.distilled import write_json_atomic
 from bench.errors import UserError
 from bench.evaluate import Protocol, train_network
 from bench.models import create_network
+from bench.progress import progress_bar
 from bench.seeding import generator_for
 from bench.store import check_writable_folder, stable_hash
 
@@ -137,8 +138,9 @@ class ExpertPool:
     def path(self, index: int) -> Path:
         return self.folder / f"expert_{index:04d}.safetensors"
 
-    def ensure(self, on_epoch: Callable[[int, int, Tensor], None] | None = None) -> None:
-        """Train every missing expert, in order; those already cached are kept.
+    def ensure(self) -> None:
+        """Train every missing expert, in order, with a progress bar over their epochs; those already cached are
+        kept (so an interrupted training resumes at the expert it stopped in).
 
         Training holds an exclusive lock on the pool's folder, so processes sharing a cache (cells side by side,
         Ray tasks on one node) train each expert once: the others wait, then load it."""
@@ -150,16 +152,18 @@ class ExpertPool:
                     write_json_atomic(self.folder / "identity.json", self.identity)
                     self.log(f"experts: training {len(missing)} of {self.count} × {self.recipe.name} on "
                              f"{self.dataset.name}/{self.arch} into {self.folder}")
-                    for index in missing:
-                        self._train(index, on_epoch)
-                        self.trained_now += 1
+                    with progress_bar(f"experts {self.recipe.name}", len(missing) * self.recipe.epochs) as bar:
+                        for index in missing:
+                            bar.set_postfix_str(f"expert {index + 1} of {self.count}")
+                            self._train(index, after_epoch=lambda: bar.update(1))
+                            self.trained_now += 1
                     return
         self.log(f"experts: {self.count} × {self.recipe.name} on {self.dataset.name}/{self.arch} loaded from cache {self.folder}")
 
     def _missing(self) -> list[int]:
         return [i for i in range(self.count) if not self.path(i).is_file()]
 
-    def _train(self, index: int, on_epoch: Callable[[int, int, Tensor], None] | None) -> None:
+    def _train(self, index: int, after_epoch: Callable[[], None]) -> None:
         generator = generator_for(self.seed, "expert", self.key, str(index))
         data = self.dataset
         model = create_network(self.arch, data.num_classes, data.channels, data.resolution, generator).to(self.device)
@@ -169,16 +173,15 @@ class ExpertPool:
             for name, param in model.named_parameters():
                 snapshots[f"epoch{epoch:04d}/{name}"] = param.detach().cpu().clone()
 
-        def after_epoch(epoch: int, loss: Tensor) -> None:
+        def on_epoch(epoch: int, loss: Tensor) -> None:
             if self.recipe.keep_trajectory:
                 snapshot(epoch + 1)
-            if on_epoch is not None:
-                on_epoch(index, epoch, loss)
+            after_epoch()
 
         if self.recipe.keep_trajectory:
             snapshot(0)
         augment = DSA.for_dataset(data.info.digit_like) if self.recipe.dsa else None
-        train_network(model, data.train_images, data.train_labels, self.recipe.as_protocol(), generator, augment, after_epoch)
+        train_network(model, data.train_images, data.train_labels, self.recipe.as_protocol(), generator, augment, on_epoch)
         final = {f"final/{name}": t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
         tmp = self.path(index).with_suffix(".tmp")
         save_file({**snapshots, **final}, str(tmp))

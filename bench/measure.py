@@ -332,6 +332,8 @@ class _OpenPhase:
             if self.cuda:
                 span["gpu_torch_allocated_peak_mb"] = _mb(torch.cuda.max_memory_allocated(self.device))
                 span["gpu_torch_reserved_peak_mb"] = _mb(torch.cuda.max_memory_reserved(self.device))
+            if span.get("gpu_nvml_source") is not None:  # a sampled peak: a spike shorter than this can be missed
+                self.figures["gpu_sample_interval_s"] = self.interval_s
             _fold(self.figures, span)
 
 
@@ -355,8 +357,8 @@ def phase(phases: dict, name: str, device: torch.device | str = "cpu",
           interval_s: float = DEFAULT_SAMPLE_INTERVAL_S) -> Iterator[dict]:
     """Measure the body as phase ``name``: ``phases[name]`` gets wall time and memory peaks.
 
-    The dict has every PHASE_FIELDS key plus ``gpu_nvml_source`` and is filled on exit (also when the body
-    raises). On CUDA the device is synchronised at the boundaries and the allocator's peaks are reset at the
+    The dict has every PHASE_FIELDS key plus ``gpu_nvml_source`` (and ``gpu_sample_interval_s``, NVML's sampling
+    interval, where it sampled) and is filled on exit (also when the body raises). On CUDA the device is synchronised at the boundaries and the allocator's peaks are reset at the
     start. Phases nest: an outer phase is paused while an inner one runs, so each phase's time and peaks are its
     own (the ``distill`` phase does not include the ``experts`` phase that a method opens inside it). A phase
     name measured twice accumulates: times add up, peaks take the maximum.

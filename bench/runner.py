@@ -29,8 +29,10 @@ from bench.distilled import DistilledSet
 from bench.errors import Diverged, UserError
 from bench.evaluate import BATCH_SEEDS_CHOICES, Protocol, evaluate_distilled, get_protocol
 from bench.experts import check_cache_dir, resolve_cache_dir, soft_protocol_teacher
-from bench.measure import FlopCounter, MemorySampler, environment_stamp, iteration_stats, phase, process_peak_rss_mb
+from bench.measure import (DEFAULT_SAMPLE_INTERVAL_S, FlopCounter, MemorySampler, environment_stamp, iteration_stats,
+                           phase, process_peak_rss_mb)
 from bench.models import check_arch, create_network
+from bench.progress import log, progress_bar
 from bench.registry import create_method, default_recipe, get_method_class, list_methods, split_method_spec
 from bench.seeding import generator_for
 from bench.store import (RECORDS_DIR, check_results_dir, evaluation_fields, existing_record_ids, record_id,
@@ -72,6 +74,7 @@ class RunRequest:
     ray_address: str = "auto"  # with the ray executor: a running cluster's HOST:PORT, or auto
     ray_resources: dict = field(default_factory=dict)  # with the ray executor: each cell task's num_cpus / num_gpus
     jobs: int = 1  # CPU runs, local executor: cells run side by side, each with cores // jobs torch threads
+    memory_sample_s: float = DEFAULT_SAMPLE_INTERVAL_S  # the NVML sampler's interval (recorded beside its peaks)
 
 
 @dataclass
@@ -131,6 +134,8 @@ def check_request(request: RunRequest) -> list[str]:
         raise UserError(f"--eval-epochs must be at least 1, got {request.eval_epochs}")
     if request.checkpoint_every is not None and request.checkpoint_every < 1:
         raise UserError(f"--checkpoint-every must be at least 1 iteration, got {request.checkpoint_every}")
+    if not request.memory_sample_s > 0:
+        raise UserError(f"--memory-sample-ms must be above 0, got {request.memory_sample_s * 1000:g}")
     if request.batch_seeds not in BATCH_SEEDS_CHOICES:
         raise UserError(f"--batch-seeds must be one of {', '.join(BATCH_SEEDS_CHOICES)}, got {request.batch_seeds!r}")
     DATASETS.get(request.dataset)
@@ -214,15 +219,6 @@ def summarize(records: list[dict], skipped: int, results_dir: str | Path) -> str
     if any(record["status"] != "ok" for record in records):
         text += " Cells that did not end ok keep a record with their error; --resume reruns them."
     return text
-
-
-def _progress(desc: str, total: int | None = None) -> tqdm:
-    return tqdm(total=total, desc=desc, leave=False, disable=None, file=sys.stderr, dynamic_ncols=True)
-
-
-def log(message: str) -> None:
-    """A progress line on stderr that does not break the bars."""
-    tqdm.write(message, file=sys.stderr)
 
 
 def protocol_for(protocol: Protocol, distilled: DistilledSet | None, quick: bool, epochs: int | None = None) -> Protocol:
@@ -362,7 +358,7 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
 
     name, _ = split_method_spec(cell.method_spec)
     method, ipc = (cell.method, cell.ipc) if part is None else (part.method, part.ipc)
-    bar = _progress(f"distill {name} ipc{ipc if ipc is not None else '-'}")
+    bar = progress_bar(f"distill {name} ipc{ipc if ipc is not None else '-'}")
     meter = IterationMeter(device, getattr(method, "iteration_period", 1))
 
     def start(total: int) -> None:
@@ -394,10 +390,10 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
         _report=report,
         _start=start,
         _log=log,
-        _phase=lambda phase_name: phase(phases, phase_name, device),
+        _phase=lambda phase_name: phase(phases, phase_name, device, request.memory_sample_s),
     )
     try:
-        with phase(phases, "distill", device):
+        with phase(phases, "distill", device, request.memory_sample_s):
             distilled = method.distill(ctx)
     finally:
         bar.close()
@@ -529,14 +525,14 @@ class EvalFlops:
 def measured_evaluation(distilled: DistilledSet, dataset: Dataset, arch: str, protocol: Protocol, resolved: Protocol,
                         seeds: list[int], device: torch.device, phases: dict,
                         teacher: torch.nn.Module | None = None, batch_seeds: str = "auto",
-                        cache_dir: str | None = None) -> dict:
+                        cache_dir: str | None = None, memory_sample_s: float = DEFAULT_SAMPLE_INTERVAL_S) -> dict:
     """Evaluate ``distilled`` on ``arch`` as the ``eval`` phase of ``phases``: the record's evaluation fields
     (with ``eval_engine``: whether the seeds trained at once, ``batch_seeds`` auto / on / off), with the FLOPs of
     one training epoch."""
-    bar = _progress(f"evaluate {arch} × {len(seeds)} seeds", resolved.epochs * len(seeds))
+    bar = progress_bar(f"evaluate {arch} × {len(seeds)} seeds", resolved.epochs * len(seeds))
     eval_flops = EvalFlops(bar)
     try:
-        with phase(phases, "eval", device):
+        with phase(phases, "eval", device, memory_sample_s):
             result = evaluate_distilled(distilled, dataset, arch, resolved, seeds, device, teacher=teacher,
                                         on_epoch=eval_flops, batch_seeds=batch_seeds, cache_dir=cache_dir, log=log)
     finally:
@@ -604,7 +600,8 @@ def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, s
                                                               device, request.cache_dir, log)
                     teacher = teachers[key]
                 record.update(measured_evaluation(distilled, cell.dataset, arch, protocol, resolved, request.seeds,
-                                                  device, cell_phases, teacher, request.batch_seeds, request.cache_dir))
+                                                  device, cell_phases, teacher, request.batch_seeds, request.cache_dir,
+                                                  request.memory_sample_s))
             except Exception as exc:
                 status_eval, error_eval = _failure(exc)
                 record.update(status=status_eval, error=error_eval)

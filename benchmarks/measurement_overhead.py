@@ -125,10 +125,11 @@ def main() -> None:
 def measured_parts(iterations: int, distill_s: float) -> dict[str, float]:
     """Seconds the harness adds to one distillation of ``distill_s`` seconds outside the FLOP window, each part
     timed apart."""
-    from bench.runner import IterationMeter, _progress
+    from bench.progress import progress_bar
+    from bench.runner import IterationMeter
 
     calls = 20_000
-    meter, bar = IterationMeter(torch.device("cpu"), period=3), _progress("bookkeeping", total=calls)
+    meter, bar = IterationMeter(torch.device("cpu"), period=3), progress_bar("bookkeeping", total=calls)
     meter.start(calls)
     meter._counted = True  # time the bookkeeping only: no FLOP window here
     losses = {"loss": 0.5, "disagreement": 1.25, "teacher_ce": 0.01}

@@ -37,6 +37,40 @@ def test_interrupted_pool_resumes_at_the_missing_expert(tmp_path):
     assert torch.equal(resumed.network(2).classifier.weight, before)
 
 
+def test_training_shows_a_bar_over_the_missing_experts_epochs(tmp_path, monkeypatch):
+    """The bar counts only what is trained: after an interruption, the missing expert's epochs."""
+    import bench.experts
+
+    bars = []
+
+    class Bar:
+        def __init__(self, desc, total):
+            self.total, self.done, self.postfixes = total, 0, []
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            pass
+
+        def update(self, n):
+            self.done += n
+
+        def set_postfix_str(self, text):
+            self.postfixes.append(text)
+
+    monkeypatch.setattr(bench.experts, "progress_bar", Bar)
+    digits = load_dataset("digits")
+    pool(digits, tmp_path, count=3).ensure()
+    assert [(b.total, b.done, b.postfixes) for b in bars] == [(6, 6, ["expert 1 of 3", "expert 2 of 3", "expert 3 of 3"])]
+    pool(digits, tmp_path, count=3).path(1).unlink()
+    pool(digits, tmp_path, count=3).ensure()
+    assert (bars[-1].total, bars[-1].done, bars[-1].postfixes) == (2, 2, ["expert 2 of 3"])
+    pool(digits, tmp_path, count=3).ensure()
+    assert len(bars) == 2, "a pool loaded from the cache shows no bar"
+
+
 def test_trajectory_runs_from_init_to_final(tmp_path):
     digits = load_dataset("digits")
     p = pool(digits, tmp_path, count=1)
@@ -67,6 +101,6 @@ def test_a_second_process_waits_for_the_lock_then_loads(tmp_path):
         thread.start()
         thread.join(timeout=1.0)
         assert thread.is_alive() and not trainer.path(0).exists()  # blocked, not training its own copy
-        trainer._train(0, None)
+        trainer._train(0, after_epoch=lambda: None)
     thread.join(timeout=60)
     assert not thread.is_alive() and waiter.trained_now == 0

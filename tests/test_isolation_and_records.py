@@ -138,3 +138,25 @@ def test_impossible_jobs_are_refused_before_any_work(tmp_path, monkeypatch, opti
     with pytest.raises(UserError, match=message):
         run(_request(tmp_path, ["random"], **options), echo=lambda _: None)
     assert not (tmp_path / "results" / "records").exists()
+
+
+def test_the_memory_sampling_interval_reaches_every_phase(tmp_path, monkeypatch):
+    """``memory_sample_s`` (``--memory-sample-ms``) is the interval of every phase's sampler: experts, distill,
+    eval."""
+    import bench.measure
+    import bench.runner
+
+    intervals: dict[str, set[float]] = {}
+    measured = bench.measure.phase
+
+    def spying_phase(phases, name, device="cpu", interval_s=bench.measure.DEFAULT_SAMPLE_INTERVAL_S):
+        intervals.setdefault(name, set()).add(interval_s)
+        return measured(phases, name, device, interval_s)
+
+    monkeypatch.setattr(bench.runner, "phase", spying_phase)
+    apm = {"iterations": 3, "student_epochs": 5, "num_experts": 1, "expert_epochs": 1}
+    request = _request(tmp_path, ["apm"], method_options={"apm": apm}, isolate=False, memory_sample_s=0.05,
+                       eval_epochs=1, cache_dir=str(tmp_path / "cache"))
+    (record,) = run(request, echo=lambda _: None)
+    assert record["status"] == "ok"
+    assert intervals == {"experts": {0.05}, "distill": {0.05}, "eval": {0.05}}

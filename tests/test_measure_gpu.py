@@ -55,3 +55,13 @@ def test_environment_stamp_on_gpu():
     assert stamp["cudnn"]
     assert stamp["gpu_name"] == torch.cuda.get_device_name(0)
     assert stamp["gpu_count"] >= 1
+
+
+def test_a_phase_records_its_nvml_sampling_interval():
+    device = torch.device("cuda:0")
+    torch.zeros(1, device=device)
+    phases: dict = {}
+    with phase(phases, "sampled", device, interval_s=0.05):
+        time.sleep(0.2)
+    assert phases["sampled"]["gpu_nvml_source"] is not None
+    assert phases["sampled"]["gpu_sample_interval_s"] == 0.05
