@@ -731,6 +731,29 @@ class CellJob:
     ids: dict[str, str]
 
 
+def reject_repeated_cells(planned: list[tuple[RunRequest, list[Cell]]]) -> list[list[dict[str | None, str]]]:
+    """Every planned cell's record ids (by evaluation architecture), per request; a ``UserError`` when two cells
+    are one — the same record, run twice, the second overwriting the first: ``--methods apm,apm.digits_ipc1``
+    (both pick that recipe), or two grids of a suite that share a cell."""
+    first_of: dict[str, Cell] = {}
+    all_ids = []
+    for request, cells in planned:
+        protocol = get_protocol(request.protocol)
+        request_ids = []
+        for cell in cells:
+            ids = {arch: record_id(_identity(cell, request, arch, protocol)) for arch in request.eval_archs or [None]}
+            for arch, identity in ids.items():
+                earlier = first_of.setdefault(identity, cell)
+                if earlier is not cell:
+                    shown = f" → {arch}" if arch else ""
+                    raise UserError(f"{earlier.label or earlier.method_spec} and {cell.label or cell.method_spec} are "
+                                    f"the same cell ({cell.method_spec}, {cell.dataset.name} ipc {cell.ipc}{shown}); "
+                                    f"name it once")
+            request_ids.append(ids)
+        all_ids.append(request_ids)
+    return all_ids
+
+
 def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Cell] | None = None) -> list[dict]:
     """Plan (unless ``cells`` were planned already), then distil and evaluate every cell through the request's
     executor (``bench.executors``: on this machine, each cell in its own process unless ``isolate`` is off, or on a
@@ -739,21 +762,14 @@ def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Ce
     On Ctrl-C the records written so far stay, the cells being run get records with status ``interrupted`` (which
     ``--resume`` redoes, overwriting them: same identity, same file), and ``KeyboardInterrupt`` goes on up."""
     cells = plan(request) if cells is None else cells
-    protocol = get_protocol(request.protocol)
-    cell_ids = [{arch: record_id(_identity(cell, request, arch, protocol)) for arch in request.eval_archs or [None]}
-                for cell in cells]
-    first_of: dict[str, Cell] = {}
-    for cell, ids in zip(cells, cell_ids):
-        earlier = first_of.setdefault(next(iter(ids.values())), cell)
-        if earlier is not cell:  # e.g. --methods apm,apm.digits_ipc1: both pick that recipe
-            raise UserError(f"{earlier.label or earlier.method_spec} and {cell.label or cell.method_spec} are the same cell ({cell.method_spec}, ipc {cell.ipc}); "
-                            f"name it once")
+    cell_ids = reject_repeated_cells([(request, cells)])[0]
     check_results_dir(request.results_dir)
     if request.resume:  # a killed run may have left temporary files; a resumed one is the folder's only writer
         remove_stale_temporaries(request.results_dir)
     # children must see the same cache and data folders even if the environment changes under the parent
     request = replace(request, cache_dir=str(resolve_cache_dir(request.cache_dir)),
                       data_root=str(resolve_data_root(request.data_root)))
+    protocol = get_protocol(request.protocol)
     done = existing_record_ids(request.results_dir) if request.resume else set()
     jobs = []
     for cell, ids in zip(cells, cell_ids):

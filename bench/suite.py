@@ -291,12 +291,13 @@ def run_suite(suite: Suite, results_dir: Path, quick: bool = False, only: dict[s
               echo=print, **run_options: object) -> list[dict]:
     """Plan every request of the suite first (so a bad name, missing data or an unwritable results folder fails
     before any work), then run them."""
-    from bench.runner import plan, run
+    from bench.runner import plan, reject_repeated_cells, run
     from bench.store import check_results_dir
 
     requests = suite_requests(suite, results_dir, quick, only, **run_options)
     describe_cells(requests)
     planned = [(request, plan(request)) for request in requests]
+    reject_repeated_cells(planned)
     check_results_dir(results_dir)
     echo(f"suite {suite.name} v{suite.version}: {sum(len(cells) for _, cells in planned)} cells → {results_dir}")
     written = []
