@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="Markdown, LaTeX and figures from the records under a results folder")
     report.add_argument("--suite", default=None, help="report the records of this suite (results/runs/<suite>)")
     report.add_argument("--results", default=None, help="a results folder (default: results/runs/<suite>)")
-    report.add_argument("--out", default="reports")
+    report.add_argument("--out", default="reports", help="folder for the .md, .tex and figures/ (default: reports)")
 
     compare = sub.add_parser("compare", help="regression check: exit 1 when a cell of CURRENT is worse than in BASELINE")
     compare.add_argument("baseline", help="results folder of the baseline (e.g. results/baselines/quick-cpu)")
@@ -198,13 +198,20 @@ def _ls(what: str) -> None:
 
 
 def _distill(args: argparse.Namespace) -> None:
+    from bench.errors import UserError
     from bench.runner import RunRequest, distill_cell, plan, resolve_device
+    from bench.store import check_writable_folder
 
     request = RunRequest(dataset=args.dataset, methods=[args.method], ipcs=[args.ipc], eval_archs=[],
                          seeds=[0], results_dir=Path("."), distill_arch=args.arch, quick=args.quick,
                          data_root=args.data_root, device=args.device, distill_seed=args.seed,
                          cache_dir=args.cache_dir, method_options={args.method: _options(args.set)})
     (cell,) = plan(request)
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; --out takes a path stem (writes STEM.safetensors and STEM.json), "
+                        f"e.g. {out / 'distilled'}")
+    check_writable_folder(out.parent, "output folder", "pass --out with a path stem in a folder you can write to")
     distilled = distill_cell(cell, request, resolve_device(args.device), {})
     print(distilled.save(args.out))
 
@@ -335,6 +342,7 @@ def _validate(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from bench.errors import UserError
     from bench.report import write_reports
+    from bench.store import check_writable_folder
 
     if not args.suite and not args.results:
         raise UserError("name a suite (--suite quick) or a results folder (--results results/runs/quick)")
@@ -345,6 +353,8 @@ def _report(args: argparse.Namespace) -> None:
     results = args.results or f"results/runs/{args.suite}"
     if not Path(results).is_dir():
         raise UserError(f"no results folder {results}: run the suite first (ddbench run --suite {args.suite or '…'})")
+    check_writable_folder(args.out, "report folder", "pass --out with a folder you can write the report to",
+                          inside="figures")
     for path in write_reports(results, args.out, name=args.suite):
         print(path)
 

@@ -86,7 +86,7 @@ def check_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The cache folder (``resolve_cache_dir``), checked before any work: experts, their locks and auto's engine
     choices are written there, so a folder that cannot be written is a ``UserError`` now, not a failed cell later."""
     path = resolve_cache_dir(cache_dir)
-    check_writable_folder(path, "cache folder", f"--cache-dir (or ${CACHE_ENV})", "for the expert cache")
+    check_writable_folder(path, "cache folder", f"pass --cache-dir (or set ${CACHE_ENV}) to a folder you can write to")
     return path
 
 

@@ -110,26 +110,26 @@ def write_record(results_dir: str | os.PathLike, record: dict) -> Path:
     return path
 
 
-def check_writable_folder(path: str | os.PathLike, name: str, option: str, purpose: str, inside: str = "") -> None:
+def check_writable_folder(path: str | os.PathLike, name: str, fix: str, inside: str = "") -> None:
     """Make sure files can be written in ``path`` (in its subfolder ``inside``, if given) before any work: create
     the folder and a temporary file in it (removed again); a one-line ``UserError`` naming the folder (``name``)
-    and the ``option`` that sets it otherwise."""
+    and what to do (``fix``) otherwise."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"{name} {path} is a file, not a folder; pass {option} with a folder {purpose}")
+        raise UserError(f"{name} {path} is a file, not a folder; {fix}")
     try:
         (path / inside).mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path / inside, prefix=".write-check-", suffix=".tmp")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UserError(f"{name} {path} is not writable ({exc.strerror or exc}); "
-                        f"pass {option} with a folder you can write to") from None
+        raise UserError(f"{name} {path} is not writable ({exc.strerror or exc}); {fix}") from None
 
 
 def check_results_dir(results_dir: str | os.PathLike) -> None:
     """Make sure records can be written under ``results_dir`` before any work (``check_writable_folder``)."""
-    check_writable_folder(results_dir, "results folder", "--results", "to write records to", inside=RECORDS_DIR)
+    check_writable_folder(results_dir, "results folder", "pass --results with a folder you can write records to",
+                          inside=RECORDS_DIR)
 
 
 def remove_stale_temporaries(results_dir: str | os.PathLike) -> list[Path]:
