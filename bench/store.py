@@ -43,6 +43,7 @@ import pandas as pd
 
 from bench.distilled import write_json_atomic
 from bench.errors import UserError
+from bench.progress import log
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -148,19 +149,35 @@ def existing_record_ids(results_dir: str | os.PathLike) -> set[str]:
     return {r["record_id"] for r in load_records(results_dir) if r.get("status") == "ok"}
 
 
+_SKIPPED_SAID: set[str] = set()  # record files this process has already said it skips
+
+
+def _skip(path: Path, why: str) -> None:
+    """Say once per process, on stderr, that a file under a records folder is not read as a record."""
+    if str(path) not in _SKIPPED_SAID:
+        _SKIPPED_SAID.add(str(path))
+        log(f"ddbench: skipped {path}: {why}")
+
+
 def load_records(results_dir: str | os.PathLike) -> list[dict]:
-    """Every record (``*.json`` under ``records/`` folders) below ``results_dir``; unreadable files are skipped."""
+    """Every record (``*.json`` under ``records/`` folders) below ``results_dir``. A file that is not readable JSON,
+    or not a record of a schema version this code reads, is skipped with a line on stderr saying so."""
     records = []
     for path in sorted(Path(results_dir).rglob(f"{RECORDS_DIR}/*.json")):
         try:
             record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            _skip(path, f"not readable JSON ({exc})")
             continue
-        if isinstance(record, dict) and record.get("schema_version") in READABLE_SCHEMA_VERSIONS:
-            if record["schema_version"] == 1:
-                record["env"] = record.pop("environment", None)
-            record["_path"] = str(path)
-            records.append(record)
+        if not isinstance(record, dict) or record.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+            version = record.get("schema_version") if isinstance(record, dict) else None
+            _skip(path, f"not a record of schema version {' or '.join(map(str, READABLE_SCHEMA_VERSIONS))} "
+                        f"(schema_version {version})")
+            continue
+        if record["schema_version"] == 1:
+            record["env"] = record.pop("environment", None)
+        record["_path"] = str(path)
+        records.append(record)
     return records
 
 

@@ -28,12 +28,6 @@ def test_record_round_trip(tmp_path):
     assert frame.loc[0, "distill_cpu_peak_rss_mb"] is None
 
 
-def test_unreadable_records_are_skipped(tmp_path):
-    write_record(tmp_path, RECORD)
-    (tmp_path / "records" / "broken.json").write_text("{not json")
-    assert len(load_records(tmp_path)) == 1
-
-
 def test_distilled_set_round_trip(tmp_path):
     images = torch.randn(20, 1, 8, 8)
     labels = torch.arange(10).repeat_interleave(2)
@@ -59,3 +53,24 @@ def test_stems_with_dots_stay_separate_sets(tmp_path):
     assert DistilledSet.load(first).images.sum() == 0
     assert DistilledSet.load(tmp_path / "digits_ipc1_apm.digits_ipc1_bbb.safetensors").images.sum() == 2 * 16
     assert DistilledSet.load(tmp_path / "digits_ipc1_apm.digits_ipc1_bbb").images.sum() == 2 * 16
+
+
+def test_files_that_are_not_records_are_skipped_with_a_line_saying_so(tmp_path, capsys):
+    """A truncated record or one of an unknown schema version is left out of the results, and said once."""
+    import json
+
+    from bench.store import load_records
+
+    folder = tmp_path / "records"
+    folder.mkdir()
+    (folder / "good.json").write_text(json.dumps({"schema_version": 2, "record_id": "a"}))
+    (folder / "truncated.json").write_text('{"schema_version": 2, "record_')
+    (folder / "future.json").write_text(json.dumps({"schema_version": 99, "record_id": "b"}))
+    (folder / "list.json").write_text("[1, 2]")
+    assert [r["record_id"] for r in load_records(tmp_path)] == ["a"]
+    err = capsys.readouterr().err
+    assert f"skipped {folder / 'truncated.json'}: not readable JSON" in err
+    assert f"skipped {folder / 'future.json'}: not a record of schema version 1 or 2 (schema_version 99)" in err
+    assert f"skipped {folder / 'list.json'}: not a record" in err
+    assert [r["record_id"] for r in load_records(tmp_path)] == ["a"]
+    assert capsys.readouterr().err == "", "each skipped file is said once per process"
