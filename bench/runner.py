@@ -94,8 +94,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _check_arch_runs(arch: str, dataset: Dataset) -> None:
-    """Build the architecture once and push two images through it, so a misfit fails before any work."""
+def _check_arch_runs(arch: str, dataset: Dataset) -> torch.nn.Module:
+    """Build the architecture once and push two images through it, so a misfit fails before any work; returns
+    the network."""
     check_arch(arch)
     try:
         model = create_network(arch, dataset.num_classes, dataset.channels, dataset.resolution, torch.Generator().manual_seed(0))
@@ -106,6 +107,7 @@ def _check_arch_runs(arch: str, dataset: Dataset) -> None:
         raise
     except Exception as exc:
         raise UserError(f"architecture '{arch}' cannot run on {dataset.name} ({dataset.resolution}×{dataset.resolution}): {exc}".splitlines()[0]) from None
+    return model
 
 
 def reject_repeats(values: list, what: str) -> None:
@@ -189,8 +191,14 @@ def plan(request: RunRequest) -> list[Cell]:
                     )
             cells.append(Cell(resolved_spec, method, ipc, dataset, request.method_labels.get(spec, spec)))
     for dataset in datasets.values():
-        for arch in dict.fromkeys([request.distill_arch, *request.eval_archs]):
-            _check_arch_runs(arch, dataset.to("cpu") if dataset.device.type != "cpu" else dataset)
+        networks = {arch: _check_arch_runs(arch, dataset.to("cpu") if dataset.device.type != "cpu" else dataset)
+                    for arch in dict.fromkeys([request.distill_arch, *request.eval_archs])}
+        for cell in cells:
+            if cell.dataset is dataset:
+                try:
+                    cell.method.check_network(networks[request.distill_arch])
+                except UserError as exc:
+                    raise UserError(f"{cell.method_spec} cannot distil with '{request.distill_arch}': {exc}") from None
     return cells
 
 

@@ -174,6 +174,10 @@ class Method(ABC):
     def distill(self, ctx: DistillContext) -> DistilledSet:
         """Make the distilled set. Metadata about the run is added by the harness."""
 
+    def check_network(self, network: nn.Module) -> None:
+        """Raise ``UserError`` when this method cannot distil with ``network``'s architecture (the harness asks
+        before any work, with a network of the distillation architecture); every architecture by default."""
+
     def split(self, ipc: int, generator: torch.Generator) -> list[Part] | None:
         """The independent parts this distillation consists of, or None when it is one piece (the default).
 

@@ -299,6 +299,9 @@ class MTT(Method):
                  max_start_epoch=10, batch_syn=20, lr_img=100.0, lr_lr=1e-6)
     smoke = dict(iterations=3, num_experts=2, expert_train_epochs=2, syn_steps=2, expert_epochs=1, max_start_epoch=1)
 
+    def check_network(self, network: nn.Module) -> None:
+        FlatParams(network)  # the unrolled student is a function of its parameters alone: no buffers
+
     def distill(self, ctx: DistillContext) -> DistilledSet:
         cfg: MTTConfig = self.config  # type: ignore[assignment]
         self.check(cfg)

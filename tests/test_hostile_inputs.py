@@ -177,6 +177,9 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "distill --out a folder": (lambda t: DISTILL + ["--out", str(t)], "is a folder; --out takes a path stem"),
     "report --out under a file": (lambda t: ["report", "--results", str(t / "empty"), "--out", str(_saved_set(t) / "r")],
                                   "report folder"),
+    "a method that cannot distil with the architecture": (
+        lambda t: _with(RUN, "--methods", "tesla") + ["--distill-arch", "resnet18", "--results", str(t / "res")],
+        "tesla cannot distil with 'resnet18': MTT/TESLA unroll the student functionally"),
     "results folder is a file": (_results_is_a_file, "is a file, not a folder"),
     "results folder under a file": (_results_under_a_file, "is not writable"),
     "truncated distilled .safetensors": (_truncated_tensors, "truncated or corrupt"),
