@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import timm
 import torch
@@ -493,6 +493,15 @@ def check_arch(spec: str) -> None:
     shown = OUR_ARCHS + ([near] if near and near not in OUR_ARCHS else [])
     message = unknown_name_message("architecture", name, shown)
     raise UnknownNameError(f"{message}, or any of timm's {len(timm_names)} models (timm.list_models())")
+
+
+def attention_with_second_derivative() -> ContextManager:
+    """Scaled-dot-product attention (timm's ViTs) through its math kernel inside the block: the fused kernels
+    (flash, memory-efficient) have no derivative of their backward pass, which gradient matching and unrolled
+    student training take. Same function, other rounding; architectures without attention are untouched."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def create_network(spec: str, num_classes: int, in_chans: int, img_size: int, generator: torch.Generator) -> nn.Module:

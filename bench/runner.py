@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -31,7 +32,7 @@ from bench.evaluate import BATCH_SEEDS_CHOICES, Protocol, evaluate_distilled, ge
 from bench.experts import check_cache_dir, resolve_cache_dir, soft_protocol_teacher
 from bench.measure import (DEFAULT_SAMPLE_INTERVAL_S, FlopCounter, MemorySampler, environment_stamp, iteration_stats,
                            phase, process_peak_rss_mb)
-from bench.models import check_arch, create_network
+from bench.models import attention_with_second_derivative, check_arch, create_network
 from bench.progress import log, progress_bar
 from bench.registry import create_method, default_recipe, get_method_class, list_methods, split_method_spec
 from bench.seeding import generator_for
@@ -401,7 +402,8 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
         _phase=lambda phase_name: phase(phases, phase_name, device, request.memory_sample_s),
     )
     try:
-        with phase(phases, "distill", device, request.memory_sample_s):
+        with phase(phases, "distill", device, request.memory_sample_s), (
+                attention_with_second_derivative() if method.second_order else nullcontext()):
             distilled = method.distill(ctx)
     finally:
         bar.close()

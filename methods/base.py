@@ -160,6 +160,9 @@ class Method(ABC):
     quick: ClassVar[dict] = {}  # the CPU-sized copy of any recipe: overrides applied last
     smoke: ClassVar[dict] = {}  # on top of `quick`: a seconds-long run for the conformance test
     depends_on_ipc: ClassVar[bool] = True  # False for `full`: one set, whatever the ipc
+    # True when the method differentiates through a gradient of the network (second order): the harness then runs
+    # it with attention's math kernel, the only one whose backward pass can itself be differentiated
+    second_order: ClassVar[bool] = False
 
     @property
     def iteration_period(self) -> int:

@@ -132,6 +132,7 @@ def initial_images(ctx: DistillContext, init: str) -> tuple[Tensor, Tensor]:
 @register_method("dc")
 class DC(Method):
     Config = DCConfig
+    second_order = True  # the matching distance flows back through ∇θ CE(S)
     # The paper's settings (Table 1 of DC; DSA's readme commands for `dsa`): every dataset shares the
     # defaults, and the loops come from get_loops — the recipes spell them out for each published ipc.
     # (DC publishes no CIFAR-100 ipc 50 number; DSA does. The recipe is there for both.)

@@ -273,6 +273,7 @@ class Trajectories:
 class MTT(Method):
     Config = MTTConfig
     gradient: ClassVar[GradientFn] = staticmethod(unrolled_gradient)
+    second_order = True  # the image gradient flows back through the student's SGD steps
 
     # notes/methods.md §5, one row per paper setting
     recipes = {

@@ -75,3 +75,24 @@ def test_report_detects_nan():
     ctx.report(0, loss=1.0)
     with pytest.raises(Diverged, match="loss"):
         ctx.report(1, loss=float("nan"))
+
+
+TINY_VIT = "vit_tiny_cifar[depth=1,embed_dim=32,num_heads=2]"
+
+
+@pytest.mark.parametrize("name, options", [
+    ("dc", {"iterations": 1, "outer_loop": 1, "inner_loop": 1, "batch_real": 16}),
+    ("tesla", {"iterations": 1, "num_experts": 1, "expert_train_epochs": 1, "syn_steps": 2, "expert_epochs": 1,
+               "max_start_epoch": 1}),
+])
+def test_second_order_methods_distil_with_attention(name, options, tmp_path):
+    """Gradient matching and unrolled students differentiate a backward pass; the fused attention kernels have
+    no derivative of theirs (RuntimeError on a ViT), so the harness runs these methods with the math kernel."""
+    from bench.runner import RunRequest, distill_cell, plan
+
+    request = RunRequest("digits", [name], [1], [], [], tmp_path, quick=True, isolate=False, distill_arch=TINY_VIT,
+                         cache_dir=str(tmp_path / "cache"), method_options={name: options})
+    (cell,) = plan(request)
+    assert cell.method.second_order
+    distilled = distill_cell(cell, request, torch.device("cpu"), {})
+    assert distilled.images.shape == (10, 1, 8, 8) and torch.isfinite(distilled.images).all()
