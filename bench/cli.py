@@ -8,12 +8,14 @@ exits 130.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_CELLS_FAILED = 3  # `run` finished, but some cell's record has a status other than ok
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 def _ints(text: str) -> list[int]:
@@ -383,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         print("ddbench: interrupted (Ctrl-C); the records written so far are kept, and --resume redoes the rest",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout left (`ddbench ls archs | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail again
+        return EXIT_BROKEN_PIPE
     return code or 0
 
 

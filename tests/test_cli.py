@@ -56,6 +56,19 @@ def test_the_console_script_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2 and "did you mean 'herding'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_reader_that_leaves_early_ends_the_listing_quietly():
+    """``ddbench ls suites | head -1``: the reader gone, ddbench stops with the shell's SIGPIPE status and no
+    BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has left before the first write
+    try:
+        done = subprocess.run([sys.executable, "-m", "bench.cli", "ls", "suites"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
 def test_ls(capsys):
     for what, expected in [("methods", "herding"), ("datasets", "imagenet64"), ("archs", "convnet"), ("protocols", "soft")]:
         code, out, _ = run_cli(capsys, "ls", what)
