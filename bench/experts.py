@@ -82,12 +82,11 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ddbench"
 
 
-def check_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache folder (``resolve_cache_dir``), checked before any work: experts, their locks and auto's engine
+def check_cache_dir(cache_dir: str | os.PathLike | None = None) -> None:
+    """Check the cache folder (``resolve_cache_dir``) before any work: experts, their locks and auto's engine
     choices are written there, so a folder that cannot be written is a ``UserError`` now, not a failed cell later."""
-    path = resolve_cache_dir(cache_dir)
-    check_writable_folder(path, "cache folder", f"pass --cache-dir (or set ${CACHE_ENV}) to a folder you can write to")
-    return path
+    check_writable_folder(resolve_cache_dir(cache_dir), "cache folder",
+                          f"pass --cache-dir (or set ${CACHE_ENV}) to a folder you can write to")
 
 
 @contextmanager

@@ -154,10 +154,10 @@ class MemorySampler:
     CPU: for this process on Linux, the kernel's own peak-RSS mark, reset at start() and read at stop() — exact
     and free (``cpu_peak_source="kernel_high_water_mark"``); otherwise (another process, no /proc) a daemon thread
     samples the resident set size (psutil) every ``interval_s`` (``"sampled"``). GPU: when ``device`` is a CUDA
-    device and NVML works, the thread samples the GPU memory used by that process: the process's own entry in NVML's list of compute processes
-    (``gpu_nvml_source="process"``), or, where NVML gives none (a MIG instance that does not report processes,
-    a container whose PIDs NVML cannot see), the device's used memory minus what was used at start()
-    (``"device_minus_baseline"``).
+    device and NVML works, the thread samples the GPU memory used by that process: the process's own entry in NVML's
+    list of compute processes (``gpu_nvml_source="process"``), or, where NVML gives none (a MIG instance that does
+    not report processes, a container whose PIDs NVML cannot see), the device's used memory minus what was used at
+    start() (``"device_minus_baseline"``).
 
     Use as a context manager or with start()/stop(). stop() is idempotent, joins the thread and takes one last
     sample, so even a phase shorter than the interval has a peak. A sampling error (process gone, NVML error)
@@ -358,7 +358,8 @@ def phase(phases: dict, name: str, device: torch.device | str = "cpu",
     """Measure the body as phase ``name``: ``phases[name]`` gets wall time and memory peaks.
 
     The dict has every PHASE_FIELDS key plus ``gpu_nvml_source`` (and ``gpu_sample_interval_s``, NVML's sampling
-    interval, where it sampled) and is filled on exit (also when the body raises). On CUDA the device is synchronised at the boundaries and the allocator's peaks are reset at the
+    interval, where it sampled) and is filled on exit (also when the body raises). On CUDA the device is
+    synchronised at the boundaries and the allocator's peaks are reset at the
     start. Phases nest: an outer phase is paused while an inner one runs, so each phase's time and peaks are its
     own (the ``distill`` phase does not include the ``experts`` phase that a method opens inside it). A phase
     name measured twice accumulates: times add up, peaks take the maximum.
