@@ -6,7 +6,15 @@ computed in each of these ways:
 * ``channels_last``  — the same with the batch in channels-last memory format;
 * ``compile``        — the forward and loss through ``torch.compile`` (inductor; backward through AOTAutograd);
 * ``cuda_graphs``    — (CUDA only) the whole step — batch gather, DSA, forward, backward, SGD step — replayed
-                      from a CUDA graph (``_CudaGraphSteps``).
+                      from a CUDA graph (``_CudaGraphSteps``);
+* ``sequential``     — the reference the batched path must beat: S one-network steps, one seed after the other
+                      (``_OneNetworkSteps``, what ``--batch-seeds off`` runs), timed together;
+* ``sequential_graphs`` — (CUDA only) the same, each seed's step replayed from its own CUDA graph.
+
+Any variant's name + ``+cudnn_benchmark`` runs it with cuDNN's autotuner on (``torch.backends.cudnn.benchmark``,
+which the harness leaves off): it times the convolution algorithms for each shape once and keeps the fastest,
+where the default heuristic may pick a slow one for grouped convolutions. ``--profile`` then prints, for each
+shape, the ten kernels with the most device time in four steps of each variant (``torch.profiler``).
 
 Every variant trains its own stack, from the same initial networks, in one process; after a warm-up (and
 ``torch.compile``'s first call, reported apart), the variants take turns, ``--pairs`` two-step turns each, so
@@ -19,6 +27,7 @@ eager's median / the variant's (above 1: faster). Shapes are random tensors (10 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from typing import Callable
@@ -26,12 +35,15 @@ from typing import Callable
 import torch
 
 from bench.augment import DSA
-from bench.evaluate import _CudaGraphSteps, _stacked_losses, _StackedSteps, _Steps, get_protocol
+from bench.evaluate import _CudaGraphSteps, _OneNetworkSteps, _stacked_losses, _StackedSteps, _Steps, get_protocol
 from bench.measure import environment_stamp
 from bench.models import create_network
 from bench.seed_stack import SeedStack
 
 SHAPES = {"digits": (1, 8), "mnist": (1, 28), "cifar10": (3, 32)}  # channels, side
+
+
+AUTOTUNED = "+cudnn_benchmark"
 
 
 def variant_steps(variant: str, stack: SeedStack, protocol) -> _Steps:
@@ -45,7 +57,24 @@ def variant_steps(variant: str, stack: SeedStack, protocol) -> _Steps:
     return steps
 
 
-def measure(shape: str, ipc: int, seeds: int, pairs: int, device: torch.device, variants: list[str]) -> dict:
+def print_profile(title: str, runners: dict[str, Callable[[], None]], device: torch.device) -> None:
+    """The ten kernels with the most device time (self time, summed) in four steps of each variant."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for variant, step in runners.items():
+        with profile(activities=activities) as profiler:
+            for _ in range(4):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        print(f"\n{title}, {variant}, 4 steps:\n" + profiler.key_averages().table(sort_by=sort_by, row_limit=10,
+                                                                                     max_name_column_width=60))
+
+
+def measure(shape: str, ipc: int, seeds: int, pairs: int, device: torch.device, variants: list[str],
+            profile: bool = False) -> dict:
     channels, side = SHAPES[shape]
     n = 10 * ipc
     images = torch.randn(n, channels, side, side, generator=torch.Generator().manual_seed(0)).to(device)
@@ -56,11 +85,26 @@ def measure(shape: str, ipc: int, seeds: int, pairs: int, device: torch.device, 
 
     def runner(variant: str) -> Callable[[], None]:
         generators = [torch.Generator().manual_seed(s) for s in range(seeds)]
-        steps = variant_steps(variant, SeedStack([m.to(device) for m in initial]).train(), protocol)
+        name = variant.removesuffix(AUTOTUNED)
+        if name in ("sequential", "sequential_graphs"):
+            alone = [_OneNetworkSteps(copy.deepcopy(m).to(device).train(), protocol) for m in initial]
+            each = [_CudaGraphSteps(steps) for steps in alone] if name == "sequential_graphs" else alone
+
+            def step() -> None:
+                for steps, generator in zip(each, generators):
+                    batch = torch.randperm(n, generator=generator)[: protocol.batch_size].to(device)
+                    steps.train_step(images, labels, [batch], [generator], augment)
+        else:
+            stacked = variant_steps(name, SeedStack([copy.deepcopy(m).to(device) for m in initial]).train(), protocol)
+
+            def step() -> None:
+                batches = [torch.randperm(n, generator=g)[: protocol.batch_size].to(device) for g in generators]
+                stacked.train_step(images, labels, batches, generators, augment)
 
         def one_step() -> None:
-            batches = [torch.randperm(n, generator=g)[: protocol.batch_size].to(device) for g in generators]
-            steps.train_step(images, labels, batches, generators, augment)
+            with torch.backends.cudnn.flags(enabled=True, benchmark=variant.endswith(AUTOTUNED),
+                                            deterministic=False, allow_tf32=torch.backends.cudnn.allow_tf32):
+                step()
         return one_step
 
     def timed(step: Callable[[], None], count: int) -> float:
@@ -82,6 +126,8 @@ def measure(shape: str, ipc: int, seeds: int, pairs: int, device: torch.device, 
         for variant, step in runners.items():
             seconds[variant].append(timed(step, 2))
     medians = {variant: statistics.median(values) for variant, values in seconds.items()}
+    if profile:
+        print_profile(f"{shape} ipc {ipc}", runners, device)
     return {"shape": shape, "ipc": ipc, "first_call_s": first_call, "median_step_s": medians,
             "speed_vs_eager": {variant: medians["eager"] / value for variant, value in medians.items()}}
 
@@ -94,6 +140,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=12, help="turns of two steps each variant takes")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", default=None, help="default: eager,channels_last,compile (+cuda_graphs on CUDA)")
+    parser.add_argument("--profile", action="store_true", help="print each variant's ten costliest kernels")
     args = parser.parse_args()
     device = torch.device(args.device)
     variants = (args.variants.split(",") if args.variants else
@@ -108,7 +155,7 @@ def main() -> None:
     print("|---|---:|" + "---:|" * len(variants) + "---:|")
     for shape in args.shapes.split(","):
         for ipc in (int(value) for value in args.ipc.split(",")):
-            row = measure(shape, ipc, args.seeds, args.pairs, device, variants)
+            row = measure(shape, ipc, args.seeds, args.pairs, device, variants, args.profile)
             cells = [f"{row['median_step_s'][v] * 1000:.2f} ({row['speed_vs_eager'][v]:.2f}×)" for v in variants]
             compile_first = row["first_call_s"].get("compile")
             print(f"| {shape} | {ipc} | " + " | ".join(cells)
