@@ -13,6 +13,11 @@ its own seed's gradient. Two forwards compute the stacked logits:
 * **``torch.func.vmap``** over ``functional_call`` — any other architecture (ResNets, ViTs, timm models).
   ``randomness="error"``: a network that draws random numbers in its forward (dropout) cannot be batched.
 
+On CUDA the grouped forward computes a 2×2, stride-2 average pool (ConvNet's) with ``HalvingAveragePool``: the
+same forward kernel, and as backward the gradient spread over each window by one broadcast, where
+``avg_pool2d``'s own backward kernel took a fifth of an H200's time in a batched ConvNet-3 step at CIFAR-10 shapes
+(``benchmarks/batched_step_variants.py --profile``, 2026-11-30).
+
 Networks that keep BatchNorm running statistics are never stacked: their in-place buffer updates are state that
 vmap does not carry per seed; ``batching_unsupported_reason`` says so, and the evaluation trains them one at a time.
 """
@@ -74,16 +79,43 @@ def has_batchnorm_statistics(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None for m in model.modules())
 
 
+class HalvingAveragePool(torch.autograd.Function):
+    """``F.avg_pool2d(x, 2, 2)`` (no padding, floor mode) with a backward that is one broadcast: each output
+    gradient, divided by 4, copied to its 2×2 window (zero for a last odd row or column, which the pool drops) —
+    the gradient ``avg_pool2d`` computes, up to rounding."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.input_shape = x.shape
+        return F.avg_pool2d(x, 2, 2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        batch, channels, height, width = ctx.input_shape
+        h, w = grad.shape[2], grad.shape[3]
+        spread = (grad / 4).reshape(batch, channels, h, 1, w, 1).expand(batch, channels, h, 2, w, 2)
+        spread = spread.reshape(batch, channels, 2 * h, 2 * w)
+        if (2 * h, 2 * w) != (height, width):
+            spread = F.pad(spread, (0, width - 2 * w, 0, height - 2 * h))
+        return spread
+
+
+def _is_halving_average_pool(layer: nn.Module) -> bool:
+    return (type(layer) is nn.AvgPool2d and layer.kernel_size in (2, (2, 2)) and layer.stride in (2, (2, 2))
+            and layer.padding in (0, (0, 0)) and not layer.ceil_mode and layer.divisor_override is None)
+
+
 class SeedStack:
     """S networks of one architecture (``models``, one per seed) as one model with stacked parameters.
 
-    ``grouped=False`` computes with ``vmap`` even where grouped convolutions could (for comparisons).
+    ``grouped=False`` computes with ``vmap`` even where grouped convolutions could (for comparisons);
+    ``conv_per_seed=True`` runs the grouped forward's convolutions as S ordinary ones (for comparisons).
     ``logits`` runs every seed's network on its own inputs (``[S, batch, ...]``) or on inputs shared by all
     (``shared=True``, ``[batch, ...]``, e.g. the test set); ``losses`` gives one loss per seed. ``parameters``
     are the stacked leaves an optimiser updates; ``write_back`` copies them into the networks.
     """
 
-    def __init__(self, models: list[nn.Module], grouped: bool = True):
+    def __init__(self, models: list[nn.Module], grouped: bool = True, conv_per_seed: bool = False):
         if not models:
             raise ValueError("SeedStack needs at least one network")
         self.models = models
@@ -93,6 +125,8 @@ class SeedStack:
         self.chain = _plain_chain(models[0]) if grouped else None
         self.forward_kind = GROUPED_FORWARD if self.chain is not None else VMAP_FORWARD
         self.memory_format = torch.contiguous_format  # of the grouped forward's activations (channels_last: to compare)
+        self.conv_per_seed = conv_per_seed
+        self.halving_pool = True  # HalvingAveragePool on CUDA (False: avg_pool2d's own backward, to compare)
 
     @property
     def parameters(self) -> list[Tensor]:
@@ -152,13 +186,20 @@ class SeedStack:
                 else:
                     h, groups = stack_shared(h), S * layer.groups
                 stacked = True
-                h = F.conv2d(h, weight, bias, layer.stride, layer.padding, layer.dilation, groups)
+                if self.conv_per_seed and groups == S:
+                    weights, biases = weight.chunk(S), [None] * S if bias is None else bias.chunk(S)
+                    h = torch.cat([F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation)
+                                   for x, w, b in zip(h.chunk(S, 1), weights, biases)], 1)
+                else:
+                    h = F.conv2d(h, weight, bias, layer.stride, layer.padding, layer.dilation, groups)
             elif isinstance(layer, nn.GroupNorm):
                 if not stacked:
                     h, stacked = stack_shared(h), True
                 weight, bias = params.get(f"{name}.weight"), params.get(f"{name}.bias")
                 h = F.group_norm(h, S * layer.num_groups, None if weight is None else weight.reshape(-1),
                                  None if bias is None else bias.reshape(-1), layer.eps)
+            elif self.halving_pool and h.is_cuda and _is_halving_average_pool(layer):
+                h = HalvingAveragePool.apply(h)
             else:
                 h = layer(h)
         if not stacked:

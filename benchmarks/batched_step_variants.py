@@ -7,6 +7,9 @@ computed in each of these ways:
 * ``compile``        — the forward and loss through ``torch.compile`` (inductor; backward through AOTAutograd);
 * ``cuda_graphs``    — (CUDA only) the whole step — batch gather, DSA, forward, backward, SGD step — replayed
                       from a CUDA graph (``_CudaGraphSteps``);
+* ``avg_pool2d``     — eager with ``avg_pool2d``'s own backward kernel, not ``HalvingAveragePool`` (CUDA only);
+* ``conv_per_seed``  — eager with S ordinary convolutions in place of each grouped one;
+  ``cuda_graphs_conv_per_seed`` — the same replayed from CUDA graphs;
 * ``sequential``     — the reference the batched path must beat: S one-network steps, one seed after the other
                       (``_OneNetworkSteps``, what ``--batch-seeds off`` runs), timed together;
 * ``sequential_graphs`` — (CUDA only) the same, each seed's step replayed from its own CUDA graph.
@@ -50,6 +53,12 @@ def variant_steps(variant: str, stack: SeedStack, protocol) -> _Steps:
     steps = _StackedSteps(stack, protocol)
     if variant == "channels_last":
         stack.memory_format = torch.channels_last
+    elif variant == "avg_pool2d":
+        stack.halving_pool = False
+    elif variant in ("conv_per_seed", "cuda_graphs_conv_per_seed"):
+        stack.conv_per_seed = True
+        if variant == "cuda_graphs_conv_per_seed":
+            return _CudaGraphSteps(steps)
     elif variant == "compile":
         steps.losses = torch.compile(lambda x, t: _stacked_losses(protocol, stack.logits(x), t))
     elif variant == "cuda_graphs":

@@ -20,8 +20,8 @@ from bench.evaluate import (_stacked_losses, accuracy, calibration_key, engine_c
 from bench.models import create_network
 from bench.registry import create_method
 from bench.runner import Cell, RunRequest, _identity, measured_evaluation
-from bench.seed_stack import (BATCHNORM_REASON, GROUPED_FORWARD, RANDOMNESS_REASON, VMAP_FORWARD, SeedStack,
-                              batching_unsupported_reason)
+from bench.seed_stack import (BATCHNORM_REASON, GROUPED_FORWARD, RANDOMNESS_REASON, VMAP_FORWARD, HalvingAveragePool,
+                              SeedStack, batching_unsupported_reason)
 from bench.seeding import generator_for
 from bench.suite import load_suite, suite_requests
 from methods.base import DistillContext
@@ -96,6 +96,53 @@ def test_batched_training_gives_each_seed_its_sequential_parameters(protocol_nam
     test_labels = torch.randint(10, (50,), generator=data)
     assert stacked_accuracies(SeedStack(alone, grouped), test_images, test_labels, batch_size=16) == \
         [accuracy(m, test_images, test_labels) for m in alone]
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 3, 7, 7), (2, 2, 7, 6), (1, 1, 3, 5)])
+def test_halving_average_pool_has_avg_pool2d_values_and_gradient(shape):
+    """The pool the grouped forward uses on CUDA, on CPU in float64: odd sides too (the pool drops the last row)."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, dtype=torch.float64, generator=generator, requires_grad=True)
+    pooled = torch.nn.functional.avg_pool2d(x, 2, 2)
+    upstream = torch.randn(pooled.shape, dtype=torch.float64, generator=generator)
+    expected, = torch.autograd.grad(pooled, x, upstream)
+    ours = HalvingAveragePool.apply(x)
+    got, = torch.autograd.grad(ours, x, upstream)
+    assert torch.equal(ours, pooled)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-15)
+    if shape[2] % 2:
+        assert not got[:, :, -1].any()  # the dropped row gets no gradient
+
+
+def test_convolutions_per_seed_compute_the_grouped_convolutions():
+    models, _ = fresh_networks("convnet[width=16,depth=2]", size=16)
+    inputs = torch.randn(len(models), 6, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grouped, per_seed = SeedStack(models), SeedStack(models, conv_per_seed=True)
+    assert torch.allclose(per_seed.logits(inputs), grouped.logits(inputs), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(per_seed.logits(inputs[0], shared=True), grouped.logits(inputs[0], shared=True),
+                          rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
+def test_the_stacked_forward_on_cuda_gives_each_seed_its_own_gradient():
+    """On CUDA the grouped forward pools with ``HalvingAveragePool``; in float64 every seed's stacked gradient is
+    the gradient its network gets alone."""
+    device = torch.device("cuda:0")
+    models, _ = fresh_networks("convnet[width=16,depth=2]", size=14)  # 14 → 7 → 3: an odd side is pooled
+    models = [m.to(device) for m in models]
+    data = torch.Generator().manual_seed(3)
+    inputs = torch.randn(len(models), 6, 1, 14, 14, dtype=torch.float64, generator=data).to(device)
+    targets = torch.randint(10, (len(models), 6), generator=data).to(device)
+    stack = SeedStack(models).train()
+    losses = stack.losses(lambda logits, t: torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), t.flatten(), reduction="none").view(t.shape).mean(1), inputs, targets)
+    stacked_grads = torch.autograd.grad(losses.sum(), stack.parameters)
+    for s, model in enumerate(models):
+        alone = torch.nn.functional.cross_entropy(model(inputs[s]), targets[s])
+        for (name, _), stacked, grad in zip(model.named_parameters(), stacked_grads,
+                                            torch.autograd.grad(alone, list(model.parameters()))):
+            assert relative_error(grad, stacked[s]) < 1e-6, name
 
 
 def test_a_network_that_is_not_a_plain_chain_is_stacked_with_vmap():
