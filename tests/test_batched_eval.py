@@ -142,7 +142,8 @@ def test_the_stacked_forward_on_cuda_gives_each_seed_its_own_gradient():
         alone = torch.nn.functional.cross_entropy(model(inputs[s]), targets[s])
         for (name, _), stacked, grad in zip(model.named_parameters(), stacked_grads,
                                             torch.autograd.grad(alone, list(model.parameters()))):
-            assert relative_error(grad, stacked[s]) < 1e-6, name
+            # a conv bias before a norm has a zero gradient: rounding noise of 1e-17, compared absolutely
+            assert torch.allclose(stacked[s], grad, rtol=1e-6, atol=1e-12), name
 
 
 def test_a_network_that_is_not_a_plain_chain_is_stacked_with_vmap():
