@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
+import types
+import typing
 from typing import Any, Callable, ContextManager
 
 import timm
@@ -305,7 +307,33 @@ def _build(cls: type[nn.Module], name: str, pretrained: bool, kwargs: dict[str, 
         raise ValueError(f"'{name}' has no pretrained weights; create it with pretrained=False")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
+    _check_argument_types(cls, kwargs)
     return cls(**{**defaults, **kwargs})
+
+
+_PLAIN_TYPES = (bool, int, float, str)
+
+
+def _check_argument_types(cls: type[nn.Module], kwargs: dict[str, Any]) -> None:
+    """``ValueError`` naming the argument when a value does not have the plain type (``int``, ``float``, ``str``,
+    ``bool``, or ``None`` where allowed) that ``cls``'s constructor declares: ``convnet[width=abc]`` says so,
+    rather than failing somewhere inside the constructor."""
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in kwargs.items():
+        hint = hints.get(key)
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if not allowed or not all(t in (*_PLAIN_TYPES, type(None)) for t in allowed):
+            continue  # not a plain type: the constructor checks it
+        if value is None and type(None) in allowed:
+            continue
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False  # a YAML true/false is not a number
+        else:
+            ok = any(isinstance(value, t) for t in allowed if t is not type(None)) or \
+                (float in allowed and isinstance(value, int))
+        if not ok:
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"{key} must be {names}, got {value!r}")
 
 
 @_register

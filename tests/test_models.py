@@ -203,3 +203,22 @@ def test_bad_overrides_are_user_errors():
         create_network("convnet[wdith=64]", 10, 3, 32, _gen(0))
     with pytest.raises(UserError, match="unknown norm"):
         create_network("convnet[norm=group]", 10, 3, 32, _gen(0))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("convnet[width=abc]", "width must be int, got 'abc'"),
+    ("convnet[width=2.5]", "width must be int, got 2.5"),
+    ("convnet[depth=true]", "depth must be int or None, got True"),
+    ("convnet_bn[norm=3]", "norm must be str, got 3"),
+    ("resnet18_cifar[norm=5]", "norm must be str, got 5"),
+])
+def test_an_override_of_the_wrong_type_names_the_argument(spec, message):
+    """Before, ``convnet[width=abc]`` failed inside the constructor with "not all arguments converted during
+    string formatting"."""
+    with pytest.raises(UserError) as caught:
+        create_network(spec, 10, 3, 32, _gen(0))
+    assert str(caught.value).endswith(message)
+
+
+def test_overrides_of_the_declared_types_build():
+    assert create_network("convnet[depth=null,width=8]", 10, 3, 32, _gen(0)) is not None
