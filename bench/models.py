@@ -186,6 +186,8 @@ class ConvNet(DDNet):
         depth = default_depth(img_size) if depth is None else depth
         if depth < 1:
             raise ValueError(f"ConvNet depth must be at least 1, got {depth}")
+        if width < 1:
+            raise ValueError(f"ConvNet width must be at least 1, got {width}")
         first_pad = 3 if img_size == 28 else 1
         blocks, side = [], img_size + 2 * (first_pad - 1)
         for i in range(depth):

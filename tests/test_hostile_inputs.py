@@ -100,6 +100,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
                         "did you mean 'cifar10'"),
     "unknown architecture": (lambda t: _with(RUN, "--eval-archs", "convnett") + ["--results", str(t / "res")],
                              "did you mean 'convnet'"),
+    "architecture option of the wrong type": (lambda t: _with(RUN, "--eval-archs", "convnet[width=abc]")
+                                              + ["--results", str(t / "res")], "width must be int, got 'abc'"),
+    "architecture option out of range": (lambda t: _with(RUN, "--eval-archs", "convnet[width=0]")
+                                          + ["--results", str(t / "res")], "ConvNet width must be at least 1, got 0"),
     "unknown distillation architecture": (lambda t: RUN + ["--distill-arch", "resnet1800", "--results", str(t / "res")],
                                           "resnet1800"),
     "unknown protocol": (lambda t: RUN + ["--protocol", "sotf", "--results", str(t / "res")], "did you mean 'soft'"),
