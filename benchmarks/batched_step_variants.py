@@ -148,12 +148,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=12, help="turns of two steps each variant takes")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--variants", default=None, help="default: eager,channels_last,compile (+cuda_graphs on CUDA)")
+    parser.add_argument("--variants", default=None, help="default: eager,sequential,channels_last,compile (+cuda_graphs on CUDA)")
     parser.add_argument("--profile", action="store_true", help="print each variant's ten costliest kernels")
     args = parser.parse_args()
     device = torch.device(args.device)
     variants = (args.variants.split(",") if args.variants else
-                ["eager", "channels_last", "compile", *(["cuda_graphs"] if device.type == "cuda" else [])])
+                ["eager", "sequential", "channels_last", "compile", *(["cuda_graphs"] if device.type == "cuda" else [])])
     if variants[0] != "eager":
         parser.error("the first variant must be eager (the reference)")
     env = environment_stamp()
