@@ -318,6 +318,8 @@ def accuracy_section(frame: pd.DataFrame, published: Published) -> Section:
         beside = published_table(group, arch, protocol, quick, published)
         if beside is not None:
             section.tables.append(beside)
+    if not section.tables:
+        section.text.append("No record here was evaluated: these runs measured the costs of distillation only.")
     return section
 
 

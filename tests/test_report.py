@@ -153,6 +153,17 @@ def test_published_cost_figures_beside_matching_sets(tmp_path):
     assert row[-3:] == ["7.0", "11.1", "APM readme fig. ImageNet-1K ipc 50"]
 
 
+def test_records_that_were_not_evaluated_say_so_under_test_accuracy(tmp_path):
+    record = make_record("apm", 50, [], eval_arch=None, config={"segment": 250})
+    record.update(seeds=[], acc_mean=None, acc_std=None)  # as `--eval-archs ''` writes it: costs only
+    write_record(tmp_path / "res", record)
+    write_reports(tmp_path / "res", tmp_path / "out")
+    text = (tmp_path / "out" / "res.md").read_text()
+    accuracy = text[text.index("## Test accuracy"):text.index("## Costs of distillation")]
+    assert "No record here was evaluated" in accuracy
+    assert find_table(text, "Distillation costs")[1][0] == "apm"
+
+
 def test_cross_architecture_table_when_two_eval_archs(report):
     _, _, text = report
     header, *rows = find_table(text, "mnist ipc 1:", "by evaluation architecture")
