@@ -204,7 +204,12 @@ def _load_folder(results_dir: str | os.PathLike, side: str, notes: list[str]) ->
         if len(candidates) > 1:
             pick = candidates[-1]
             why = "the newest ok one" if pick.get("status") == "ok" else "the newest (none is ok)"
-            notes.append(f"{side}: {len(candidates)} records for {key}; using {why}, {Path(pick['_path']).name}")
+            configs = [c.get("config") or {} for c in candidates]
+            differing = sorted(k for k in set().union(*configs) if len({repr(c.get(k)) for c in configs}) > 1)
+            variants = (f" (their configs differ in {', '.join(differing)}: to compare variants one by one, give each "
+                        f"its own label, as a suite's methods: {{method, label, options}} does)") if differing else ""
+            notes.append(f"{side}: {len(candidates)} records for {key}; using {why}, {Path(pick['_path']).name}"
+                         + variants)
     return chosen
 
 

@@ -92,7 +92,8 @@ def main() -> None:
     apm_experts = CHEAP_APM if args.cheap_experts else {}
     for segment in (batch_syn, batch_syn // 2, batch_syn // 5):
         run(RunRequest(methods=["apm"], method_options={"apm": {"segment": segment, "iterations": args.iterations,
-                                                                **apm_experts}}, **common))
+                                                                **apm_experts}},
+                       method_labels={"apm": f"apm[segment={segment}]"}, **common))  # a suite's variant label
     for method in ("mtt", "tesla"):
         options = {"iterations": args.iterations}
         if args.cheap_experts:

@@ -238,7 +238,19 @@ def test_duplicate_records_prefer_the_ok_one(baseline, tmp_path, capsys):
     newest = write_record(current, failed)
     os.utime(newest, (2e9, 2e9))  # newer than the ok record of the same cell
     assert main_compare(baseline, current) == 0
-    assert "2 records for cifar10 ipc1 dm" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 records for cifar10 ipc1 dm" in out
+    assert "their configs differ in iterations: to compare variants one by one, give each its own label" in out
+
+
+def test_duplicate_records_of_one_config_name_no_difference(baseline, tmp_path, capsys):
+    current = current_folder(tmp_path)
+    again = make_record("dm", 1, [1.0, 1.0, 1.0], status="failed", error="boom")  # the same config, failed
+    again["record_id"] = "another-file"
+    write_record(current, again)
+    main_compare(baseline, current)
+    out = capsys.readouterr().out
+    assert "2 records for cifar10 ipc1 dm" in out and "configs differ" not in out
 
 
 def test_label_keys_cells_and_config_hash_does_not(tmp_path):
