@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections import OrderedDict
 import types
 import typing
+from collections import OrderedDict
 from typing import Any, Callable, ContextManager
 
 import timm
@@ -324,7 +324,7 @@ def _check_argument_types(cls: type[nn.Module], kwargs: dict[str, Any]) -> None:
     for key, value in kwargs.items():
         hint = hints.get(key)
         allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        if not allowed or not all(t in (*_PLAIN_TYPES, type(None)) for t in allowed):
+        if not all(t in (*_PLAIN_TYPES, type(None)) for t in allowed):
             continue  # not a plain type: the constructor checks it
         if value is None and type(None) in allowed:
             continue
