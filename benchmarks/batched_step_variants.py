@@ -47,6 +47,8 @@ SHAPES = {"digits": (1, 8), "mnist": (1, 28), "cifar10": (3, 32)}  # channels, s
 
 
 AUTOTUNED = "+cudnn_benchmark"
+VARIANTS = ("eager", "channels_last", "compile", "cuda_graphs", "avg_pool2d", "conv_per_seed",
+            "cuda_graphs_conv_per_seed", "sequential", "sequential_graphs")
 
 
 def variant_steps(variant: str, stack: SeedStack, protocol) -> _Steps:
@@ -156,6 +158,9 @@ def main() -> None:
                 ["eager", "sequential", "channels_last", "compile", *(["cuda_graphs"] if device.type == "cuda" else [])])
     if variants[0] != "eager":
         parser.error("the first variant must be eager (the reference)")
+    unknown = [v for v in variants if v.removesuffix(AUTOTUNED) not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {', '.join(unknown)}; known: {', '.join(VARIANTS)} (each may end in {AUTOTUNED})")
     env = environment_stamp()
     where = env.get("gpu_name") if device.type == "cuda" else f"{env.get('cpu_model')}, {torch.get_num_threads()} threads"
     print(f"batched ConvNet step, {args.seeds} seeds, DSA, batch 256 — {where}, torch {torch.__version__}, "
