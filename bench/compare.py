@@ -50,7 +50,7 @@ from typing import NamedTuple
 from tabulate import tabulate
 
 from bench.errors import UserError
-from bench.store import load_records
+from bench.store import differing_keys, load_records
 
 REGRESSED, IMPROVED, OK, NOT_AVAILABLE = "regressed", "improved", "ok", "n/a"
 
@@ -204,8 +204,7 @@ def _load_folder(results_dir: str | os.PathLike, side: str, notes: list[str]) ->
         if len(candidates) > 1:
             pick = candidates[-1]
             why = "the newest ok one" if pick.get("status") == "ok" else "the newest (none is ok)"
-            configs = [c.get("config") or {} for c in candidates]
-            differing = sorted(k for k in set().union(*configs) if len({repr(c.get(k)) for c in configs}) > 1)
+            differing = differing_keys([c.get("config") or {} for c in candidates])
             variants = (f" (their configs differ in {', '.join(differing)}: to compare variants one by one, give each "
                         f"its own label, as a suite's methods: {{method, label, options}} does)") if differing else ""
             notes.append(f"{side}: {len(candidates)} records for {key}; using {why}, {Path(pick['_path']).name}"

@@ -31,7 +31,7 @@ from tabulate import tabulate
 
 from bench.errors import UserError
 from bench.published import Published, load_published
-from bench.store import ACC_DIRECTION, load_records, load_results, stable_hash
+from bench.store import ACC_DIRECTION, differing_keys, load_records, load_results, stable_hash
 
 ROW_ORDER = ("full", "random", "herding")  # then the rest alphabetically
 COST_DIRECTION = "↓"  # lower memory, time and FLOPs are better
@@ -114,8 +114,7 @@ def _labels(frame: pd.DataFrame) -> list[str]:
                                                dropna=False, sort=False):
         if records["_config_hash"].nunique() > 1:
             mine = [settings[i] for i in records.index]
-            keys = {k for k in set().union(*mine) if len({repr(s.get(k)) for s in mine}) > 1}
-            differing.setdefault(label, set()).update(keys)
+            differing.setdefault(label, set()).update(differing_keys(mine))
     return [label + "[" + ",".join(f"{k}={setting.get(k)}" for k in sorted(differing[label])) + "]"
             if label in differing else label for label, setting in zip(labels, settings)]
 

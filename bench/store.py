@@ -57,6 +57,12 @@ def stable_hash(payload: object, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def differing_keys(configs: list[dict]) -> list[str]:
+    """The keys whose values are not the same in every one of ``configs`` (a key some lack counts as ``None``):
+    what tells unlabelled variants of one method apart."""
+    return sorted(k for k in set().union(*configs) if len({repr(c.get(k)) for c in configs}) > 1)
+
+
 def record_id(identity: dict) -> str:
     """Identity → id: what was distilled (method, config, data, ipc, seed, quick) and how it was evaluated."""
     return stable_hash(identity)
