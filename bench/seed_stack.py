@@ -108,14 +108,13 @@ def _is_halving_average_pool(layer: nn.Module) -> bool:
 class SeedStack:
     """S networks of one architecture (``models``, one per seed) as one model with stacked parameters.
 
-    ``grouped=False`` computes with ``vmap`` even where grouped convolutions could (for comparisons);
-    ``conv_per_seed=True`` runs the grouped forward's convolutions as S ordinary ones (for comparisons).
+    ``grouped=False`` computes with ``vmap`` even where grouped convolutions could (for comparisons).
     ``logits`` runs every seed's network on its own inputs (``[S, batch, ...]``) or on inputs shared by all
     (``shared=True``, ``[batch, ...]``, e.g. the test set); ``losses`` gives one loss per seed. ``parameters``
     are the stacked leaves an optimiser updates; ``write_back`` copies them into the networks.
     """
 
-    def __init__(self, models: list[nn.Module], grouped: bool = True, conv_per_seed: bool = False):
+    def __init__(self, models: list[nn.Module], grouped: bool = True):
         if not models:
             raise ValueError("SeedStack needs at least one network")
         self.models = models
@@ -125,7 +124,6 @@ class SeedStack:
         self.chain = _plain_chain(models[0]) if grouped else None
         self.forward_kind = GROUPED_FORWARD if self.chain is not None else VMAP_FORWARD
         self.memory_format = torch.contiguous_format  # of the grouped forward's activations (channels_last: to compare)
-        self.conv_per_seed = conv_per_seed
         self.halving_pool = True  # HalvingAveragePool on CUDA (False: avg_pool2d's own backward, to compare)
 
     @property
@@ -186,12 +184,7 @@ class SeedStack:
                 else:
                     h, groups = stack_shared(h), S * layer.groups
                 stacked = True
-                if self.conv_per_seed and groups == S:
-                    weights, biases = weight.chunk(S), [None] * S if bias is None else bias.chunk(S)
-                    h = torch.cat([F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation)
-                                   for x, w, b in zip(h.chunk(S, 1), weights, biases)], 1)
-                else:
-                    h = F.conv2d(h, weight, bias, layer.stride, layer.padding, layer.dilation, groups)
+                h = F.conv2d(h, weight, bias, layer.stride, layer.padding, layer.dilation, groups)
             elif isinstance(layer, nn.GroupNorm):
                 if not stacked:
                     h, stacked = stack_shared(h), True

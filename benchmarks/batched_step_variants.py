@@ -8,8 +8,6 @@ computed in each of these ways:
 * ``cuda_graphs``    — (CUDA only) the whole step — batch gather, DSA, forward, backward, SGD step — replayed
                       from a CUDA graph (``_CudaGraphSteps``);
 * ``avg_pool2d``     — eager with ``avg_pool2d``'s own backward kernel, not ``HalvingAveragePool`` (CUDA only);
-* ``conv_per_seed``  — eager with S ordinary convolutions in place of each grouped one;
-  ``cuda_graphs_conv_per_seed`` — the same replayed from CUDA graphs;
 * ``sequential``     — the reference the batched path must beat: S one-network steps, one seed after the other
                       (``_OneNetworkSteps``, what ``--batch-seeds off`` runs), timed together;
 * ``sequential_graphs`` — (CUDA only) the same, each seed's step replayed from its own CUDA graph.
@@ -47,8 +45,7 @@ SHAPES = {"digits": (1, 8), "mnist": (1, 28), "cifar10": (3, 32)}  # channels, s
 
 
 AUTOTUNED = "+cudnn_benchmark"
-VARIANTS = ("eager", "channels_last", "compile", "cuda_graphs", "avg_pool2d", "conv_per_seed",
-            "cuda_graphs_conv_per_seed", "sequential", "sequential_graphs")
+VARIANTS = ("eager", "channels_last", "compile", "cuda_graphs", "avg_pool2d", "sequential", "sequential_graphs")
 
 
 def variant_steps(variant: str, stack: SeedStack, protocol) -> _Steps:
@@ -57,10 +54,6 @@ def variant_steps(variant: str, stack: SeedStack, protocol) -> _Steps:
         stack.memory_format = torch.channels_last
     elif variant == "avg_pool2d":
         stack.halving_pool = False
-    elif variant in ("conv_per_seed", "cuda_graphs_conv_per_seed"):
-        stack.conv_per_seed = True
-        if variant == "cuda_graphs_conv_per_seed":
-            return _CudaGraphSteps(steps)
     elif variant == "compile":
         steps.losses = torch.compile(lambda x, t: _stacked_losses(protocol, stack.logits(x), t))
     elif variant == "cuda_graphs":

@@ -114,15 +114,6 @@ def test_halving_average_pool_has_avg_pool2d_values_and_gradient(shape):
         assert not got[:, :, -1].any()  # the dropped row gets no gradient
 
 
-def test_convolutions_per_seed_compute_the_grouped_convolutions():
-    models, _ = fresh_networks("convnet[width=16,depth=2]", size=16)
-    inputs = torch.randn(len(models), 6, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    grouped, per_seed = SeedStack(models), SeedStack(models, conv_per_seed=True)
-    assert torch.allclose(per_seed.logits(inputs), grouped.logits(inputs), rtol=1e-12, atol=1e-12)
-    assert torch.allclose(per_seed.logits(inputs[0], shared=True), grouped.logits(inputs[0], shared=True),
-                          rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
 def test_the_stacked_forward_on_cuda_gives_each_seed_its_own_gradient():
