@@ -221,4 +221,6 @@ def test_an_override_of_the_wrong_type_names_the_argument(spec, message):
 
 
 def test_overrides_of_the_declared_types_build():
-    assert create_network("convnet[depth=null,width=8]", 10, 3, 32, _gen(0)) is not None
+    """``null`` where the constructor allows None (depth: the default for 32×32, 3), an int where it asks one."""
+    model = create_network("convnet[depth=null,width=8]", 10, 3, 32, _gen(0))
+    assert len(model.features) == 3 and model.features[0][0].conv.out_channels == 8
