@@ -2,11 +2,12 @@
 # The checks only a GPU can make (issues 3, 5 and 9), as one script for a short lease of a GPU machine.
 # Run from the repository root on a machine with an NVIDIA GPU, torch, timm and nvidia-ml-py:
 #
-#     WORK=/tmp/gpu-session OUT=out bash benchmarks/gpu_session.sh
+#     WORK=/tmp/gpu-session OUT=out timeout 580 bash benchmarks/gpu_session.sh
 #
 # The stages run in order of need (issue 9's GPU goal first, the diagnostic step_variants last). Their limits add up
 # to 680 s, a little over one 600-s command of the device tool, whose whole lease is 900 s: the pack written after
-# each stage brings back every stage that finished. Run with `timeout 580` around it to leave the pack time.
+# each stage brings back every stage that finished; `timeout 580` leaves the pack time. The five stages ran in 442 s
+# on an H200 (results/gpu/2026-11-30-h200-second).
 #
 # Stages, each under its own time limit, each logged to WORK/<stage>.log; WORK is packed into OUT/gpu_session.tgz
 # after every stage (logs and records; distilled sets stay behind, over the device tool's 16 MiB per file), so a
@@ -22,8 +23,8 @@
 #                 the paper's 13.4 / 7.0 / 6.5 GB (issue 5; the image step alone, no student training)
 #   efficiency    APM at segment 500/250/100 vs MTT vs TESLA, full CIFAR-10 ipc 50 recipes on random pixels of
 #                 CIFAR-10's shape, cheap experts, 30 iterations each (issue 5)
-#   step_variants one batched ConvNet step of 5 seeds at CIFAR-10 shapes, ipc 1/10/50: eager vs channels-last vs
-#                 torch.compile vs CUDA graphs, interleaved in one process (issue 9's "what makes it fast")
+#   step_variants one batched ConvNet step of 5 seeds at CIFAR-10 shapes, ipc 1/10/50: eager vs 5 sequential steps
+#                 vs channels-last vs torch.compile vs CUDA graphs, interleaved in one process (issue 9's "what makes it fast")
 #   e2e_digits    `ddbench run` of random, DM and APM (quick) on digits on the GPU, evaluated: a full record there
 #                 (not by default — it ran on 2026-11-30, results/gpu/2026-11-30-h200; STAGES="... e2e_digits")
 set -u
