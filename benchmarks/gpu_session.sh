@@ -7,7 +7,7 @@
 # The stages run in order of need (issue 9's GPU goal first, the diagnostic step_variants last). Their limits add up
 # to 680 s, a little over one 600-s command of the device tool, whose whole lease is 900 s: the pack written after
 # each stage brings back every stage that finished; `timeout 580` leaves the pack time. The five stages ran in 442 s
-# on an H200 (results/gpu/2026-11-30-h200-second).
+# on an H200 at 73afc5d, before step_variants had its sequential reference (results/gpu/2026-11-30-h200-second).
 #
 # Stages, each under its own time limit, each logged to WORK/<stage>.log; WORK is packed into OUT/gpu_session.tgz
 # after every stage (logs and records; distilled sets stay behind, over the device tool's 16 MiB per file), so a
