@@ -8,8 +8,9 @@ How cells are matched
     By (dataset, label, ipc, distill_arch, eval_arch, protocol, quick), never by config hash: a config change that
     makes things worse must still be compared. ``label`` is the record's own ``label`` (a variant's row label such
     as ``apm-seg100``), else ``method.recipe``, else ``method``. When several records of one folder share a cell,
-    the one with status ok is used (the newest file among them; the newest file overall when none is ok), and a
-    note says so.
+    the one with status ok is used (the newest among them; the newest overall when none is ok), and a note says so.
+    "Newest" goes by the records' ``written_at``; records without one (written before it existed) count as older
+    than any that has one, and among themselves go by file modification time.
 
 When a metric regresses (↑ higher is better, ↓ lower is better)
     * accuracy ↑ (``acc_mean``, in % points): current < baseline − max(acc_tol, k · SE), where
@@ -199,7 +200,7 @@ def _load_folder(results_dir: str | os.PathLike, side: str, notes: list[str]) ->
         by_cell.setdefault(cell_key(record), []).append(record)
     chosen = {}
     for key, candidates in by_cell.items():
-        candidates.sort(key=lambda r: (r.get("status") == "ok", _mtime(r)))
+        candidates.sort(key=lambda r: (r.get("status") == "ok", str(r.get("written_at") or ""), _mtime(r)))
         chosen[key] = candidates[-1]
         if len(candidates) > 1:
             pick = candidates[-1]

@@ -216,6 +216,11 @@ def _to_unit_float(images: Tensor) -> Tensor:
     return images.float()
 
 
+def transform_kind(zca: bool) -> str:
+    """The name a dataset's transform goes by in metadata and records: ``zca`` or ``mean_std``."""
+    return "zca" if zca else "mean_std"
+
+
 def load_dataset(
     name: str,
     data_root: str | os.PathLike | None = None,
@@ -243,7 +248,7 @@ def load_dataset(
     if zca:
         zca_transform = ZCA.fit(train)
         train, test = zca_transform(train), zca_transform(test)
-        transform = {"kind": "zca", "eps": ZCA_EPS, "fitted_on": "train", "fingerprint": zca_transform.fingerprint()}
+        transform = {"kind": transform_kind(zca=True), "eps": ZCA_EPS, "fitted_on": "train", "fingerprint": zca_transform.fingerprint()}
     else:
         if info.mean is not None and info.std is not None:
             mean, std = torch.tensor(info.mean), torch.tensor(info.std)
@@ -252,7 +257,7 @@ def load_dataset(
         shape = (1, -1, 1, 1)
         train = train.sub_(mean.view(shape)).div_(std.view(shape))  # in place: ImageNet-sized sets fit once
         test = test.sub_(mean.view(shape)).div_(std.view(shape))
-        transform = {"kind": "mean_std", "mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
+        transform = {"kind": transform_kind(zca=False), "mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
 
     return Dataset(
         info=info,

@@ -86,6 +86,25 @@ class Cell:
     dataset: Dataset
     label: str | None = None  # the row label in reports (default: the method spec as given)
 
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset.name
+
+    @property
+    def transform_kind(self) -> str:
+        return self.dataset.transform["kind"]
+
+
+@dataclass
+class DescribedCell:
+    """A cell as ``ddbench validate`` sees it, without its data: what its records' identities need."""
+    method_spec: str
+    method: object
+    ipc: int | None
+    dataset_name: str
+    transform_kind: str
+    label: str | None = None
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -460,12 +479,12 @@ def merge_parts(cell: Cell, request: RunRequest, parts: list[tuple[DistilledSet,
     return checked_set(cell.method.merge([distilled for distilled, _ in parts]), cell, request)
 
 
-def _identity(cell: Cell, request: RunRequest, eval_arch: str, protocol: Protocol) -> dict:
+def _identity(cell: Cell | DescribedCell, request: RunRequest, eval_arch: str, protocol: Protocol) -> dict:
     return {
         "method": cell.method_spec,
         "config_hash": stable_hash(cell.method.resolved_config),
-        "dataset": cell.dataset.name,
-        "transform": cell.dataset.transform["kind"],
+        "dataset": cell.dataset_name,
+        "transform": cell.transform_kind,
         "ipc": cell.ipc,
         "distill_arch": request.distill_arch,
         "distill_seed": request.distill_seed,
@@ -741,11 +760,12 @@ class CellJob:
     ids: dict[str, str]
 
 
-def reject_repeated_cells(planned: list[tuple[RunRequest, list[Cell]]]) -> list[list[dict[str | None, str]]]:
+def reject_repeated_cells(planned: list[tuple[RunRequest, list[Cell] | list[DescribedCell]]]
+                          ) -> list[list[dict[str | None, str]]]:
     """Every planned cell's record ids (by evaluation architecture), per request; a ``UserError`` when two cells
     are one — the same record, run twice, the second overwriting the first: ``--methods apm,apm.digits_ipc1``
     (both pick that recipe), or two grids of a suite that share a cell."""
-    first_of: dict[str, Cell] = {}
+    first_of: dict[str, Cell | DescribedCell] = {}
     all_ids = []
     for request, cells in planned:
         protocol = get_protocol(request.protocol)
@@ -755,10 +775,13 @@ def reject_repeated_cells(planned: list[tuple[RunRequest, list[Cell]]]) -> list[
             for arch, identity in ids.items():
                 earlier = first_of.setdefault(identity, cell)
                 if earlier is not cell:
-                    shown = f" → {arch}" if arch else ""
-                    raise UserError(f"{earlier.label or earlier.method_spec} and {cell.label or cell.method_spec} are "
-                                    f"the same cell ({cell.method_spec}, {cell.dataset.name} ipc {cell.ipc}{shown}); "
-                                    f"name it once")
+                    where = (f"({cell.method_spec}, {cell.dataset_name} ipc {cell.ipc}"
+                             f"{f' → {arch}' if arch else ''}, {request.protocol} protocol)")
+                    first, second = earlier.label or earlier.method_spec, cell.label or cell.method_spec
+                    if first == second:  # only a suite can name one label twice: in two of its grids
+                        raise UserError(f"{first} is in two grids of the suite, for the same cell {where}; "
+                                        f"name it in one")
+                    raise UserError(f"{first} and {second} are the same cell {where}; name it once")
             request_ids.append(ids)
         all_ids.append(request_ids)
     return all_ids

@@ -21,6 +21,9 @@ Top-level keys that scripts and reports rely on: ``schema_version``, ``record_id
 * ``process_peak_rss_mb`` (``ru_maxrss`` of the cell's own process when ``isolated``), ``crash_peak_rss_mb``
   (the largest RSS the parent saw of a cell whose process died);
 * ``env``: the environment stamp (``bench.measure.environment_stamp``).
+* ``written_at``: when the record was written (ISO 8601, UTC, microseconds): what ``ddbench compare`` means by
+  the newest of several records of one cell, since a file's modification time says nothing after a copy or a
+  ``git checkout``. Records written before it existed have none.
 * ``eval_engine``: how the evaluation's seeds were trained — ``{"path": "batched" | "sequential", "reason": ...}``
   (``batch_seeds`` auto / on / off; e.g. ``"auto: calibrated batched 0.6× sequential time"``, ``"off"``,
   ``"BatchNorm running statistics cannot be vmapped"``), with ``batched_forward`` (grouped convolutions or
@@ -37,6 +40,7 @@ import hashlib
 import json
 import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -110,8 +114,9 @@ def evaluation_fields(eval_arch: str, protocol, resolved, seeds: list[int], resu
 
 
 def write_record(results_dir: str | os.PathLike, record: dict) -> Path:
-    """Write one record atomically under ``<results_dir>/records/``; returns its path."""
-    record = {"schema_version": SCHEMA_VERSION, **record}
+    """Write one record atomically under ``<results_dir>/records/``, stamped with ``written_at`` (when it was
+    written, UTC) unless it has one; returns its path."""
+    record = {"schema_version": SCHEMA_VERSION, "written_at": datetime.now(timezone.utc).isoformat(), **record}
     path = Path(results_dir) / RECORDS_DIR / record_filename(record)
     write_json_atomic(path, record)
     return path

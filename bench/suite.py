@@ -271,19 +271,29 @@ def suite_requests(suite: Suite, results_dir: Path, quick: bool = False, only: d
 
 
 def describe_cells(requests: list) -> list[str]:
-    """One line per cell (method with its picked recipe × ipc × evaluation), checking every name; reads no data."""
-    from bench.runner import check_request, resolved_methods
+    """One line per cell (method with its picked recipe × ipc × evaluation), checking every name and that no two
+    cells are one (as ``run`` would refuse them); reads no data."""
+    from bench.data import transform_kind
+    from bench.registry import create_method
+    from bench.runner import DescribedCell, check_request, reject_repeated_cells, resolved_methods
 
     lines = []
+    described = []
     for request in requests:
+        cells = []
         for spec in check_request(request):
             label = request.method_labels.get(spec, spec)
             for resolved, ipc in resolved_methods(request, spec):
+                method = create_method(resolved, quick=request.quick, **request.method_options.get(spec, {}))
+                zca = bool(getattr(method.config, "zca", False))
+                cells.append(DescribedCell(resolved, method, ipc, request.dataset, transform_kind(zca), label))
                 evaluation = (f"evaluate {','.join(request.eval_archs)} × seeds {','.join(map(str, request.seeds))}"
                               if request.eval_archs else "not evaluated (costs only)")
                 lines.append(f"{request.dataset} ipc {ipc if ipc is not None else 'all'} {label}"
                              f"{f' ({resolved})' if resolved != label else ''} [{request.protocol}"
                              f"{', quick' if request.quick else ''}] distil {request.distill_arch}; {evaluation}")
+        described.append((request, cells))
+    reject_repeated_cells(described)
     return lines
 
 

@@ -1,6 +1,7 @@
 """``bench.compare``: regression checks between a baseline and a current results folder."""
 
 import copy
+import json
 import os
 
 import pytest
@@ -241,6 +242,33 @@ def test_duplicate_records_prefer_the_ok_one(baseline, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 records for cifar10 ipc1 dm" in out
     assert "their configs differ in iterations: to compare variants one by one, give each its own label" in out
+
+
+def test_duplicate_ok_records_pick_the_latest_written_not_the_latest_file(baseline, tmp_path, capsys):
+    """After a copy or a ``git checkout`` file times say nothing: the record's own ``written_at`` decides."""
+    others = [r for r in baseline_records() if (r["method"], r["ipc"]) != ("dm", 1)]
+    current = write_folder(tmp_path / "current", others)
+    worse = make_record("dm", 1, [30.0, 30.5, 31.0], config={"iterations": 5}, written_at="2026-01-02T00:00:00+00:00")
+    better = make_record("dm", 1, [45.0, 45.5, 46.0], config={"iterations": 50}, written_at="2026-01-01T00:00:00+00:00")
+    for record, file_time in ((worse, 1e9), (better, 2e9)):  # the later-written record in the older file
+        os.utime(write_record(current, record), (file_time, file_time))
+    assert main_compare(baseline, current) == 1  # the worse record, written later, was the one compared
+    out = capsys.readouterr().out
+    assert "2 records for cifar10 ipc1 dm" in out and "regress" in out.lower()
+
+
+def test_records_without_written_at_fall_back_to_file_times(baseline, tmp_path):
+    others = [r for r in baseline_records() if (r["method"], r["ipc"]) != ("dm", 1)]
+    current = write_folder(tmp_path / "current", others)
+    worse = make_record("dm", 1, [30.0, 30.5, 31.0], config={"iterations": 5})
+    better = make_record("dm", 1, [45.0, 45.5, 46.0], config={"iterations": 50})
+    for record, file_time in ((worse, 1e9), (better, 2e9)):
+        path = write_record(current, record)
+        stamped = json.loads(path.read_text())
+        del stamped["written_at"]  # as a record written before the stamp existed
+        path.write_text(json.dumps(stamped))
+        os.utime(path, (file_time, file_time))
+    assert main_compare(baseline, current) == 0  # the newer file, the better record
 
 
 def test_duplicate_records_of_one_config_name_no_difference(baseline, tmp_path, capsys):

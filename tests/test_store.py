@@ -1,6 +1,7 @@
 """Records and distilled sets: atomic writes, round trips, the DataFrame view."""
 
 import json
+from datetime import datetime, timezone
 
 import torch
 
@@ -21,6 +22,8 @@ def test_record_round_trip(tmp_path):
     loaded = json.loads(path.read_text())
     assert loaded["schema_version"] == SCHEMA_VERSION
     assert {k: loaded[k] for k in RECORD} == RECORD
+    written = datetime.fromisoformat(loaded["written_at"])
+    assert written.tzinfo is not None and abs((datetime.now(timezone.utc) - written).total_seconds()) < 60
     (record,) = load_records(tmp_path)
     assert record["acc"] == [90.0, 91.0, 92.0]
     frame = load_results(tmp_path)

@@ -119,6 +119,20 @@ def test_bad_names_are_caught_by_validate_without_data(tmp_path, capsys):
     assert "did you mean 'quick'" in capsys.readouterr().err
 
 
+def test_validate_refuses_two_grids_that_share_a_cell_as_run_does(tmp_path, capsys):
+    shared = GOOD + """  - datasets: [digits]
+    ipc: [1, 10]
+    methods: [dm, random]
+"""
+    path = _write(tmp_path, shared)
+    assert main(["validate", "--suite", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "random is in two grids of the suite, for the same cell (random, digits ipc 1 → convnet, standard protocol)" \
+        in err and len(err.strip().splitlines()) == 1
+    assert main(["validate", "--suite", str(_write(tmp_path, shared.replace("ipc: [1, 10]", "ipc: [10]")))]) == 0
+    assert "3 cells, every name resolves" in capsys.readouterr().out
+
+
 def test_suite_runs_with_labels_and_cost_only_cells(tmp_path):
     path = _write(tmp_path, """\
 name: labelled
