@@ -522,12 +522,24 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _apply_every_operation(augment: DSA, images: Tensor) -> None:
+    """Run each operation of the augmentation's strategy once on ``images`` (no gradient, the calibration's own
+    generator). A sequential step draws one operation, so one warm-up step meets one of them, and the first use of
+    each other one — on CUDA, loading its kernels — would fall in whichever timed step first drew it; a stacked CUDA
+    step runs every operation every step (``DSA.apply_dense``), so its own warm-up step meets them all."""
+    generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+    with torch.no_grad():
+        for operation in augment.strategy:
+            DSA((operation,), augment.config)(images, generator)
+
+
 def calibrate_seed_batching(models: list[nn.Module], images: Tensor, targets: Tensor, protocol: Protocol,
                             augment: DSA | None) -> tuple[float, float]:
     """(sequential, batched) seconds for one training step of all S networks.
 
-    Runs on copies of the networks with generators of its own, so the evaluation is unchanged. Each path runs
-    one warm-up step then ``CALIBRATION_ROUNDS`` timed steps in a row — as in training, where a network's steps
+    Runs on copies of the networks with generators of its own, so the evaluation is unchanged. Every augmentation
+    operation runs once first (``_apply_every_operation``); then each path runs one warm-up step and
+    ``CALIBRATION_ROUNDS`` timed steps in a row — as in training, where a network's steps
     follow each other — and its figure is their mean; the sequential figure is S × one network's mean step,
     augmentation included. (The fastest single step, used before, flattered the short sequential steps and kept
     auto sequential where batching was 1.2–1.4× faster; ``benchmarks/calibration_fidelity.py`` sets the
@@ -549,6 +561,8 @@ def calibrate_seed_batching(models: list[nn.Module], images: Tensor, targets: Te
         _synchronize(images.device)
         return time.perf_counter() - start
 
+    if augment is not None:
+        _apply_every_operation(augment, images[:batch_size])
     seconds(single, 1)  # warm-up: allocations, kernel selection
     sequential_s = count * statistics.fmean(seconds(single, 1) for _ in range(CALIBRATION_ROUNDS))
     seconds(stacked, count)

@@ -237,6 +237,33 @@ def test_auto_calibrates_once_then_reuses_the_cached_choice(digits, small_set, t
         assert chosen.eval_engine["path"] == path
 
 
+def test_calibration_meets_every_augmentation_operation_before_it_times_a_step(monkeypatch):
+    """A sequential step draws one DSA operation: the first use of the others must not land in a timed step."""
+    models, _ = fresh_networks()
+    images = torch.randn(20, 1, 8, 8, dtype=torch.float64)
+    targets = torch.arange(20) % 10
+    augment = DSA.for_dataset(digit_like=True)
+    applied, timing = [], []
+    original_apply = DSA.apply
+
+    def spying_apply(self, x, params):
+        applied.append((params.operation, bool(timing)))
+        return original_apply(self, x, params)
+
+    real_clock = evaluate_module.time.perf_counter
+
+    def clock():
+        timing.append(True)
+        return real_clock()
+
+    monkeypatch.setattr(DSA, "apply", spying_apply)
+    monkeypatch.setattr(evaluate_module.time, "perf_counter", clock)
+    evaluate_module.calibrate_seed_batching(models, images, targets, short(epochs=20), augment)
+    before_timing = {operation for operation, timed in applied if not timed}
+    assert before_timing == set(augment.strategy) and "flip" not in before_timing
+    assert any(timed for _, timed in applied)  # the timed steps augment too
+
+
 def test_auto_does_not_calibrate_one_seed_or_a_short_training(digits, small_set, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate_module, "calibrate_seed_batching", lambda *a, **k: pytest.fail("calibrated"))
     one = evaluate_distilled(small_set, digits, ARCH, short(epochs=25), [0], "cpu", cache_dir=tmp_path)
