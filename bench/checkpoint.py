@@ -27,10 +27,10 @@ from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from bench.distilled import write_json_atomic
+from bench.distilled import save_safetensors_atomic, write_json_atomic
 from bench.errors import UserError
 
 MARKER = "checkpoint.json"
@@ -61,11 +61,7 @@ class Checkpointer:
         encoded = _encode(state, tensors, "state")
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"state-{iteration:08d}.safetensors"
-        tmp = self.folder / (name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"iteration": str(iteration)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / name)
+        save_safetensors_atomic(tensors, self.folder / name, metadata={"iteration": str(iteration)}, fsync=True)
         write_json_atomic(self.folder / MARKER, {
             "format": FORMAT_VERSION, "iteration": iteration, "identity": self.identity,
             "tensors": name, "sha256": _sha256(self.folder / name), "state": encoded,

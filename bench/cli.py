@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
 EXIT_CELLS_FAILED = 3  # `run` finished, but some cell's record has a status other than ok
@@ -19,8 +20,11 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed 
 
 
 def _ints(text: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]``; ``""`` → ``[]`` (the command then says what is missing); ``"1,,2"`` is an error."""
+    if not text.strip():
+        return []
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
@@ -30,9 +34,23 @@ def _names(text: str) -> list[str]:
 
 
 def _archs(text: str) -> list[str]:
+    from bench.errors import UserError
     from bench.models import split_arch_list
 
-    return split_arch_list(text)
+    try:
+        archs = split_arch_list(text)
+    except UserError as exc:  # argparse reports only its own error type as a usage error
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not archs:
+        raise argparse.ArgumentTypeError(f"expected comma-separated architecture names, got '{text}'")
+    return archs
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (and a pointer to ``--help``) instead of the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _options(pairs: list[str] | None) -> dict:
@@ -70,10 +88,10 @@ BATCH_SEEDS_HELP = ("train an evaluation's seeds at once as one stacked model (o
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddbench", description="Benchmark harness for dataset distillation.")
+    parser = _Parser(prog="ddbench", description="Benchmark harness for dataset distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ls = sub.add_parser("ls", help="list methods, datasets, architectures or protocols")
+    ls = sub.add_parser("ls", help="list methods, datasets, architectures, protocols or suites")
     ls.add_argument("what", choices=["methods", "datasets", "archs", "protocols", "suites"])
 
     distill = sub.add_parser("distill", help="distil one set and save it (safetensors + JSON)")
@@ -106,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--methods", type=_names, default=None, help="comma-separated method[.recipe] names, or 'all'")
     run.add_argument("--ipc", type=_ints, default=[1, 10])
     run.add_argument("--distill-arch", default="convnet")
-    run.add_argument("--eval-archs", type=_archs, default=["convnet"])
+    run.add_argument("--eval-archs", type=_archs, default=["convnet"],
+                     help="comma-separated evaluation architectures (any timm name; options in brackets)")
+    run.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                     help="evaluate every distilled set (default); --no-evaluate: cost-only cells, as a suite's "
+                          "evaluate: false")
     run.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="evaluation seeds (one fresh network each)")
     run.add_argument("--distill-seed", type=int, default=0)
     run.add_argument("--protocol", default="standard")
@@ -175,9 +197,12 @@ def _ls(what: str) -> None:
     elif what == "suites":
         from bench.suite import list_suites, load_suite
 
-        for name in list_suites():
+        names = list_suites()
+        width = max(map(len, names), default=0)
+        for name in names:
             suite = load_suite(name)
-            print(f"{name:12s} v{suite.version}{' quick' if suite.quick else ''}  {suite.description.splitlines()[0] if suite.description else ''}")
+            print(f"{name:{width}s}  v{suite.version:<3d}{'quick' if suite.quick else '     '}  "
+                  f"{suite.description.splitlines()[0] if suite.description else ''}")
     elif what == "datasets":
         from bench.data import DATASETS
 
@@ -221,7 +246,7 @@ def _distill(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from bench.data import load_dataset
     from bench.distilled import DistilledSet
-    from bench.evaluate import get_protocol
+    from bench.evaluate import check_compatible, get_protocol
     from bench.measure import environment_stamp
     from bench.runner import (NOT_DISTILLED_HERE, _check_arch_runs, measured_evaluation, protocol_for, reject_repeats,
                               resolve_device)
@@ -240,6 +265,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     zca = (meta.get("transform") or {}).get("kind") == "zca"
     device = resolve_device(args.device)
     dataset = load_dataset(meta["dataset"], args.data_root, zca=zca, device=device)
+    check_compatible(distilled, dataset)
     protocol = get_protocol(args.protocol)
     if args.eval_epochs is not None and args.eval_epochs < 1:
         raise UserError(f"--eval-epochs must be at least 1, got {args.eval_epochs}")
@@ -303,6 +329,8 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.methods:
             raise UserError("--suite and --methods exclude each other: the suite names its methods")
+        if not args.evaluate:
+            raise UserError("--no-evaluate is for a grid on the command line; in a suite, a grid says evaluate: false")
         suite = load_suite(args.suite)
         results = Path(args.results or f"results/runs/{suite.name}")
         only = parse_only(args.only)
@@ -319,8 +347,9 @@ def _run(args: argparse.Namespace) -> int:
         if not args.methods:
             raise UserError("name the methods (--methods apm,random or --methods all) or a suite (--suite quick)")
         results = Path(args.results or "results/runs/default")
-        request = RunRequest(dataset=args.dataset, methods=args.methods, ipcs=args.ipc, eval_archs=args.eval_archs,
-                             seeds=args.seeds, results_dir=results, protocol=args.protocol,
+        request = RunRequest(dataset=args.dataset, methods=args.methods, ipcs=args.ipc,
+                             eval_archs=args.eval_archs if args.evaluate else [],
+                             seeds=args.seeds if args.evaluate else [], results_dir=results, protocol=args.protocol,
                              distill_arch=args.distill_arch, quick=args.quick, data_root=args.data_root,
                              device=args.device, distill_seed=args.distill_seed, resume=args.resume,
                              cache_dir=args.cache_dir, isolate=args.isolate, eval_epochs=args.eval_epochs,

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -48,15 +49,17 @@ class DistilledSet:
         if self.soft_labels is not None:
             tensors["soft_labels"] = self.soft_labels.detach().cpu().float().contiguous()
         meta = dict(self.metadata, learned_lr=self.learned_lr, n_images=len(self))
-        tmp = stem.with_name(stem.name + ".safetensors.tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, _with(stem, ".safetensors"))
+        save_safetensors_atomic(tensors, _with(stem, ".safetensors"))
         write_json_atomic(_with(stem, ".json"), meta)
         return _with(stem, ".json")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DistilledSet":
         """Read a set saved by ``save`` from either of its two file names (or the common stem)."""
+        if Path(path).is_dir():
+            sets = sorted(p.name for p in Path(path).glob("*.safetensors"))
+            shown = f" (it holds {len(sets)}: e.g. {sets[0]})" if sets else " (it holds none)"
+            raise UserError(f"{path} is a folder; give one distilled set's .json or .safetensors{shown}")
         stem = _stem(Path(path))
         meta_path, tensor_path = _with(stem, ".json"), _with(stem, ".safetensors")
         missing = [str(p) for p in (meta_path, tensor_path) if not p.is_file()]
@@ -80,6 +83,12 @@ class DistilledSet:
         if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
             raise UserError(f"distilled set {tensor_path}: expected images (n, C, H, W) and labels (n,), got "
                             f"{tuple(images.shape)} and {tuple(labels.shape)}")
+        if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+            raise UserError(f"distilled set {tensor_path} holds non-finite pixels (NaN or infinity): a diverged "
+                            f"distillation; distil the set again")
+        if labels.is_floating_point() or labels.dtype == torch.bool or (labels.numel() and int(labels.min()) < 0):
+            raise UserError(f"distilled set {tensor_path}: labels must be class indices (non-negative integers), "
+                            f"found {labels.dtype} from {labels.min().item()} to {labels.max().item()}")
         learned_lr = meta.pop("learned_lr", None)
         meta.pop("n_images", None)
         return cls(images, labels, tensors.get("soft_labels"), learned_lr, meta)
@@ -91,10 +100,45 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def create_temporary_beside(path: Path) -> tuple[int, str]:
+    """(descriptor, name) of a new file ``<path's name>.<random>.tmp`` beside ``path``, opened for writing, to be
+    renamed over ``path``. Unlike ``tempfile.mkstemp`` (mode 0600), its mode follows the umask as an ordinary new
+    file's does, so results stay readable by the others who may read them (a shared cluster's group)."""
+    while True:
+        tmp = str(path.parent / f"{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def save_safetensors_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None,
+                            fsync: bool = False) -> None:
+    """``safetensors.torch.save_file`` through a temporary file and a rename, with the mode an ordinary new file
+    gets (``save_file`` itself leaves 0600); ``fsync``: flush the file to disk before the rename. The temporary
+    name is fixed (``<name>.tmp``), so that a write killed half-way leaves one file that the next write replaces:
+    each of these files has one writer at a time (an expert under the cache's lock, a cell's set, a checkpoint)."""
+    tmp = str(path.with_name(path.name + ".tmp"))
+    Path(tmp).unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    mode = os.fstat(fd).st_mode
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = create_temporary_beside(path)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=2, sort_keys=False, default=str)

@@ -451,6 +451,13 @@ def check_compatible(distilled: DistilledSet, dataset: Dataset) -> None:
         )
     if tuple(distilled.images.shape[1:]) != dataset.image_shape:
         raise UserError(f"distilled images are {tuple(distilled.images.shape[1:])}, the dataset's {dataset.image_shape}")
+    if len(distilled) and int(distilled.labels.max()) >= dataset.num_classes:
+        raise UserError(f"distilled set has label {int(distilled.labels.max())}, but {dataset.name} has classes "
+                        f"0..{dataset.num_classes - 1}")
+    soft = distilled.soft_labels
+    if soft is not None and tuple(soft.shape) != (len(distilled), dataset.num_classes):
+        raise UserError(f"distilled soft labels are {tuple(soft.shape)}, expected ({len(distilled)}, "
+                        f"{dataset.num_classes}): one logit per class of {dataset.name} for each image")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -26,12 +26,12 @@ from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from bench.augment import DSA
 from bench.data import Dataset
-from bench.distilled import write_json_atomic
+from bench.distilled import save_safetensors_atomic, write_json_atomic
 from bench.errors import UserError
 from bench.evaluate import Protocol, train_network
 from bench.models import create_network
@@ -182,9 +182,7 @@ class ExpertPool:
         augment = DSA.for_dataset(data.info.digit_like) if self.recipe.dsa else None
         train_network(model, data.train_images, data.train_labels, self.recipe.as_protocol(), generator, augment, on_epoch)
         final = {f"final/{name}": t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-        tmp = self.path(index).with_suffix(".tmp")
-        save_file({**snapshots, **final}, str(tmp))
-        os.replace(tmp, self.path(index))
+        save_safetensors_atomic({**snapshots, **final}, self.path(index))
 
     def _load(self, index: int) -> dict[str, Tensor]:
         if not self.path(index).is_file():

@@ -34,7 +34,8 @@ from bench.measure import (DEFAULT_SAMPLE_INTERVAL_S, FlopCounter, MemorySampler
                            phase, process_peak_rss_mb)
 from bench.models import attention_with_second_derivative, check_arch, create_network
 from bench.progress import log, progress_bar
-from bench.registry import create_method, default_recipe, get_method_class, list_methods, split_method_spec
+from bench.registry import (create_method, default_recipe, get_method_class, list_methods, nearest_name,
+                            split_method_spec)
 from bench.seeding import generator_for
 from bench.store import (RECORDS_DIR, check_results_dir, evaluation_fields, existing_record_ids, record_id,
                          remove_stale_temporaries, set_fields, stable_hash, write_record)
@@ -106,7 +107,22 @@ class DescribedCell:
     label: str | None = None
 
 
+def check_device_name(device: str) -> None:
+    """A ``UserError`` for a device string that names no device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``."""
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        near = nearest_name(device.partition(":")[0], ["auto", "cpu", "cuda"])
+        hint = f"; did you mean '{near}'?" if near else ""
+        raise UserError(f"unknown device '{device}': expected auto, cpu, cuda or cuda:N{hint}")
+
+
 def resolve_device(device: str) -> torch.device:
+    check_device_name(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -160,6 +176,7 @@ def check_request(request: RunRequest) -> list[str]:
         raise UserError(f"--memory-sample-ms must be above 0, got {request.memory_sample_s * 1000:g}")
     if request.batch_seeds not in BATCH_SEEDS_CHOICES:
         raise UserError(f"--batch-seeds must be one of {', '.join(BATCH_SEEDS_CHOICES)}, got {request.batch_seeds!r}")
+    check_device_name(request.device)
     DATASETS.get(request.dataset)
     specs = list_methods() if request.methods == ["all"] else request.methods
     for spec in specs:  # fail fast on a bad name, recipe or option, before any data is read

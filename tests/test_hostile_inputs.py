@@ -47,11 +47,15 @@ def _suite(tmp: Path, text: str) -> str:
     return str(path)
 
 
-def _saved_set(tmp: Path) -> Path:
-    """A small valid distilled set (digits-shaped, 10 classes × 1 image): returns its JSON path."""
+def _saved_set(tmp: Path, labels: torch.Tensor | None = None, nan_pixel: bool = False,
+               soft: torch.Tensor | None = None) -> Path:
+    """A small distilled set (digits-shaped, 10 classes × 1 image), valid unless told otherwise: its JSON path."""
     images = torch.zeros(10, 1, 8, 8)
-    meta = {"dataset": "digits", "method": "random", "ipc": 1, "transform": {"kind": "normalize"}}
-    return DistilledSet(images, torch.arange(10), metadata=meta).save(tmp / "set")
+    if nan_pixel:
+        images[3, 0, 2, 2] = float("nan")
+    meta = {"dataset": "digits", "method": "random", "ipc": 1, "transform": {"kind": "mean_std"}}
+    labels = torch.arange(10) if labels is None else labels
+    return DistilledSet(images, labels, soft_labels=soft, metadata=meta).save(tmp / "set")
 
 
 def _truncated_tensors(tmp: Path) -> list[str]:
@@ -191,6 +195,24 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "distilled .json without its .safetensors": (_json_without_tensors, "set.safetensors"),
     "evaluate with empty seeds": (lambda t: ["evaluate", str(_saved_set(t)), "--seeds", "", "--results", str(t / "res")],
                                   "no seeds given"),
+    "unknown device": (lambda t: RUN + ["--device", "cdua", "--results", str(t / "res")], "did you mean 'cuda'"),
+    "evaluate on an unknown device": (lambda t: ["evaluate", str(_saved_set(t)), "--device", "gpu0",
+                                                 "--results", str(t / "res")], "unknown device 'gpu0'"),
+    "evaluate a folder": (lambda t: ["evaluate", str(t / "empty"), "--results", str(t / "res")],
+                          "is a folder; give one distilled set's .json"),
+    "distilled labels outside the classes": (lambda t: ["evaluate", str(_saved_set(t, labels=torch.arange(10) + 50)),
+                                                        "--quick", "--results", str(t / "res")],
+                                             "distilled set has label 59, but digits has classes 0..9"),
+    "distilled labels that are not class indices": (lambda t: ["evaluate", str(_saved_set(t, labels=torch.arange(10) - 1)),
+                                                               "--quick", "--results", str(t / "res")],
+                                                    "labels must be class indices"),
+    "distilled pixels that are NaN": (lambda t: ["evaluate", str(_saved_set(t, nan_pixel=True)), "--quick",
+                                                 "--results", str(t / "res")], "non-finite pixels"),
+    "distilled soft labels of the wrong shape": (lambda t: ["evaluate", str(_saved_set(t, soft=torch.zeros(10, 3))),
+                                                            "--quick", "--results", str(t / "res")],
+                                                 "distilled soft labels are (10, 3), expected (10, 10)"),
+    "--no-evaluate with a suite": (lambda t: ["run", "--suite", _suite(t, SUITE), "--no-evaluate",
+                                              "--results", str(t / "res")], "--no-evaluate is for a grid"),
     "data root without the files": (lambda t: _with(RUN, "--dataset", "mnist") + [
         "--data-root", str(t / "empty"), "--results", str(t / "res")], "MNIST/raw/train-images-idx3-ubyte"),
 }
@@ -218,6 +240,33 @@ def test_hostile_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, c
     argv = make_argv(tmp_path)
     _assert_rejected(capsys, tmp_path, argv, expected)
     assert not (tmp_path / "res").is_dir()
+
+
+USAGE_ERRORS = {
+    "architecture list with an unclosed bracket": (_with(RUN, "--eval-archs", "convnet[width=64"), "unclosed '['"),
+    "evaluate: unclosed bracket": (["evaluate", "set.json", "--archs", "convnet[width=64"], "unclosed '['"),
+    "empty architecture list": (_with(RUN, "--eval-archs", ","), "expected comma-separated architecture names"),
+    "an empty item among integers": (_with(RUN, "--ipc", "1,,10"), "expected comma-separated integers, got '1,,10'"),
+    "a seed that is not an integer": (_with(RUN, "--seeds", "1.5"), "expected comma-separated integers, got '1.5'"),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_usage_errors_are_one_line_exit_2(capsys, tmp_path, case):
+    argv, expected = USAGE_ERRORS[case]
+    with pytest.raises(SystemExit) as stopped:
+        main(argv + ["--results", str(tmp_path / "res")] if argv[0] == "run" else argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert err.count("\n") == 1 and expected in err and err.endswith("(see ddbench " + argv[0] + " --help)\n"), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_no_evaluate_writes_cost_only_records(capsys, tmp_path):
+    assert main(_with(RUN, "--methods", "herding") + ["--no-evaluate", "--no-isolate", "--results", str(tmp_path)]) == 0
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")]
+    assert record["status"] == "ok" and record["eval_arch"] is None and record["acc_mean"] is None
+    assert record["phases"]["distill"]["wall_s"] > 0
 
 
 def test_results_folder_without_write_permission(capsys, tmp_path):

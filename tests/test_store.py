@@ -1,6 +1,8 @@
 """Records and distilled sets: atomic writes, round trips, the DataFrame view."""
 
 import json
+import os
+import stat
 from datetime import datetime, timezone
 
 import torch
@@ -77,3 +79,15 @@ def test_files_that_are_not_records_are_skipped_with_a_line_saying_so(tmp_path, 
     assert f"skipped {folder / 'list.json'}: not a record" in err
     assert [r["record_id"] for r in load_records(tmp_path)] == ["a"]
     assert capsys.readouterr().err == "", "each skipped file is said once per process"
+
+
+def test_written_files_follow_the_umask_like_any_new_file(tmp_path):
+    """Temporary-then-rename writes must not leave results private (mode 0600, as ``tempfile.mkstemp`` would)."""
+    old = os.umask(0o022)
+    try:
+        record_path = write_record(tmp_path, RECORD)
+        set_path = DistilledSet(torch.zeros(2, 1, 8, 8), torch.arange(2)).save(tmp_path / "set")
+    finally:
+        os.umask(old)
+    for path in (record_path, set_path, set_path.with_suffix(".safetensors")):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
