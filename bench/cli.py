@@ -81,6 +81,8 @@ def _measured(parser: argparse.ArgumentParser) -> None:
                              "peaks): shorter catches shorter spikes, at more CPU time")
 
 
+# bench.compare.Thresholds' defaults, for --help without importing pandas (tests/test_cli.py checks they agree)
+COMPARE_DEFAULTS = {"acc_tol": 2.0, "acc_k": 2.0, "memory_rel_tol": 0.10, "flops_rel_tol": 0.02, "time_rel_tol": 0.5}
 BATCH_SEEDS = ("auto", "on", "off")  # bench.evaluate.BATCH_SEEDS_CHOICES, without importing torch for --help
 BATCH_SEEDS_HELP = ("train an evaluation's seeds at once as one stacked model (on), one after the other (off), or "
                     "whichever a short calibration finds faster on this machine, remembered in the cache folder "
@@ -163,9 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     _measured(run)
 
     validate = sub.add_parser("validate", help="resolve every cell of a suite and check its names, without running")
-    validate.add_argument("--suite", required=True)
-    validate.add_argument("--only", action="append", metavar="KEY=VALUE")
-    validate.add_argument("--quick", action="store_true")
+    validate.add_argument("--suite", required=True, help="a suite name (ddbench ls suites) or a suite YAML file")
+    validate.add_argument("--only", action="append", metavar="KEY=VALUE",
+                          help="keep only cells whose dataset, method, ipc, protocol or evaluation seed is VALUE "
+                               "(repeatable), as run --only")
+    validate.add_argument("--quick", action="store_true", help="resolve the quick recipes, as run --quick would")
 
     report = sub.add_parser("report", help="Markdown, LaTeX and figures from the records under a results folder")
     report.add_argument("--suite", default=None, help="report the records of this suite (results/runs/<suite>)")
@@ -175,11 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="regression check: exit 1 when a cell of CURRENT is worse than in BASELINE")
     compare.add_argument("baseline", help="results folder of the baseline (e.g. results/baselines/quick-cpu)")
     compare.add_argument("current", help="results folder to check")
-    compare.add_argument("--acc-tol", type=float, default=None, help="accuracy tolerance in points")
-    compare.add_argument("--acc-k", type=float, default=None, help="accuracy: k × standard error of the difference")
-    compare.add_argument("--memory-rel-tol", type=float, default=None)
-    compare.add_argument("--flops-rel-tol", type=float, default=None)
-    compare.add_argument("--time-rel-tol", type=float, default=None)
+    compare.add_argument("--acc-tol", type=float, default=None,
+                         help=f"accuracy: points a mean may drop, whatever the spread (default {COMPARE_DEFAULTS['acc_tol']:g})")
+    compare.add_argument("--acc-k", type=float, default=None,
+                         help="accuracy: standard errors of the difference of the means a drop must also exceed "
+                              f"(default {COMPARE_DEFAULTS['acc_k']:g})")
+    compare.add_argument("--memory-rel-tol", type=float, default=None,
+                         help=f"peak memory may grow by this fraction (default {COMPARE_DEFAULTS['memory_rel_tol']:g})")
+    compare.add_argument("--flops-rel-tol", type=float, default=None,
+                         help=f"FLOPs may grow by this fraction (default {COMPARE_DEFAULTS['flops_rel_tol']:g})")
+    compare.add_argument("--time-rel-tol", type=float, default=None,
+                         help="times, after dividing by the speed factor, may grow by this fraction "
+                              f"(default {COMPARE_DEFAULTS['time_rel_tol']:g})")
     compare.add_argument("--only", action="append", metavar="KEY=VALUE",
                          help="compare only cells whose dataset, method, ipc or protocol is VALUE (repeatable), "
                               "e.g. after `run --suite … --only` of the same filters")
@@ -362,10 +373,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from bench.suite import describe_cells, load_suite, parse_only, suite_requests
+    from bench.suite import describe_suite_cells, load_suite, parse_only, suite_requests
 
     suite = load_suite(args.suite)
-    lines = describe_cells(suite_requests(suite, Path("."), quick=args.quick, only=parse_only(args.only)))
+    lines = describe_suite_cells(suite, suite_requests(suite, Path("."), quick=args.quick, only=parse_only(args.only)))
     print("\n".join(lines))
     print(f"suite {suite.name} v{suite.version} ({suite.path}): {len(lines)} cells, every name resolves")
 
@@ -373,7 +384,6 @@ def _validate(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from bench.errors import UserError
     from bench.report import write_reports
-    from bench.store import check_writable_folder
 
     if not args.suite and not args.results:
         raise UserError("name a suite (--suite quick) or a results folder (--results results/runs/quick)")
@@ -384,8 +394,6 @@ def _report(args: argparse.Namespace) -> None:
     results = args.results or f"results/runs/{args.suite}"
     if not Path(results).is_dir():
         raise UserError(f"no results folder {results}: run the suite first (ddbench run --suite {args.suite or '…'})")
-    check_writable_folder(args.out, "report folder", "pass --out with a folder you can write the report to",
-                          inside="figures")
     for path in write_reports(results, args.out, name=args.suite):
         print(path)
 

@@ -5,9 +5,12 @@ by metric, whether the current run regressed, improved or stayed within toleranc
 what moved; ``main_compare`` is the ``ddbench compare`` entry point (exit code 0, or 1 on any regression).
 
 How cells are matched
-    By (dataset, label, ipc, distill_arch, eval_arch, protocol, quick), never by config hash: a config change that
-    makes things worse must still be compared. ``label`` is the record's own ``label`` (a variant's row label such
-    as ``apm-seg100``), else ``method.recipe``, else ``method``. When several records of one folder share a cell,
+    By (dataset, label, ipc, distill_arch, eval_arch, protocol, quick, eval_epochs_override), never by config hash:
+    a config change that makes things worse must still be compared. ``label`` is the record's own ``label`` (a
+    variant's row label such as ``apm-seg100``), else ``method.recipe``, else ``method``. ``eval_epochs_override``
+    is a smoke test's ``--eval-epochs N`` (null for a real run): a smoke cell is a cell of its own and never pairs
+    with a real one, so a folder of smoke records against a real baseline shows every baseline cell "missing" and
+    every smoke cell "new". When several records of one folder share a cell,
     the one with status ok is used (the newest among them; the newest overall when none is ok), and a note says so.
     "Newest" goes by the records' ``written_at``; records without one (written before it existed) count as older
     than any that has one, and among themselves go by file modification time.
@@ -24,7 +27,10 @@ When a metric regresses (↑ higher is better, ↓ lower is better)
     * FLOPs ↓ (per distillation iteration, per evaluation epoch): current > baseline · (1 + flops_rel_tol).
     * time ↓ (median iteration time, distill wall time): machines differ in speed, so current times are first
       divided by the *speed factor*, the median over matched cells of current ÷ baseline evaluation wall time
-      (the evaluation protocol is the same work for every cell, whatever the method). A time then regresses when
+      (the evaluation protocol is the same work for every cell, whatever the method). Only cells whose two
+      evaluations did the same work count: as many seeds, and the same evaluation epochs (``eval_epochs_override``
+      and, where both records have it, ``protocol_config["epochs"]``); when no matched cell qualifies, times are
+      compared unscaled (factor 1) and the output says why. A time then regresses when
       it exceeds baseline · (1 + time_rel_tol) *and* grows by more than wall_time_floor_s (wall times); iteration
       times whose baseline median is under iter_time_min_s are not compared at all. Tiny noisy times never fail.
     An improvement is the mirror image: accuracy up by more than the same margin, a cost below
@@ -51,6 +57,7 @@ from typing import NamedTuple
 from tabulate import tabulate
 
 from bench.errors import UserError
+from bench.registry import nearest_name
 from bench.store import differing_keys, load_records
 
 REGRESSED, IMPROVED, OK, NOT_AVAILABLE = "regressed", "improved", "ok", "n/a"
@@ -84,15 +91,18 @@ class CellKey(NamedTuple):
     eval_arch: str
     protocol: str
     quick: bool
+    eval_epochs: int | None = None  # a smoke test's --eval-epochs (the record's eval_epochs_override); None: real
 
     def __str__(self) -> str:
         ipc = "all" if self.ipc is None else self.ipc
         quick = ", quick" if self.quick else ""
-        return f"{self.dataset} ipc{ipc} {self.label} ({self.distill_arch}→{self.eval_arch}, {self.protocol}{quick})"
+        smoke = "" if self.eval_epochs is None else f", smoke test: {self.eval_epochs} eval epochs"
+        return (f"{self.dataset} ipc{ipc} {self.label} ({self.distill_arch}→{self.eval_arch}, {self.protocol}{quick}"
+                f"{smoke})")
 
     def sort_key(self) -> tuple:
         return (self.dataset, self.label, -1 if self.ipc is None else self.ipc, self.distill_arch, self.eval_arch,
-                self.protocol, self.quick)
+                self.protocol, self.quick, -1 if self.eval_epochs is None else self.eval_epochs)
 
 
 @dataclass(frozen=True)
@@ -159,6 +169,7 @@ class Comparison:
     cells_compared: int = 0
     speed_factor: float = 1.0
     speed_cells: int = 0  # how many cells the speed factor is the median of (0: no eval times, factor 1)
+    speed_left_out: int = 0  # cells with eval times on both sides left out of it: their evaluations differ in work
     changes: list[Change] = field(default_factory=list)
     new_cells: list[CellKey] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -185,7 +196,8 @@ def record_label(record: dict) -> str:
 
 def cell_key(record: dict) -> CellKey:
     return CellKey(record.get("dataset"), record_label(record), record.get("ipc"), record.get("distill_arch"),
-                   record.get("eval_arch"), record.get("protocol"), bool(record.get("quick")))
+                   record.get("eval_arch"), record.get("protocol"), bool(record.get("quick")),
+                   record.get("eval_epochs_override"))
 
 
 def _load_folder(results_dir: str | os.PathLike, side: str, notes: list[str]) -> dict[CellKey, dict]:
@@ -220,14 +232,29 @@ def _mtime(record: dict) -> float:
         return 0.0
 
 
-def _speed_factor(pairs: list[tuple[dict, dict]]) -> tuple[float, int]:
-    """Median over cells of current ÷ baseline evaluation wall time, and how many cells it is taken over."""
-    ratios = []
+def _same_evaluation_work(baseline: dict, current: dict) -> bool:
+    """Whether two records' evaluations trained as many networks for as many epochs: the same number of seeds, the
+    same ``eval_epochs_override`` and, where both records say, the same ``protocol_config["epochs"]``."""
+    if len(baseline.get("seeds") or []) != len(current.get("seeds") or []):
+        return False
+    if baseline.get("eval_epochs_override") != current.get("eval_epochs_override"):
+        return False
+    epochs = [(record.get("protocol_config") or {}).get("epochs") for record in (baseline, current)]
+    return None in epochs or epochs[0] == epochs[1]
+
+
+def _speed_factor(pairs: list[tuple[dict, dict]]) -> tuple[float, int, int]:
+    """Median over cells of current ÷ baseline evaluation wall time, how many cells it is taken over, and how many
+    cells with evaluation times on both sides were left out because their evaluations did not do the same work."""
+    ratios, left_out = [], 0
     for baseline, current in pairs:
         before, after = EVAL_WALL_TIME(baseline), EVAL_WALL_TIME(current)
         if before and after and before > 0 and after > 0:
-            ratios.append(after / before)
-    return (statistics.median(ratios), len(ratios)) if ratios else (1.0, 0)
+            if _same_evaluation_work(baseline, current):
+                ratios.append(after / before)
+            else:
+                left_out += 1
+    return (statistics.median(ratios), len(ratios), left_out) if ratios else (1.0, 0, left_out)
 
 
 def _format_value(value) -> str:
@@ -306,6 +333,26 @@ def _selected(key: CellKey, record: dict, only: dict[str, set[str]]) -> bool:
     return all(names[k] & values for k, values in only.items() if k in names)
 
 
+def _check_only_values(baseline: dict[CellKey, dict], only: dict[str, set[str]]) -> None:
+    """A ``UserError`` for an ``--only`` key that compare cannot filter on (``seed``: cells are compared over their
+    seeds, whichever they are) or a value that no baseline cell has, with the nearest one."""
+    if "seed" in only:
+        raise UserError("compare --only takes dataset, method, ipc or protocol; a cell is compared over all its "
+                        "seeds (its acc list), so --only seed=… selects nothing here")
+    present: dict[str, set[str]] = {"dataset": set(), "ipc": set(), "protocol": set(), "method": set()}
+    for key, record in baseline.items():
+        present["dataset"].add(str(key.dataset))
+        if key.ipc is not None:  # a cell without an ipc (full) passes every ipc filter, but names none
+            present["ipc"].add(str(key.ipc))
+        present["protocol"].add(str(key.protocol))
+        present["method"].update({key.label, str(record.get("method")), str(record.get("method")).split(".")[0]})
+    for name, wanted in only.items():
+        for value in sorted(wanted - present[name]):
+            near = nearest_name(value, sorted(present[name]))
+            hint = f"; did you mean '{near}'?" if near else f" (it has {', '.join(sorted(present[name]))})"
+            raise UserError(f"--only {name}={value}: no baseline cell has {name} '{value}'{hint}")
+
+
 def compare_results(baseline_dir: str | os.PathLike, current_dir: str | os.PathLike,
                     thresholds: Thresholds = Thresholds(), only: dict[str, set[str]] | None = None) -> Comparison:
     """Compare every cell of ``current_dir`` with the same cell of ``baseline_dir`` (see the module docstring).
@@ -316,6 +363,7 @@ def compare_results(baseline_dir: str | os.PathLike, current_dir: str | os.PathL
     baseline = _load_folder(baseline_dir, "baseline", comparison.notes)
     current = _load_folder(current_dir, "current", comparison.notes)
     if only:
+        _check_only_values(baseline, only)
         shown = " ".join(f"--only {k}={','.join(sorted(v))}" for k, v in sorted(only.items()))
         for side, cells in (("baseline", baseline), ("current", current)):
             left_out = [k for k, record in cells.items() if not _selected(k, record, only)]
@@ -331,8 +379,18 @@ def compare_results(baseline_dir: str | os.PathLike, current_dir: str | os.PathL
     comparison.cells_compared = len(matched)
     both_ok = [(baseline[k], current[k]) for k in matched
                if baseline[k].get("status") == "ok" and current[k].get("status") == "ok"]
-    comparison.speed_factor, comparison.speed_cells = _speed_factor(both_ok)
-    if not comparison.speed_cells:
+    comparison.speed_factor, comparison.speed_cells, comparison.speed_left_out = _speed_factor(both_ok)
+    left_out = comparison.speed_left_out
+    differ = (f"{left_out} matched cell{'' if left_out == 1 else 's'} with evaluation wall times on both sides "
+              "evaluated with a different number of seeds or evaluation epochs")
+    if comparison.speed_cells and left_out:
+        comparison.notes.append(f"speed factor taken over {comparison.speed_cells} cells only: {differ}")
+    elif left_out:
+        comparison.notes.append(f"no matched cell evaluated the same work on both sides ({differ}): times compared "
+                                "unscaled, speed factor taken as 1")
+    elif not both_ok:
+        comparison.notes.append("no cell is ok on both sides: speed factor taken as 1")
+    elif not comparison.speed_cells:
         comparison.notes.append("no evaluation wall times on both sides: speed factor taken as 1")
 
     for key in sorted(set(baseline) - set(current), key=CellKey.sort_key):
@@ -362,7 +420,11 @@ def format_comparison(comparison: Comparison) -> str:
     lines = [f"baseline: {comparison.baseline_dir}", f"current:  {comparison.current_dir}"]
     if comparison.speed_cells:
         lines.append(f"speed factor {comparison.speed_factor:.2f} (current ÷ baseline evaluation wall time, median "
-                     f"over {comparison.speed_cells} cells); current times are divided by it before comparing")
+                     f"over {comparison.speed_cells} cells whose evaluations did the same work); current times are "
+                     "divided by it before comparing")
+    elif comparison.speed_left_out:
+        lines.append("speed factor 1.00: no matched cell's evaluation did the same work on both sides (seeds or "
+                     "evaluation epochs differ), so times are compared unscaled")
     else:
         lines.append("speed factor 1.00 (no evaluation wall times to calibrate against)")
     moved = sorted((c for c in comparison.changes if c.verdict in (REGRESSED, IMPROVED)),

@@ -6,14 +6,15 @@
 * ``images``: a grid of each distilled set's images, rows classes, columns images (at most 10 × 10).
 
 Drawn with matplotlib's object API on the Agg canvas (no pyplot, so no global backend switch) in seaborn's style.
-A figure whose data is absent is skipped.
+A figure whose data is absent is skipped. The accuracy figures leave out smoke tests (records with an
+``eval_epochs_override``: evaluation networks trained ``--eval-epochs N`` epochs, not the protocol's), whose
+accuracies are no results; their captions and titles say how many were left out.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, ScalarFormatter
 
-from bench.distilled import DistilledSet
+from bench.distilled import DistilledSet, create_temporary_beside
 from bench.errors import UserError
 
 FIGURE_KINDS = ("acc-vs-ipc", "cost", "acc-vs-K", "images")
@@ -55,7 +56,7 @@ def _new_figure(width: float = 7.0, height: float = 4.2) -> tuple[Figure, object
 def _save(figure: Figure, path: Path) -> Path:
     """Save as PNG through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = create_temporary_beside(path)
     os.close(fd)
     try:
         figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
@@ -81,8 +82,22 @@ def _quick_text(quick: bool) -> str:
     return ", QUICK recipes" if quick else ""
 
 
+def _smoke(frame: pd.DataFrame) -> pd.Series:
+    """Which records are smoke tests (an ``eval_epochs_override``: ``--eval-epochs``), not results."""
+    if "eval_epochs_override" not in frame:
+        return pd.Series(False, index=frame.index)
+    return frame["eval_epochs_override"].notna()
+
+
 def _ok(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame[(frame["status"] == "ok") & frame["acc_mean"].notna()]
+    """The records with an accuracy to plot: successful, and not a smoke test's."""
+    return frame[(frame["status"] == "ok") & frame["acc_mean"].notna() & ~_smoke(frame)]
+
+
+def _smoke_caption(group: pd.DataFrame) -> str:
+    """What a caption adds when the group's smoke-test records were left out of its accuracy figures."""
+    n = int((_smoke(group) & (group["status"] == "ok")).sum())
+    return f" ({n} smoke-test record{'' if n == 1 else 's'}, --eval-epochs, left out)" if n else ""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,12 +316,14 @@ def _draw_all(frame: pd.DataFrame, sets: pd.DataFrame, styles: dict,
     for (dataset, arch, protocol, quick), group in frame.groupby(["dataset", "eval_arch", "protocol", "quick"]):
         where = f"{dataset}, evaluated on {arch}, protocol {protocol}{_quick_text(quick)}"
         suffix = _slug(f"{dataset}_{arch}_{protocol}" + ("_quick" if quick else ""))
-        yield (f"acc-vs-ipc_{suffix}", f"Test accuracy vs images per class — {where}",
-               accuracy_vs_ipc(group, styles, f"Test accuracy vs ipc\n{where}"))
-        yield (f"acc-vs-K_{suffix}", f"APM: test accuracy vs K — {where}",
-               accuracy_vs_checkpoints(group, f"APM: test accuracy vs K\n{where}"))
-        yield (f"acc-vs-subgroups_{suffix}", f"APM: test accuracy vs merged subgroups — {where}",
-               merged_subgroups(group, styles, f"Merged independently distilled subgroups\n{where}"))
+        left_out = _smoke_caption(group)
+        drawn = where + (f"\n{left_out.strip()}" if left_out else "")  # the figure's own title says it too
+        yield (f"acc-vs-ipc_{suffix}", f"Test accuracy vs images per class — {where}{left_out}",
+               accuracy_vs_ipc(group, styles, f"Test accuracy vs ipc\n{drawn}"))
+        yield (f"acc-vs-K_{suffix}", f"APM: test accuracy vs K — {where}{left_out}",
+               accuracy_vs_checkpoints(group, f"APM: test accuracy vs K\n{drawn}"))
+        yield (f"acc-vs-subgroups_{suffix}", f"APM: test accuracy vs merged subgroups — {where}{left_out}",
+               merged_subgroups(group, styles, f"Merged independently distilled subgroups\n{drawn}"))
     sets = sets[(sets["status"] == "ok") & (sets["label"] != "full")]
     for (dataset, ipc, quick), group in sets.groupby(["dataset", "ipc", "quick"], sort=True):
         where = f"{dataset}, ipc {int(ipc)}{_quick_text(quick)}"

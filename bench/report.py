@@ -5,44 +5,52 @@
 * ``<out>/<name>.md`` and ``<out>/<name>.tex`` (a standalone document with booktabs tables) with
   - test accuracy (↑): one table per evaluation architecture × protocol × quick flag; rows are methods (or the
     labels of method variants), columns dataset × ipc, cells mean ± std over seeds, the best of each column in
-    bold (``full`` data excluded). ``full`` does not depend on ipc and shows its one value in every column;
+    bold (``full`` data excluded). ``full`` does not depend on ipc and shows its one value in every column.
+    A smoke test's record (``eval_epochs_override``: ``ddbench run --eval-epochs N`` trained every evaluation
+    network N epochs, not the protocol's) is no result: where a cell also has a real record, the real one is shown
+    and the smoke one left out (a footnote counts them); where it has none, the smoke figure is shown marked ``†``,
+    with a footnote giving its epochs, never bold and never ranked (no difference to a published number);
   - our numbers beside the published ones (``results/published.json``, see ``bench.published``);
   - cross-architecture tables where one protocol was evaluated on more than one architecture;
   - the costs (↓) of distillation: peak GPU memory (NVML and allocator), CPU peak RSS, seconds per iteration,
     distillation time, FLOPs per iteration — a GPU figure that could not be measured is "–" with its reason;
-  - the failed, oom and diverged cells with their error;
-* figures under ``<out>/figures/<name>_*.png`` (``bench.figures``);
+  - the failed, oom and diverged cells with their error (a smoke test's marked ``†``);
+* figures under ``<out>/figures/<name>_*.png`` (``bench.figures``; accuracy figures leave smoke tests out);
 * ``<out>/README.md``, an index of every report and figure in ``<out>``.
 
-Every file is written atomically (temporary file + rename).
+Every file is written atomically (temporary file + rename), and nothing is written (no folder created either)
+when there are no records to report.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import quote
 
 import pandas as pd
 from tabulate import tabulate
 
+from bench.distilled import create_temporary_beside
 from bench.errors import UserError
 from bench.published import Published, load_published
-from bench.store import ACC_DIRECTION, differing_keys, load_records, load_results, stable_hash
+from bench.store import (ACC_DIRECTION, check_writable_folder, differing_keys, load_records, load_results,
+                         stable_hash)
 
 ROW_ORDER = ("full", "random", "herding")  # then the rest alphabetically
 COST_DIRECTION = "↓"  # lower memory, time and FLOPs are better
 NOT_MEASURED = "–"
 FAILED_STATUSES = ("failed", "oom", "diverged")
+SMOKE_MARK = "†"  # a smoke test's figure: evaluation networks trained --eval-epochs N epochs, not the protocol's
 
 # Columns a report reads; older records may lack some of them.
 COLUMNS = ("suite", "label", "recipe", "ipc", "distill_arch", "eval_arch", "protocol", "quick", "seeds", "acc",
            "acc_mean", "acc_std", "status", "error", "flops_per_iter", "distilled_path", "transform",
            "distill_wall_s", "distill_cpu_peak_rss_mb", "distill_gpu_nvml_peak_mb",
-           "distill_gpu_torch_allocated_peak_mb", "distill_gpu_reason", "iter_time_s_median")
+           "distill_gpu_torch_allocated_peak_mb", "distill_gpu_reason", "iter_time_s_median", "eval_epochs_override")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,11 +80,18 @@ def prepare_frame(frame: pd.DataFrame) -> pd.DataFrame:
         frame["device"] = None
     frame["quick"] = frame["quick"].fillna(False).astype(bool)
     frame["ipc"] = [_ipc(value) for value in frame["ipc"]]
+    frame["eval_epochs_override"] = pd.Series([_smoke_epochs(value) for value in frame["eval_epochs_override"]],
+                                              index=frame.index, dtype=object)  # None, or a smoke test's epochs
     frame["label"] = _labels(frame)
     return frame
 
 
 def _ipc(value: object) -> int | None:
+    return None if value is None or pd.isna(value) else int(value)
+
+
+def _smoke_epochs(value: object) -> int | None:
+    """A record's ``eval_epochs_override``: the epochs of a smoke test (``--eval-epochs``), None for a real result."""
     return None if value is None or pd.isna(value) else int(value)
 
 
@@ -199,17 +214,55 @@ def _n_seeds(record: pd.Series) -> int:
     return len(acc) if isinstance(acc, list) and acc else len(record["seeds"] or [])
 
 
-def _measured(records: pd.DataFrame) -> tuple[str, float | None, int | None]:
-    """(cell text, mean, seeds) of the last successful record (no std from a single seed); the statuses when none
-    succeeded."""
+class Measured(NamedTuple):
+    """What one accuracy cell shows."""
+
+    text: str  # mean ± std, or the statuses when no record succeeded; without the smoke mark
+    mean: float | None  # the figure to rank: None when nothing succeeded, and for a smoke test's figure
+    seeds: int | None
+    smoke_epochs: int | None = None  # the --eval-epochs of the smoke record shown; None for a real result
+    smoke_hidden: int = 0  # smoke records left out because the cell has a real one
+
+    def shown(self, show_n: bool = False) -> str:
+        """The cell's text, with its number of seeds when asked and the smoke mark when it is a smoke test's."""
+        text = f"{self.text} (n={self.seeds})" if show_n and self.seeds else self.text
+        return text if self.smoke_epochs is None else f"{text} {SMOKE_MARK}"
+
+
+def _measured(records: pd.DataFrame) -> Measured:
+    """The last successful record (no std from a single seed); the statuses when none succeeded. A real result
+    comes first: a smoke test's records count only where there is no real record, and are never ranked."""
     if records.empty:
-        return NOT_MEASURED, None, None
+        return Measured(NOT_MEASURED, None, None)
+    smoke = records["eval_epochs_override"].notna()
+    hidden = 0 if smoke.all() else int(smoke.sum())
+    smoke_epochs = _smoke_epochs(records["eval_epochs_override"].iloc[-1]) if smoke.all() else None
+    records = records[~smoke] if hidden else records
     ok = records[records["status"] == "ok"]
     if ok.empty:
-        return ", ".join(sorted(set(records["status"]))), None, None
+        return Measured(", ".join(sorted(set(records["status"]))), None, None, smoke_epochs, hidden)
     row = ok.iloc[-1]
     n = _n_seeds(row)
-    return _fmt_acc(row["acc_mean"], row["acc_std"] if n > 1 else None), float(row["acc_mean"]), n
+    smoke_epochs = _smoke_epochs(row["eval_epochs_override"])
+    mean = float(row["acc_mean"])
+    return Measured(_fmt_acc(row["acc_mean"], row["acc_std"] if n > 1 else None),
+                    None if smoke_epochs is not None else mean, n, smoke_epochs, hidden)
+
+
+def _smoke_notes(cells: list[Measured]) -> list[str]:
+    """The footnotes of a table's smoke-test cells: what ``†`` means, and how many smoke records real ones hid."""
+    notes = []
+    epochs = sorted({m.smoke_epochs for m in cells if m.smoke_epochs is not None})
+    if epochs:
+        counts = " or ".join(map(str, epochs))
+        notes.append(f"{SMOKE_MARK} smoke test: every evaluation network trained {counts} epoch"
+                     f"{'' if epochs == [1] else 's'} (--eval-epochs), not the protocol's; a check that the pipeline "
+                     "runs, not a result: never bold, not ranked against the other cells.")
+    hidden = sum(m.smoke_hidden for m in cells)
+    if hidden:
+        notes.append(f"{hidden} smoke-test record{'' if hidden == 1 else 's'} (--eval-epochs) left out: where a cell "
+                     "has a real result as well, only the real one is shown.")
+    return notes
 
 
 def _records_for(group: pd.DataFrame, label: str, dataset: str, ipc: int | None) -> pd.DataFrame:
@@ -230,7 +283,8 @@ def _columns(group: pd.DataFrame) -> list[tuple[str, int | None]]:
 
 
 def _bold_best(rows: list[list[Cell]], means: list[list[float | None]], labels: list[str]) -> None:
-    """Bold the highest mean of every column (as printed, so ties are all bold), ``full`` excluded."""
+    """Bold the highest mean of every column (as printed, so ties are all bold), ``full`` excluded; a mean of None
+    (nothing measured, or a smoke test's figure) is never a candidate."""
     for column in range(len(means[0]) if means else 0):
         candidates = [round(m[column], 1) for m, label in zip(means, labels)
                       if label != "full" and m[column] is not None]
@@ -241,7 +295,7 @@ def _bold_best(rows: list[list[Cell]], means: list[list[float | None]], labels: 
                 row[column + 1].bold = True
 
 
-def _accuracy_title(arch: str, protocol: str, quick: bool, seeds: set[int | None]) -> str:
+def _accuracy_title(arch: str, protocol: str, quick: bool, seeds: set[int | None], smoke: bool = False) -> str:
     seeds = {s for s in seeds if s}
     n = seeds.pop() if len(seeds) == 1 else None
     if n == 1:
@@ -249,37 +303,46 @@ def _accuracy_title(arch: str, protocol: str, quick: bool, seeds: set[int | None
     else:
         what = "mean ± std " + ("over n seeds, n in each cell" if n is None else f"over {n} seeds")
     title = f"Test accuracy % {ACC_DIRECTION} ({what}), evaluated on {arch}, protocol {protocol}"
-    return title + (" — QUICK: reduced CPU recipes" if quick else "")
+    title += " — QUICK: reduced CPU recipes" if quick else ""
+    return title + (f" — {SMOKE_MARK} SMOKE TESTS (--eval-epochs), not results" if smoke else "")
 
 
 def accuracy_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool) -> Table:
-    """Rows: labels; columns: dataset × ipc; the best per column in bold."""
+    """Rows: labels; columns: dataset × ipc; the best per column in bold (a smoke test's figure never)."""
     columns, labels = _columns(group), _label_order(group["label"])
     measured = {(label, column): _measured(_records_for(group, label, *column))
                 for label in labels for column in columns}
-    seeds = {n for _, _, n in measured.values()}
+    seeds = {m.seeds for m in measured.values()}
     show_n = len({s for s in seeds if s}) > 1
     rows, means = [], []
     for label in labels:
         cells = [measured[label, column] for column in columns]
-        rows.append([Cell(label)] + [Cell(f"{text} (n={n})" if show_n and n else text) for text, _, n in cells])
-        means.append([mean for _, mean, _ in cells])
+        rows.append([Cell(label)] + [Cell(m.shown(show_n)) for m in cells])
+        means.append([m.mean for m in cells])
     _bold_best(rows, means, labels)
     notes = ["Bold: the best of each column (full data excluded)."]
     if "full" in labels:
-        quick_epochs = sorted({config.get("quick_eval_epochs") for config, label in zip(group["config"], group["label"])
-                               if label == "full" and quick and config.get("quick_eval_epochs")})
+        real = group[(group["label"] == "full") & group["eval_epochs_override"].isna()]
+        quick_epochs = sorted({config.get("quick_eval_epochs") for config in real["config"]
+                               if quick and config.get("quick_eval_epochs")})
         trained = (f" for {', '.join(map(str, quick_epochs))} epochs (its quick recipe: an epoch of the whole set is "
                    "many mini-batches)") if quick_epochs else ""
+        smoke_epochs = sorted({measured["full", column].smoke_epochs for column in columns} - {None})
+        if smoke_epochs:  # a dataset without a real record of full shows a smoke test's figure
+            epochs = f"{' or '.join(map(str, smoke_epochs))} epochs"
+            trained = (f" for {epochs} ({SMOKE_MARK} a smoke test's --eval-epochs, not its recipe's)" if real.empty
+                       else f"{trained}; its {SMOKE_MARK} figures for {epochs} (a smoke test's --eval-epochs)")
         notes.append(f"full: trained on the whole training set{trained}; it does not depend on ipc, so its one value "
                      "fills every column of its dataset.")
+    notes += _smoke_notes(list(measured.values()))
+    smoke = any(m.smoke_epochs is not None for m in measured.values())
     headers = ["method"] + [f"{dataset} ipc {_ipc_text(ipc)}" for dataset, ipc in columns]
-    return Table(_accuracy_title(arch, protocol, quick, seeds), headers, rows, notes)
+    return Table(_accuracy_title(arch, protocol, quick, seeds, smoke), headers, rows, notes)
 
 
 def published_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool, published: Published) -> Table | None:
     """Ours beside the published number of every cell that has one (rows whose label is the plain method name)."""
-    rows, seen = [], set()
+    rows, seen, measured = [], set(), []
     for label in _label_order(group["label"]):
         for dataset, ipc in _columns(group):
             records = _records_for(group, label, dataset, ipc)
@@ -293,15 +356,19 @@ def published_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool, 
             entry = published.accuracy(dataset, label, ipc, protocol, arch)
             if entry is None:
                 continue
-            text, mean, _ = _measured(records)
-            difference = NOT_MEASURED if mean is None else _fmt_signed(mean - entry["mean"])
-            rows.append([Cell(label), Cell(dataset), Cell(_ipc_text(ipc)), Cell(text),
+            ours = _measured(records)
+            measured.append(ours)
+            difference = NOT_MEASURED if ours.mean is None else _fmt_signed(ours.mean - entry["mean"])
+            rows.append([Cell(label), Cell(dataset), Cell(_ipc_text(ipc)), Cell(ours.shown()),
                          Cell(_fmt_acc(entry["mean"], entry["std"])), Cell(entry["source"]), Cell(difference)])
     if not rows:
         return None
     title = f"Ours beside published numbers, evaluated on {arch}, protocol {protocol}"
     notes = ["difference = ours − published, in percentage points; published numbers are as the source reports "
              "them (ConvNet; std blank where the source gives none)."]
+    if any(m.smoke_epochs is not None for m in measured):
+        notes.append(f"A smoke test's figure ({SMOKE_MARK}) gets no difference: it says nothing about a reproduction.")
+    notes += _smoke_notes(measured)
     if quick:
         title += " — ours are QUICK (reduced CPU recipes)"
         notes.insert(0, "Ours come from the QUICK reduced CPU recipes, the published numbers from full recipes: "
@@ -345,18 +412,21 @@ def cross_architecture_section(frame: pd.DataFrame) -> Section | None:
                 continue
             labels = [label for label in _label_order(group.loc[group["dataset"] == dataset, "label"])
                       if not _records_for(group, label, dataset, ipc).empty]
-            rows, means = [], []
+            rows, means, measured = [], [], []
             for label in labels:
                 cells = [_measured(_records_for(group[group["eval_arch"] == arch], label, dataset, ipc))
                          for arch in archs]
-                rows.append([Cell(label)] + [Cell(text) for text, _, _ in cells])
-                means.append([mean for _, mean, _ in cells])
+                rows.append([Cell(label)] + [Cell(m.shown()) for m in cells])
+                means.append([m.mean for m in cells])
+                measured += cells
             _bold_best(rows, means, labels)
             distilled_on = ", ".join(sorted({str(a) for a in group["distill_arch"].dropna()})) or "–"
             title = (f"{dataset} ipc {_ipc_text(ipc)}: test accuracy % {ACC_DIRECTION} (mean ± std) by evaluation "
                      f"architecture, protocol {protocol}, distilled on {distilled_on}")
             title += " — QUICK: reduced CPU recipes" if quick else ""
-            notes = ["Bold: the best of each column (full data excluded)."]
+            if any(m.smoke_epochs is not None for m in measured):
+                title += f" — {SMOKE_MARK} SMOKE TESTS (--eval-epochs), not results"
+            notes = ["Bold: the best of each column (full data excluded)."] + _smoke_notes(measured)
             section.tables.append(Table(title, ["method", *archs], rows, notes))
     return section if section.tables else None
 
@@ -366,9 +436,12 @@ def cross_architecture_section(frame: pd.DataFrame) -> Section | None:
 
 
 def distilled_sets(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per distilled set (label × dataset × ipc × quick): its first successful record, else its first."""
+    """One row per distilled set (label × dataset × ipc × quick): its first successful record, else its first; a
+    real record before a smoke test's (whose distillation is the same, only its evaluation was cut short)."""
     rows = []
     for _, records in frame.groupby(["label", "dataset", "ipc", "quick"], dropna=False, sort=False):
+        records = pd.concat([records[records["eval_epochs_override"].isna()],
+                             records[records["eval_epochs_override"].notna()]])
         ok = records[records["status"] == "ok"]
         rows.append((ok if not ok.empty else records).iloc[0])
     order = {label: i for i, label in enumerate(_label_order(frame["label"]))}
@@ -445,12 +518,18 @@ def failure_section(frame: pd.DataFrame) -> Section | None:
     failed = frame[frame["status"].isin(FAILED_STATUSES)]
     if failed.empty:
         return None
+    smoke = failed["eval_epochs_override"].notna()
     rows = [[Cell(r["label"]), Cell(r["dataset"]), Cell(_ipc_text(r["ipc"])), Cell(str(r["eval_arch"])),
-             Cell(str(r["protocol"])), Cell(r["status"]), Cell(_error_summary(r["error"]))]
-            for _, r in failed.iterrows()]
+             Cell(str(r["protocol"])), Cell(r["status"] + (f" {SMOKE_MARK}" if is_smoke else "")),
+             Cell(_error_summary(r["error"]))]
+            for (_, r), is_smoke in zip(failed.iterrows(), smoke)]
+    notes = ["error: the last line of the record's error text."]
+    if smoke.any():
+        notes.append(f"{SMOKE_MARK} a smoke test's record (--eval-epochs: evaluation networks trained "
+                     f"{' or '.join(map(str, sorted(set(failed.loc[smoke, 'eval_epochs_override']))))} epochs).")
     table = Table(f"{len(rows)} cell(s) without a result", ["method", "dataset", "ipc", "eval arch", "protocol",
                                                                "status", "error"],
-                  rows, ["error: the last line of the record's error text."], latex_columns="llllllp{0.4\\linewidth}")
+                  rows, notes, latex_columns="llllllp{0.4\\linewidth}")
     return Section("Failed, out-of-memory and diverged cells", [table])
 
 
@@ -471,17 +550,20 @@ LATEX_REPLACEMENTS = {
     "\\": r"$\backslash$", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
     "~": r"\~{}", "^": r"\^{}", "<": r"$<$", ">": r"$>$", "|": r"$|$", "±": r"$\pm$", "↑": r"$\uparrow$",
     "↓": r"$\downarrow$", "−": r"$-$", "–": "--", "—": "---", "×": r"$\times$", "≈": r"$\approx$",
-    "…": r"\ldots{}", "·": r"$\cdot$", "“": "``", "”": "''", "‘": "`", "’": "'",
+    "…": r"\ldots{}", "·": r"$\cdot$", "“": "``", "”": "''", "‘": "`", "’": "'", "†": r"$^\dagger$",
 }
 
 
 def latex_escape(text: str) -> str:
     """Text → LaTeX that pdflatex compiles with no extra package or font (nothing from the TS1 text-companion
     fonts): specials escaped, known symbols as math, any other non-ASCII character as its closest ASCII form
-    (or ``?``)."""
+    (or ``?``); ``--`` stays two hyphens (``--eval-epochs``), not an en dash."""
     out = []
-    for char in str(text):
-        if char in LATEX_REPLACEMENTS:
+    text = str(text)
+    for i, char in enumerate(text):
+        if char == "-" and text[i + 1 : i + 2] == "-":
+            out.append("-{}")
+        elif char in LATEX_REPLACEMENTS:
             out.append(LATEX_REPLACEMENTS[char])
         elif ord(char) < 128:
             out.append(char)
@@ -571,7 +653,7 @@ def render_latex(name: str, intro: list[str], sections: list[Section], figures: 
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = create_temporary_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -604,14 +686,36 @@ def write_index(out_dir: str | os.PathLike) -> Path:
     return write_text_atomic(out / "README.md", "\n".join(lines))
 
 
+REPORT_FOLDER_FIX = "pass --out with a folder you can write the report to"
+
+
+def _check_report_folder(out: Path) -> None:
+    """Refuse, creating nothing, a report folder that cannot become one: a file, a path under a file, or a path
+    whose nearest existing folder may not be written in (the one-line ``UserError`` of
+    ``store.check_writable_folder``)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"report folder {out} is a file, not a folder; {REPORT_FOLDER_FIX}")
+    nearest = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"report folder {out} is not writable ({nearest} is a file); {REPORT_FOLDER_FIX}")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"report folder {out} is not writable ({nearest}: permission denied); {REPORT_FOLDER_FIX}")
+
+
 def write_reports(results_dir: str | os.PathLike, out_dir: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Write ``<out>/<name>.md``, ``<out>/<name>.tex``, ``<out>/figures/<name>_*.png`` and ``<out>/README.md`` from the
-    records under ``results_dir``; ``name`` defaults to the results folder's name. Returns the paths written."""
+    records under ``results_dir``; ``name`` defaults to the results folder's name. Returns the paths written.
+
+    An ``out_dir`` that cannot be written, and a results folder without records, are one-line ``UserError``s
+    raised before anything is written, no folder either: ``out_dir`` is vetted without being created, then the
+    records are read, and only then is ``out_dir`` created (``store.check_writable_folder``)."""
     from bench.figures import write_figures  # matplotlib is slow to import; only reports need it
 
+    out = Path(out_dir)
+    _check_report_folder(out)
     frame = load_report_frame(results_dir)
     name = name or Path(results_dir).resolve().name
-    out = Path(out_dir)
+    check_writable_folder(out, "report folder", REPORT_FOLDER_FIX, inside="figures")
     published = load_published()
     sections = [s for s in (accuracy_section(frame, published), cross_architecture_section(frame),
                             cost_section(frame, published), failure_section(frame)) if s is not None]
@@ -624,6 +728,13 @@ def write_reports(results_dir: str | os.PathLike, out_dir: str | os.PathLike, na
     if frame["quick"].any():
         intro.append("QUICK marks results of the reduced CPU recipes (for checking the pipeline, not the papers' "
                      "settings).")
+    smoke = frame["eval_epochs_override"].notna()
+    if smoke.any():
+        epochs = " or ".join(map(str, sorted(set(frame.loc[smoke, "eval_epochs_override"]))))
+        intro.append(f"{int(smoke.sum())} of these records are smoke tests (`--eval-epochs`: every evaluation network "
+                     f"trained {epochs} epochs, not the protocol's), marked {SMOKE_MARK}: a check that the pipeline "
+                     "runs, not results. They are never bold nor ranked, a cell with a real result shows only that, "
+                     "and the accuracy figures leave them out.")
     sources = _sources_used(sections, published)
     paths = [write_text_atomic(out / f"{name}.md", render_markdown(name, intro, sections, figures, sources)),
              write_text_atomic(out / f"{name}.tex", render_latex(name, intro, sections, figures, sources))]

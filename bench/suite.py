@@ -230,6 +230,25 @@ def _keep(only: dict[str, set[str]], key: str, *names: object) -> bool:
     return key not in only or any(str(n) in only[key] for n in names if n is not None)
 
 
+def _check_only_values(suite: Suite, only: dict[str, set[str]]) -> None:
+    """A ``UserError`` for an ``--only`` value that no grid of the suite has (a typo would otherwise drop the cells
+    it meant, silently when other values match), suggesting the nearest one."""
+    from bench.registry import split_method_spec
+
+    values: dict[str, set[str]] = {key: set() for key in ONLY_KEYS}
+    for grid in suite.grids:
+        values["dataset"].update(grid.datasets)
+        values["method"].update(name for m in grid.methods for name in (m.spec, m.label, split_method_spec(m.spec)[0]))
+        values["ipc"].update(map(str, grid.ipc))
+        values["protocol"].update(grid.protocols)
+        values["seed"].update(map(str, grid.seeds))
+    for key, wanted in only.items():
+        for value in sorted(wanted - values[key]):
+            near = nearest_name(value, sorted(values[key]))
+            hint = f"; did you mean '{near}'?" if near else f" (it has {', '.join(sorted(values[key]))})"
+            raise UserError(f"--only {key}={value}: no grid of suite '{suite.name}' has {key} '{value}'{hint}")
+
+
 def suite_requests(suite: Suite, results_dir: Path, quick: bool = False, only: dict[str, set[str]] | None = None,
                    **run_options: object) -> list:
     """One ``RunRequest`` per grid × dataset × protocol × (plain methods | each method with options).
@@ -239,6 +258,7 @@ def suite_requests(suite: Suite, results_dir: Path, quick: bool = False, only: d
     from bench.runner import RunRequest
 
     only = only or {}
+    _check_only_values(suite, only)
     requests = []
     for grid in suite.grids:
         entries = [m for m in grid.methods if _keep(only, "method", m.spec, m.label, split_method_spec(m.spec)[0])]
@@ -297,6 +317,14 @@ def describe_cells(requests: list) -> list[str]:
     return lines
 
 
+def describe_suite_cells(suite: Suite, requests: list) -> list[str]:
+    """``describe_cells`` of a suite's requests, its errors naming the suite's file."""
+    try:
+        return describe_cells(requests)
+    except UserError as exc:
+        raise UserError(f"suite {suite.path}: {exc}") from None
+
+
 def run_suite(suite: Suite, results_dir: Path, quick: bool = False, only: dict[str, set[str]] | None = None,
               echo=print, **run_options: object) -> list[dict]:
     """Plan every request of the suite first (so a bad name, missing data or an unwritable results folder fails
@@ -305,7 +333,7 @@ def run_suite(suite: Suite, results_dir: Path, quick: bool = False, only: dict[s
     from bench.store import check_results_dir
 
     requests = suite_requests(suite, results_dir, quick, only, **run_options)
-    describe_cells(requests)
+    describe_suite_cells(suite, requests)
     planned = [(request, plan(request)) for request in requests]
     reject_repeated_cells(planned)
     check_results_dir(results_dir)

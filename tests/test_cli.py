@@ -123,3 +123,13 @@ def test_run_writes_records_and_report(capsys, tmp_path):
     assert code == 0 and "| random" in (tmp_path / "rep" / "res.md").read_text()
     code, out, _ = run_cli(capsys, *RUN, "--results", str(res), "--resume")
     assert code == 0 and "skip" in out
+
+
+def test_compare_help_states_the_thresholds_defaults():
+    from dataclasses import asdict
+
+    from bench.cli import COMPARE_DEFAULTS
+    from bench.compare import Thresholds
+
+    defaults = asdict(Thresholds())
+    assert {key: defaults[key] for key in COMPARE_DEFAULTS} == COMPARE_DEFAULTS

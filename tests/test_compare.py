@@ -331,8 +331,11 @@ def test_only_compares_the_selected_part_of_the_baseline(baseline, tmp_path):
     current = write_folder(tmp_path / "worse", worse)
     assert main_compare(baseline, current, only={"ipc": {"1"}}) == 1
     assert main_compare(baseline, current, only={"ipc": {"1"}, "method": {"dm", "mtt"}}) == 0  # random left out
-    with pytest.raises(UserError, match="no baseline cell passes"):
+    with pytest.raises(UserError, match="no baseline cell has method 'apm'"):
         compare_results(baseline, current, only={"method": {"apm"}})
+    with pytest.raises(UserError, match="no baseline cell passes"):  # each value exists, not together
+        mixed = [r for r in baseline_records() if (r["method"], r["ipc"]) in (("dm", 1), ("mtt", 10))]
+        compare_results(write_folder(tmp_path / "mixed", mixed), current, only={"method": {"dm"}, "ipc": {"10"}})
 
 
 def test_only_ipc_keeps_cells_without_an_ipc(tmp_path):
@@ -343,3 +346,92 @@ def test_only_ipc_keeps_cells_without_an_ipc(tmp_path):
     comparison = compare_results(baseline, current, only={"ipc": {"1"}})
     assert comparison.cells_compared == 2 and not comparison.has_regressions
     assert compare_results(baseline, current, only={"ipc": {"1"}, "method": {"random"}}).cells_compared == 1
+
+
+def _smoke_test(record):
+    """As `ddbench run --eval-epochs 2 --seeds 0` writes the cell: one seed of 2 epochs, not 300."""
+    record.update(eval_epochs_override=2, seeds=[0], acc=[record["acc"][0]], acc_mean=record["acc"][0])
+    record["phases"]["eval"]["wall_s"] *= 2 / 300 / 3
+    record["record_id"] = stable_hash([record["record_id"], "smoke"])
+
+
+def test_smoke_records_never_pair_with_real_ones(baseline, tmp_path, capsys):
+    """The audit's case: a folder of 2-epoch smoke records against a real baseline printed speed factor 0.02 and
+    called every distillation time a regression; a smoke cell is now a cell of its own."""
+    current = current_folder(tmp_path, _smoke_test)
+    comparison = compare_results(baseline, current)
+    assert comparison.cells_compared == 0 and len(comparison.new_cells) == 6
+    assert regressed(comparison) == {(method, ipc, "cell") for method in METHODS for ipc in IPCS}  # all missing
+    assert comparison.speed_factor == 1.0 and comparison.speed_cells == 0
+    assert main_compare(baseline, current) == 1
+    out = capsys.readouterr().out
+    assert "cifar10 ipc1 dm (convnet→convnet, standard, quick, smoke test: 2 eval epochs)" in out
+    assert "speed factor 0.0" not in out and "wall_s" not in out and "no cell is ok on both sides" in out
+
+
+def test_smoke_folder_against_itself_passes(tmp_path):
+    smoke = copy.deepcopy(baseline_records())
+    for record in smoke:
+        _smoke_test(record)
+    folder = write_folder(tmp_path / "smoke", smoke)
+    comparison = compare_results(folder, folder)
+    assert comparison.cells_compared == 6 and not comparison.regressions and comparison.speed_cells == 6
+
+
+def test_speed_factor_only_over_cells_whose_evaluations_did_the_same_work(tmp_path, capsys):
+    """A machine twice as slow; dm's cells evaluated 1 seed instead of 3 and mtt's 150 epochs instead of 300: the
+    factor is random's 2.0, not the median 1.0 over every cell (which made every distill time a regression)."""
+    records = baseline_records()
+    for record in records:
+        record["protocol_config"] = {"epochs": 300}
+    baseline = write_folder(tmp_path / "baseline", records)
+
+    def slower_and_less_work(record):
+        record["protocol_config"] = {"epochs": 300}
+        for phase in record["phases"].values():
+            phase["wall_s"] *= 2
+        record["iter_time_s"]["median"] *= 2
+        if record["method"] == "dm":
+            record.update(seeds=[0], acc=[record["acc_mean"]])
+            record["phases"]["eval"]["wall_s"] /= 3
+        if record["method"] == "mtt":
+            record["protocol_config"] = {"epochs": 150}
+            record["phases"]["eval"]["wall_s"] /= 2
+
+    current = current_folder(tmp_path, slower_and_less_work)
+    comparison = compare_results(baseline, current)
+    assert comparison.speed_factor == pytest.approx(2.0)
+    assert (comparison.speed_cells, comparison.speed_left_out) == (2, 4)
+    assert not comparison.regressions
+    assert main_compare(baseline, current) == 0
+    out = capsys.readouterr().out
+    assert "speed factor 2.00 (current ÷ baseline evaluation wall time, median over 2 cells whose evaluations did " \
+           "the same work)" in out
+    assert "speed factor taken over 2 cells only: 4 matched cells with evaluation wall times on both sides " \
+           "evaluated with a different number of seeds or evaluation epochs" in out
+
+
+def test_no_cell_with_the_same_evaluation_work_compares_times_unscaled(baseline, tmp_path, capsys):
+    def one_seed(record):  # the same machine, one seed instead of three: evaluation a third as long
+        record.update(seeds=[0], acc=[record["acc_mean"]])
+        record["phases"]["eval"]["wall_s"] /= 3
+
+    current = current_folder(tmp_path, one_seed)
+    comparison = compare_results(baseline, current)
+    assert comparison.speed_factor == 1.0 and (comparison.speed_cells, comparison.speed_left_out) == (0, 6)
+    assert not comparison.regressions  # divided by 1/3, every unchanged time looked three times slower
+    assert main_compare(baseline, current) == 0
+    out = capsys.readouterr().out
+    assert "speed factor 1.00: no matched cell's evaluation did the same work on both sides" in out
+    assert "times compared unscaled" in out
+
+
+def test_only_with_a_typo_or_a_seed_is_an_error_naming_the_nearest(baseline, tmp_path):
+    current = current_folder(tmp_path)
+    with pytest.raises(UserError, match="no baseline cell has method 'randon'; did you mean 'random'"):
+        compare_results(baseline, current, only={"method": {"random", "randon"}})
+    with pytest.raises(UserError, match=r"no baseline cell has ipc '5' \(it has 1, 10\)"):
+        compare_results(baseline, current, only={"ipc": {"5"}})
+    with pytest.raises(UserError, match="compare --only takes dataset, method, ipc or protocol"):
+        compare_results(baseline, current, only={"seed": {"0"}})
+    assert compare_results(baseline, current, only={"method": {"dm"}, "ipc": {"1"}}).cells_compared == 1

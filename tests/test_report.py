@@ -1,19 +1,25 @@
 """Reports: Markdown/LaTeX tables, published numbers beside ours, costs, failures, figures and the index."""
 
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 from bench.distilled import DistilledSet
-from bench.figures import displayable
+from bench.cli import main
+from bench.errors import UserError
+from bench.figures import accuracy_vs_ipc, displayable
 from bench.published import PUBLISHED_PATH, load_published
-from bench.report import latex_escape, write_reports
+from bench.report import latex_escape, prepare_frame, write_reports
 from bench.store import write_record
 
 NO_GPU = "cpu run: no CUDA device"
@@ -21,12 +27,14 @@ MEAN, STD = 0.1307, 0.3081  # MNIST's normalisation, as a distilled set's metada
 
 
 def make_record(method, ipc, acc, *, eval_arch="convnet", status="ok", error=None, label=None, config=None,
-                iter_s=0.2, rss=500.0, distilled_path=None, quick=False):
+                iter_s=0.2, rss=500.0, distilled_path=None, quick=False, eval_epochs=None):
+    """A record; ``eval_epochs`` makes it a smoke test's (``--eval-epochs``: ``eval_epochs_override``)."""
     acc = [] if status != "ok" else acc
+    smoke = "" if eval_epochs is None else f"-smoke{eval_epochs}"
     return {
-        "record_id": f"{method}-{label}-{ipc}-{eval_arch}", "method": method, "recipe": None, "label": label,
+        "record_id": f"{method}-{label}-{ipc}-{eval_arch}{smoke}", "method": method, "recipe": None, "label": label,
         "suite": "unit", "dataset": "mnist", "ipc": ipc, "distill_arch": "convnet", "eval_arch": eval_arch,
-        "protocol": "standard", "quick": quick, "seeds": [0, 1, 2], "acc": acc,
+        "protocol": "standard", "quick": quick, "seeds": [0, 1, 2], "acc": acc, "eval_epochs_override": eval_epochs,
         "acc_mean": float(np.mean(acc)) if acc else None, "acc_std": float(np.std(acc)) if acc else None,
         "status": status, "error": error, "config": config or {}, "flops_per_iter": 2.5e9,
         "iter_time_s": {"median": iter_s, "n": 10} if iter_s else None, "distilled_path": distilled_path,
@@ -322,3 +330,123 @@ def test_merged_subgroups_figure_for_apm_at_several_subgroup_counts(tmp_path):
 def test_no_merged_subgroups_figure_without_two_subgroup_counts(report):
     out, _, _ = report
     assert not list((out / "figures").glob("*acc-vs-subgroups*"))
+
+
+def smoke_and_real_report(tmp_path):
+    """The audit's case: a quick 2-epoch smoke run of random, herding and full at ipc 1 and 10 (one seed), then a
+    real quick run of random at ipc 1 in the same folder; the smoke herding scores above the real random."""
+    results = tmp_path / "res"
+    for method, ipc, acc in (("random", 1, 40.0), ("random", 10, 55.0), ("herding", 1, 80.0), ("herding", 10, 85.0),
+                             ("full", None, 30.0)):
+        record = make_record(method, ipc, [acc], quick=True, eval_epochs=2,
+                             config={"quick_eval_epochs": 50} if method == "full" else None)
+        write_record(results, dict(record, seeds=[0]))
+    write_record(results, dict(make_record("random", 1, [69.4], quick=True), seeds=[0]))
+    write_record(results, dict(make_record("dm", 1, [], status="failed", error="RuntimeError: boom", quick=True,
+                                           eval_epochs=2), seeds=[0]))
+    write_reports(results, tmp_path / "out")
+    return (tmp_path / "out" / "res.md").read_text(), (tmp_path / "out" / "res.tex").read_text()
+
+
+def test_smoke_records_are_marked_never_bold_and_a_real_result_wins(tmp_path):
+    text, tex = smoke_and_real_report(tmp_path)
+    title = next(t for t in markdown_tables(text) if t.startswith("Test accuracy"))
+    assert "QUICK" in title and "† SMOKE TESTS (--eval-epochs), not results" in title
+    _, rows = accuracy_rows(text)
+    assert rows["random"] == ["**69.4**", "55.0 †"]  # the real result, not merged with its smoke record
+    assert rows["herding"] == ["80.0 †", "85.0 †"]  # above the real 69.4, yet never bold
+    assert rows["full"] == ["30.0 †", "30.0 †"]
+    assert "† smoke test: every evaluation network trained 2 epochs (--eval-epochs), not the protocol's" in text
+    assert "1 smoke-test record (--eval-epochs) left out: where a cell has a real result as well" in text
+    assert "full: trained on the whole training set for 2 epochs († a smoke test's --eval-epochs" in text
+    assert "50 epochs" not in text  # the quick recipe's epochs, which the smoke test did not train
+    assert "6 of these records are smoke tests" in text
+    assert "\\textbf{80.0}" not in tex and "\\textbf{69.4}" in tex and "80.0 $^\\dagger$" in tex
+    assert "(-{}-eval-epochs)" in tex  # two hyphens, not an en dash
+    assert all(ord(c) < 128 for c in tex)
+
+
+def test_smoke_figure_beside_a_published_number_gets_no_difference(tmp_path):
+    text, _ = smoke_and_real_report(tmp_path)
+    header, *rows = find_table(text, "published")
+    by_key = {(r[0], r[2]): r for r in rows}
+    assert by_key["random", "1"][3:] == ["69.4", "64.9 ± 3.5", "DC paper (quoted)", "+4.5"]
+    assert by_key["random", "10"][3] == "55.0 †" and by_key["random", "10"][6] == "–"
+    assert "A smoke test's figure (†) gets no difference" in text
+
+
+def test_failed_smoke_record_is_marked(tmp_path):
+    text, _ = smoke_and_real_report(tmp_path)
+    _, *rows = find_table(text, "without a result")
+    assert rows == [["dm", "mnist", "1", "convnet", "standard", "failed †", "RuntimeError: boom"]]
+    assert "† a smoke test's record (--eval-epochs: evaluation networks trained 2 epochs)." in text
+
+
+def test_full_note_keeps_real_epochs_apart_from_smoke_ones(tmp_path):
+    """full is real on mnist (its quick recipe's 50 epochs) and only a 2-epoch smoke test on cifar10."""
+    write_record(tmp_path / "res", make_record("full", None, [99.0, 99.1, 99.2], quick=True,
+                                               config={"quick_eval_epochs": 50}))
+    smoke = make_record("full", None, [40.0], quick=True, eval_epochs=2, config={"quick_eval_epochs": 50})
+    write_record(tmp_path / "res", dict(smoke, dataset="cifar10"))
+    write_reports(tmp_path / "res", tmp_path / "out")
+    text = (tmp_path / "out" / "res.md").read_text()
+    _, rows = accuracy_rows(text)
+    assert rows["full"] == ["40.0 (n=1) †", "99.1 ± 0.1 (n=3)"]
+    assert ("full: trained on the whole training set for 50 epochs (its quick recipe: an epoch of the whole set is "
+            "many mini-batches); its † figures for 2 epochs (a smoke test's --eval-epochs);") in text
+
+
+def test_cross_architecture_table_marks_smoke_figures(tmp_path):
+    write_record(tmp_path / "res", make_record("dc", 1, [91.0, 92.0, 93.0]))
+    write_record(tmp_path / "res", make_record("random", 1, [99.0], eval_epochs=3))
+    write_record(tmp_path / "res", make_record("dc", 1, [80.0, 81.0, 82.0], eval_arch="resnet18_cifar"))
+    write_reports(tmp_path / "res", tmp_path / "out")
+    header, *rows = find_table((tmp_path / "out" / "res.md").read_text(), "by evaluation architecture")
+    assert {r[0]: r[1:] for r in rows} == {"random": ["99.0 †", "–"], "dc": ["**92.0 ± 0.8**", "**81.0 ± 0.8**"]}
+
+
+def test_accuracy_figures_leave_smoke_tests_out(tmp_path):
+    records = [make_record("random", 1, [60.0, 61.0, 62.0]), make_record("random", 10, [90.0, 91.0, 92.0]),
+               make_record("herding", 1, [70.0], eval_epochs=2), make_record("herding", 10, [93.0], eval_epochs=2)]
+    frame = prepare_frame(pd.DataFrame(records))
+    figure = accuracy_vs_ipc(frame, {label: {} for label in ("random", "herding")}, "title")
+    assert figure.axes[0].get_legend_handles_labels()[1] == ["random"]
+    for record in records:
+        write_record(tmp_path / "res", record)
+    write_reports(tmp_path / "res", tmp_path / "out")
+    text = (tmp_path / "out" / "res.md").read_text()
+    assert "### Test accuracy vs images per class — mnist, evaluated on convnet, protocol standard (2 smoke-test " \
+           "records, --eval-epochs, left out)" in text
+    assert "the accuracy figures leave them out" in text
+
+
+def test_report_without_records_or_folder_writes_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no records under"):
+        write_reports(tmp_path / "empty", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # not even out/figures/
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match="report folder .* is not writable"):  # vetted before the records are read
+        write_reports(tmp_path / "empty", tmp_path / "file" / "out")
+    write_record(tmp_path / "res", make_record("dc", 1, [91.0, 92.0, 93.0]))
+    with pytest.raises(UserError, match="report folder .* is a file, not a folder"):
+        write_reports(tmp_path / "res", tmp_path / "file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "res"]
+
+
+def test_report_command_without_records_creates_no_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(["report", "--results", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert code == 2 and "no records under" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_files_follow_the_umask(tmp_path):
+    results = tmp_path / "res"
+    write_record(results, make_record("dc", 1, [91.0, 92.0, 93.0]))
+    old = os.umask(0o022)
+    try:
+        written = write_reports(results, tmp_path / "out", name="mine")
+    finally:
+        os.umask(old)
+    assert written and all(stat.S_IMODE(Path(p).stat().st_mode) == 0o644 for p in written)

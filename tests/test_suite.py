@@ -4,6 +4,7 @@ runs through the harness with its labels; ImageNet without data stops at once, w
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +54,20 @@ def test_only_filters_cells():
     requests = suite_requests(load_suite("quick"), Path("."), only=parse_only(["method=apm,random", "ipc=1"]))
     lines = describe_cells(requests)
     assert len(lines) == 2 and all("ipc 1 " in line for line in lines)
-    with pytest.raises(UserError, match="no cell of suite 'quick' matches"):
+    with pytest.raises(UserError, match="no grid of suite 'quick' has method 'nothing'"):
         suite_requests(load_suite("quick"), Path("."), only=parse_only(["method=nothing"]))
+    with pytest.raises(UserError, match="method 'randm'; did you mean 'random'"):  # even beside a value that matches
+        suite_requests(load_suite("quick"), Path("."), only=parse_only(["method=random,randm"]))
     with pytest.raises(UserError, match="--only expects"):
         parse_only(["colour=red"])
     (request,) = suite_requests(load_suite("quick"), Path("."), only=parse_only(["method=random", "ipc=1", "seed=0,2"]))
     assert request.seeds == [0, 2]
-    with pytest.raises(UserError, match="no cell of suite 'quick' matches"):
+    with pytest.raises(UserError, match=r"no grid of suite 'quick' has seed '7' \(it has 0, 1, 2\)"):
         suite_requests(load_suite("quick"), Path("."), only=parse_only(["seed=7"]))
+    two_grids = load_suite("quick")
+    two_grids.grids.append(replace(two_grids.grids[0], ipc=[50], methods=two_grids.grids[0].methods[-1:]))
+    with pytest.raises(UserError, match="no cell of suite 'quick' matches --only ipc=50 --only method=apm"):
+        suite_requests(two_grids, Path("."), only=parse_only(["ipc=50", "method=apm"]))  # each alone exists
 
 
 def _write(tmp_path: Path, text: str) -> Path:
