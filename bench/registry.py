@@ -7,6 +7,7 @@ exception and live in timm's own registry (see ``bench/models.py``).
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Callable, Generic, Iterator, TypeVar
 
 from bench.errors import UnknownNameError, UserError
@@ -124,10 +125,11 @@ def _check_value(method: str, key: str, value: object, annotation: object) -> ob
         return value
     if "bool" in text and isinstance(value, bool):
         return value
-    if "float" in text and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if "int" in text and isinstance(value, int) and not isinstance(value, bool):
-        return value
+    if ("float" in text and isinstance(value, (int, float)) or "int" in text and isinstance(value, int)) \
+            and not isinstance(value, bool):
+        if not math.isfinite(value) or value < 0:  # every numeric option is a count, a rate, a weight or a size
+            raise UserError(f"method '{method}': option '{key}' must be a non-negative number, got {value!r}")
+        return float(value) if "float" in text else value
     if "str" in text and isinstance(value, str):
         return value
     if "tuple" in text and isinstance(value, (list, tuple)):
