@@ -76,9 +76,10 @@ report: venv
 # baseline; evaluation seeds trained one at a time — the reference computation — so that no machine-dependent
 # engine choice moves a number), cells side by side with one torch thread each (as the baseline was made), compared
 # with the committed CPU baseline: exit 1 when a cell got worse. Memory and time get looser tolerances than `ddbench
-# compare`'s defaults (15 %, 2×): CI's machine is not the baseline's. So does accuracy (3 points, not 2): the same
-# code and seeds gave APM at digits ipc 1 60.0 on one 2-core machine and 56.9 on another (CPU kernels round
-# differently, and APM's adversarial updates amplify it); 2 standard errors still apply.
+# compare`'s defaults (15 %, 2×): CI's machine is not the baseline's. So does accuracy (3 points, not 2): in an
+# earlier session the same code and seeds gave APM at digits ipc 1 60.0 on one 2-core machine and 56.9 on another
+# (an earlier quick recipe, not re-measured since: CPU kernels round differently, and APM's adversarial updates
+# amplify it); 2 standard errors still apply.
 # CI checks the ipc-1 half of the grid (`full` included: it has no ipc) to keep its run short; `make regress
 # REGRESS_ONLY=` checks the whole grid against the whole baseline (about 9 min on a 2-core AMD EPYC with JOBS=2).
 REGRESS_TOLERANCES ?= --acc-tol 3 --memory-rel-tol 0.15 --time-rel-tol 1.0

@@ -312,7 +312,7 @@ def _evaluate(args: argparse.Namespace) -> None:
                 cells_side_by_side=1,
                 eval_epochs_override=args.eval_epochs,
                 quick=bool(args.quick or meta.get("quick")), learned_lr=distilled.learned_lr,
-                distilled_path=str(args.path), phases=phases, status="ok", error=None, **NOT_DISTILLED_HERE, **fields,
+                distilled_path=str(Path(args.path).resolve()), phases=phases, status="ok", error=None, **NOT_DISTILLED_HERE, **fields,
             ))
 
 

@@ -5,7 +5,8 @@ by metric, whether the current run regressed, improved or stayed within toleranc
 what moved; ``main_compare`` is the ``ddbench compare`` entry point (exit code 0, or 1 on any regression).
 
 How cells are matched
-    By (dataset, label, ipc, distill_arch, eval_arch, protocol, quick, eval_epochs_override), never by config hash:
+    By (dataset, label, ipc, distill_arch, eval_arch, protocol, quick, eval_epochs_override, the protocol's epochs
+    from ``protocol_config``: a set evaluated for 1000 epochs is not the cell it is at 300), never by config hash:
     a config change that makes things worse must still be compared. ``label`` is the record's own ``label`` (a
     variant's row label such as ``apm-seg100``), else ``method.recipe``, else ``method``. ``eval_epochs_override``
     is a smoke test's ``--eval-epochs N`` (null for a real run): a smoke cell is a cell of its own and never pairs
@@ -92,17 +93,22 @@ class CellKey(NamedTuple):
     protocol: str
     quick: bool
     eval_epochs: int | None = None  # a smoke test's --eval-epochs (the record's eval_epochs_override); None: real
+    protocol_epochs: int | None = None  # the epochs the protocol trained (protocol_config); None: not recorded
 
     def __str__(self) -> str:
         ipc = "all" if self.ipc is None else self.ipc
         quick = ", quick" if self.quick else ""
-        smoke = "" if self.eval_epochs is None else f", smoke test: {self.eval_epochs} eval epochs"
+        if self.eval_epochs is not None:
+            epochs = f", smoke test: {self.eval_epochs} eval epochs"
+        else:
+            epochs = "" if self.protocol_epochs is None else f", {self.protocol_epochs} epochs"
         return (f"{self.dataset} ipc{ipc} {self.label} ({self.distill_arch}→{self.eval_arch}, {self.protocol}{quick}"
-                f"{smoke})")
+                f"{epochs})")
 
     def sort_key(self) -> tuple:
         return (self.dataset, self.label, -1 if self.ipc is None else self.ipc, self.distill_arch, self.eval_arch,
-                self.protocol, self.quick, -1 if self.eval_epochs is None else self.eval_epochs)
+                self.protocol, self.quick, -1 if self.eval_epochs is None else self.eval_epochs,
+                -1 if self.protocol_epochs is None else self.protocol_epochs)
 
 
 @dataclass(frozen=True)
@@ -197,7 +203,16 @@ def record_label(record: dict) -> str:
 def cell_key(record: dict) -> CellKey:
     return CellKey(record.get("dataset"), record_label(record), record.get("ipc"), record.get("distill_arch"),
                    record.get("eval_arch"), record.get("protocol"), bool(record.get("quick")),
-                   record.get("eval_epochs_override"))
+                   record.get("eval_epochs_override"), _protocol_epochs(record))
+
+
+def _protocol_epochs(record: dict) -> int | None:
+    """The epochs its evaluation protocol trained, from ``protocol_config`` (None for a cost-only record or one
+    that does not say): a quick set evaluated under the full protocol is another cell than under the quick one."""
+    if record.get("eval_arch") is None:
+        return None
+    epochs = (record.get("protocol_config") or {}).get("epochs")
+    return int(epochs) if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) else None
 
 
 def _load_folder(results_dir: str | os.PathLike, side: str, notes: list[str]) -> dict[CellKey, dict]:

@@ -520,6 +520,11 @@ class FlopCounter:
 # ---------------------------------------------------------------------------------------------------------------
 # environment
 
+# What can change a record's numbers: ``git_dirty`` says whether these differ from ``git_sha`` (edited, or new
+# files not yet committed). Results, reports and logs written beside the code do not make it dirty.
+CODE_PATHSPECS = (":/bench", ":/methods", ":/benchmarks", ":/pyproject.toml")
+
+
 @lru_cache(maxsize=None)
 def _git(*args: str) -> str | None:
     try:
@@ -568,7 +573,7 @@ def environment_stamp() -> dict:
     return {
         "ddbench": bench.__version__,
         "git_sha": sha,
-        "git_dirty": None if sha is None else bool(_git("status", "--porcelain")),
+        "git_dirty": None if sha is None else bool(_git("status", "--porcelain", "--", *CODE_PATHSPECS)),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "timm": timm.__version__,

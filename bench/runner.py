@@ -19,7 +19,7 @@ import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -37,7 +37,7 @@ from bench.progress import log, progress_bar
 from bench.registry import (create_method, default_recipe, get_method_class, list_methods, nearest_name,
                             split_method_spec)
 from bench.seeding import generator_for
-from bench.store import (RECORDS_DIR, check_results_dir, evaluation_fields, existing_record_ids, record_id,
+from bench.store import (RECORDS_DIR, check_results_dir, evaluation_fields, existing_records, record_id,
                          remove_stale_temporaries, set_fields, stable_hash, write_record)
 
 if TYPE_CHECKING:
@@ -804,6 +804,17 @@ def reject_repeated_cells(planned: list[tuple[RunRequest, list[Cell] | list[Desc
     return all_ids
 
 
+def _code_since(done: dict[str, dict], ids: Iterable[str], current: str | None) -> str:
+    """A warning for a skipped cell whose records another commit wrote than ``current`` (a record's identity holds
+    its method's config, not the code): ``--resume`` keeps numbers that this code may no longer give."""
+    written = sorted({str((done[i].get("env") or {}).get("git_sha"))[:7] for i in ids if i in done
+                      and (done[i].get("env") or {}).get("git_sha") not in (None, current)})
+    if current is None or not written:
+        return ""
+    return (f"; WARNING: written by commit {', '.join(written)}, this is {current[:7]}: delete them (or run without "
+            f"--resume into a new folder) to measure this code")
+
+
 def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Cell] | None = None) -> list[dict]:
     """Plan (unless ``cells`` were planned already), then distil and evaluate every cell through the request's
     executor (``bench.executors``: on this machine, each cell in its own process unless ``isolate`` is off, or on a
@@ -820,12 +831,13 @@ def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Ce
     request = replace(request, cache_dir=str(resolve_cache_dir(request.cache_dir)),
                       data_root=str(resolve_data_root(request.data_root)))
     protocol = get_protocol(request.protocol)
-    done = existing_record_ids(request.results_dir) if request.resume else set()
+    done = existing_records(request.results_dir) if request.resume else {}
+    this_commit = environment_stamp().get("git_sha") if done else None
     jobs = []
     for cell, ids in zip(cells, cell_ids):
         archs = [arch for arch in ids if ids[arch] not in done]
         if not archs:
-            echo(f"skip {cell.method_spec} ipc {cell.ipc}: records exist (--resume)")
+            echo(f"skip {cell.method_spec} ipc {cell.ipc}: records exist (--resume){_code_since(done, ids.values(), this_commit)}")
             continue
         jobs.append(CellJob(cell, archs, ids))
     from bench.executors import create_executor

@@ -7,7 +7,7 @@ Top-level keys that scripts and reports rely on: ``schema_version``, ``record_id
 ``dataset``, ``ipc``, ``distill_arch``, ``eval_arch``, ``protocol``, ``quick``, ``seeds``, ``acc`` (per-seed, %),
 ``acc_mean``, ``acc_std``, ``status`` (ok / failed / oom / diverged / interrupted), ``error``. Also: ``suite``, ``config`` and
 ``config_hash``, ``protocol_version`` and ``protocol_config``, ``distill_seed``, ``transform``, ``learned_lr``,
-``distilled_path``, ``learned_lr``, and the costs:
+``distilled_path``, ``eval_epochs_override`` (a smoke test's ``--eval-epochs``), and the costs:
 
 * ``phases``: phase name (``experts``, ``distill``, ``eval``) → ``{wall_s, cpu_peak_rss_mb, gpu_nvml_peak_mb,
   gpu_torch_allocated_peak_mb, gpu_torch_reserved_peak_mb, gpu_reason, gpu_nvml_source}``; GPU figures are null
@@ -156,8 +156,9 @@ def remove_stale_temporaries(results_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def existing_record_ids(results_dir: str | os.PathLike) -> set[str]:
-    return {r["record_id"] for r in load_records(results_dir) if r.get("status") == "ok"}
+def existing_records(results_dir: str | os.PathLike) -> dict[str, dict]:
+    """The folder's ok records by record id: what ``--resume`` keeps."""
+    return {r["record_id"]: r for r in load_records(results_dir) if r.get("status") == "ok"}
 
 
 _SKIPPED_SAID: set[str] = set()  # record files this process has already said it skips

@@ -379,7 +379,7 @@ def test_smoke_folder_against_itself_passes(tmp_path):
 
 
 def test_speed_factor_only_over_cells_whose_evaluations_did_the_same_work(tmp_path, capsys):
-    """A machine twice as slow; dm's cells evaluated 1 seed instead of 3 and mtt's 150 epochs instead of 300: the
+    """A machine twice as slow; dm's cells evaluated 1 seed instead of 3 and mtt's 2: the
     factor is random's 2.0, not the median 1.0 over every cell (which made every distill time a regression)."""
     records = baseline_records()
     for record in records:
@@ -395,8 +395,8 @@ def test_speed_factor_only_over_cells_whose_evaluations_did_the_same_work(tmp_pa
             record.update(seeds=[0], acc=[record["acc_mean"]])
             record["phases"]["eval"]["wall_s"] /= 3
         if record["method"] == "mtt":
-            record["protocol_config"] = {"epochs": 150}
-            record["phases"]["eval"]["wall_s"] /= 2
+            record.update(seeds=[0, 1], acc=record["acc"][:2])
+            record["phases"]["eval"]["wall_s"] *= 2 / 3
 
     current = current_folder(tmp_path, slower_and_less_work)
     comparison = compare_results(baseline, current)
@@ -424,6 +424,23 @@ def test_no_cell_with_the_same_evaluation_work_compares_times_unscaled(baseline,
     out = capsys.readouterr().out
     assert "speed factor 1.00: no matched cell's evaluation did the same work on both sides" in out
     assert "times compared unscaled" in out
+
+
+def test_a_set_evaluated_for_other_epochs_is_another_cell(baseline, tmp_path, capsys):
+    """``ddbench evaluate`` of a quick set without --quick trains the full protocol's 1000 epochs: its record says
+    quick (the set is), and must not pair with the 300-epoch cell."""
+    def full_protocol(record):
+        if (record["method"], record["ipc"]) == ("dm", 1):
+            record["protocol_config"] = {"epochs": 1000}
+    base = [dict(r, protocol_config={"epochs": 300}) for r in baseline_records()]
+    baseline = write_folder(tmp_path / "base300", base)
+    current = current_folder(tmp_path, lambda r: (r.update(protocol_config={"epochs": 300}), full_protocol(r)))
+    comparison = compare_results(baseline, current)
+    assert comparison.cells_compared == len(base) - 1
+    assert main_compare(baseline, current) == 1  # the 300-epoch cell is missing
+    out = capsys.readouterr().out
+    assert "cifar10 ipc1 dm (convnet→convnet, standard, quick, 300 epochs)" in out
+    assert "cifar10 ipc1 dm (convnet→convnet, standard, quick, 1000 epochs)" in out
 
 
 def test_only_with_a_typo_or_a_seed_is_an_error_naming_the_nearest(baseline, tmp_path):

@@ -4,6 +4,7 @@ out-of-memory death costs one cell and the grid goes on (issue 5)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,22 @@ def test_the_memory_sampling_interval_reaches_every_phase(tmp_path, monkeypatch)
     (record,) = run(request, echo=lambda _: None)
     assert record["status"] == "ok"
     assert intervals == {"experts": {0.05}, "distill": {0.05}, "eval": {0.05}}
+
+
+def test_resume_warns_when_the_records_it_keeps_came_from_other_code(tmp_path, monkeypatch):
+    """A record's identity holds its method's config, not the code: ``--resume`` keeps it, and says so."""
+    import bench.runner
+
+    real_stamp = bench.runner.environment_stamp
+    monkeypatch.setattr(bench.runner, "environment_stamp", lambda: dict(real_stamp(), git_sha="1" * 40))
+    request = _request(tmp_path, ["random"], isolate=False, eval_epochs=2)
+    (record,) = run(request, echo=lambda _: None)
+    assert record["env"]["git_sha"] == "1" * 40
+    lines: list[str] = []
+    run(replace(request, resume=True), echo=lines.append)
+    assert lines == ["skip random ipc 1: records exist (--resume)"]
+    monkeypatch.setattr(bench.runner, "environment_stamp", lambda: dict(real_stamp(), git_sha="2" * 40))
+    lines.clear()
+    run(replace(request, resume=True), echo=lines.append)
+    assert lines == ["skip random ipc 1: records exist (--resume); WARNING: written by commit 1111111, this is 2222222: "
+                     "delete them (or run without --resume into a new folder) to measure this code"]
