@@ -30,7 +30,8 @@ When a metric regresses (↑ higher is better, ↓ lower is better)
       divided by the *speed factor*, the median over matched cells of current ÷ baseline evaluation wall time
       (the evaluation protocol is the same work for every cell, whatever the method). Only cells whose two
       evaluations did the same work count: as many seeds, and the same evaluation epochs (``eval_epochs_override``
-      and, where both records have it, ``protocol_config["epochs"]``); when no matched cell qualifies, times are
+      and, where both records have it, ``protocol_config["epochs"]``) and engine (``eval_engine``'s path: seeds
+      trained one after the other or at once); when no matched cell qualifies, times are
       compared unscaled (factor 1) and the output says why. A time then regresses when
       it exceeds baseline · (1 + time_rel_tol) *and* grows by more than wall_time_floor_s (wall times); iteration
       times whose baseline median is under iter_time_min_s are not compared at all. Tiny noisy times never fail.
@@ -248,14 +249,19 @@ def _mtime(record: dict) -> float:
 
 
 def _same_evaluation_work(baseline: dict, current: dict) -> bool:
-    """Whether two records' evaluations trained as many networks for as many epochs: the same number of seeds, the
-    same ``eval_epochs_override`` and, where both records say, the same ``protocol_config["epochs"]``."""
+    """Whether two records' evaluations trained as many networks for as many epochs in the same way: the same number
+    of seeds, the same ``eval_epochs_override`` and, where both records say, the same ``protocol_config["epochs"]``
+    and the same ``eval_engine`` path (sequential or batched)."""
     if len(baseline.get("seeds") or []) != len(current.get("seeds") or []):
         return False
     if baseline.get("eval_epochs_override") != current.get("eval_epochs_override"):
         return False
     epochs = [(record.get("protocol_config") or {}).get("epochs") for record in (baseline, current)]
-    return None in epochs or epochs[0] == epochs[1]
+    if None not in epochs and epochs[0] != epochs[1]:
+        return False
+    # the seeds trained one after the other, or at once (bench.evaluate): the same networks, not the same time
+    paths = [(record.get("eval_engine") or {}).get("path") for record in (baseline, current)]
+    return None in paths or paths[0] == paths[1]
 
 
 def _speed_factor(pairs: list[tuple[dict, dict]]) -> tuple[float, int, int]:
@@ -397,7 +403,7 @@ def compare_results(baseline_dir: str | os.PathLike, current_dir: str | os.PathL
     comparison.speed_factor, comparison.speed_cells, comparison.speed_left_out = _speed_factor(both_ok)
     left_out = comparison.speed_left_out
     differ = (f"{left_out} matched cell{'' if left_out == 1 else 's'} with evaluation wall times on both sides "
-              "evaluated with a different number of seeds or evaluation epochs")
+              "evaluated with a different number of seeds, evaluation epochs or engine (sequential or batched)")
     if comparison.speed_cells and left_out:
         comparison.notes.append(f"speed factor taken over {comparison.speed_cells} cells only: {differ}")
     elif left_out:
@@ -438,8 +444,8 @@ def format_comparison(comparison: Comparison) -> str:
                      f"over {comparison.speed_cells} cells whose evaluations did the same work); current times are "
                      "divided by it before comparing")
     elif comparison.speed_left_out:
-        lines.append("speed factor 1.00: no matched cell's evaluation did the same work on both sides (seeds or "
-                     "evaluation epochs differ), so times are compared unscaled")
+        lines.append("speed factor 1.00: no matched cell's evaluation did the same work on both sides (seeds, "
+                     "evaluation epochs or engine differ), so times are compared unscaled")
     else:
         lines.append("speed factor 1.00 (no evaluation wall times to calibrate against)")
     moved = sorted((c for c in comparison.changes if c.verdict in (REGRESSED, IMPROVED)),

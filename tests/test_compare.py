@@ -408,7 +408,7 @@ def test_speed_factor_only_over_cells_whose_evaluations_did_the_same_work(tmp_pa
     assert "speed factor 2.00 (current ÷ baseline evaluation wall time, median over 2 cells whose evaluations did " \
            "the same work)" in out
     assert "speed factor taken over 2 cells only: 4 matched cells with evaluation wall times on both sides " \
-           "evaluated with a different number of seeds or evaluation epochs" in out
+           "evaluated with a different number of seeds, evaluation epochs or engine (sequential or batched)" in out
 
 
 def test_no_cell_with_the_same_evaluation_work_compares_times_unscaled(baseline, tmp_path, capsys):
@@ -441,6 +441,21 @@ def test_a_set_evaluated_for_other_epochs_is_another_cell(baseline, tmp_path, ca
     out = capsys.readouterr().out
     assert "cifar10 ipc1 dm (convnet→convnet, standard, quick, 300 epochs)" in out
     assert "cifar10 ipc1 dm (convnet→convnet, standard, quick, 1000 epochs)" in out
+
+
+def test_speed_factor_leaves_out_evaluations_of_another_engine(tmp_path):
+    """Seeds trained at once take another time than one after the other: such a pair says nothing of the machine."""
+    records = baseline_records()
+    for record in records:
+        record["eval_engine"] = {"path": "sequential", "reason": "off"}
+    baseline = write_folder(tmp_path / "baseline", records)
+
+    def batched_dm(record):
+        record["eval_engine"] = {"path": "batched" if record["method"] == "dm" else "sequential"}
+        record["phases"]["eval"]["wall_s"] *= 0.5 if record["method"] == "dm" else 1.5
+
+    comparison = compare_results(baseline, current_folder(tmp_path, batched_dm))
+    assert comparison.speed_factor == pytest.approx(1.5) and comparison.speed_left_out == 2
 
 
 def test_only_with_a_typo_or_a_seed_is_an_error_naming_the_nearest(baseline, tmp_path):
