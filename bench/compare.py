@@ -29,9 +29,8 @@ When a metric regresses (↑ higher is better, ↓ lower is better)
     * time ↓ (median iteration time, distill wall time): machines differ in speed, so current times are first
       divided by the *speed factor*, the median over matched cells of current ÷ baseline evaluation wall time
       (the evaluation protocol is the same work for every cell, whatever the method). Only cells whose two
-      evaluations did the same work count: as many seeds, and the same evaluation epochs (``eval_epochs_override``
-      and, where both records have it, ``protocol_config["epochs"]``) and engine (``eval_engine``'s path: seeds
-      trained one after the other or at once); when no matched cell qualifies, times are
+      evaluations did the same work count: as many seeds, trained by the same engine (``eval_engine``'s path: one
+      after the other or at once; the epochs are the same in a cell); when no matched cell qualifies, times are
       compared unscaled (factor 1) and the output says why. A time then regresses when
       it exceeds baseline · (1 + time_rel_tol) *and* grows by more than wall_time_floor_s (wall times); iteration
       times whose baseline median is under iter_time_min_s are not compared at all. Tiny noisy times never fail.
@@ -59,7 +58,7 @@ from typing import NamedTuple
 from tabulate import tabulate
 
 from bench.errors import UserError
-from bench.registry import nearest_name
+from bench.suite import reject_unknown_only_values
 from bench.store import differing_keys, load_records
 
 REGRESSED, IMPROVED, OK, NOT_AVAILABLE = "regressed", "improved", "ok", "n/a"
@@ -249,17 +248,11 @@ def _mtime(record: dict) -> float:
 
 
 def _same_evaluation_work(baseline: dict, current: dict) -> bool:
-    """Whether two records' evaluations trained as many networks for as many epochs in the same way: the same number
-    of seeds, the same ``eval_epochs_override`` and, where both records say, the same ``protocol_config["epochs"]``
-    and the same ``eval_engine`` path (sequential or batched)."""
+    """Whether two records of one cell trained their seeds' networks the same way: as many seeds, and the same
+    ``eval_engine`` path where both say (one after the other or at once: the same networks, not the same time).
+    Their epochs are equal already: a cell's key holds them."""
     if len(baseline.get("seeds") or []) != len(current.get("seeds") or []):
         return False
-    if baseline.get("eval_epochs_override") != current.get("eval_epochs_override"):
-        return False
-    epochs = [(record.get("protocol_config") or {}).get("epochs") for record in (baseline, current)]
-    if None not in epochs and epochs[0] != epochs[1]:
-        return False
-    # the seeds trained one after the other, or at once (bench.evaluate): the same networks, not the same time
     paths = [(record.get("eval_engine") or {}).get("path") for record in (baseline, current)]
     return None in paths or paths[0] == paths[1]
 
@@ -367,11 +360,7 @@ def _check_only_values(baseline: dict[CellKey, dict], only: dict[str, set[str]])
             present["ipc"].add(str(key.ipc))
         present["protocol"].add(str(key.protocol))
         present["method"].update({key.label, str(record.get("method")), str(record.get("method")).split(".")[0]})
-    for name, wanted in only.items():
-        for value in sorted(wanted - present[name]):
-            near = nearest_name(value, sorted(present[name]))
-            hint = f"; did you mean '{near}'?" if near else f" (it has {', '.join(sorted(present[name]))})"
-            raise UserError(f"--only {name}={value}: no baseline cell has {name} '{value}'{hint}")
+    reject_unknown_only_values(only, present, "baseline cell")
 
 
 def compare_results(baseline_dir: str | os.PathLike, current_dir: str | os.PathLike,

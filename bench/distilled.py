@@ -86,9 +86,10 @@ class DistilledSet:
         if images.is_floating_point() and not bool(torch.isfinite(images).all()):
             raise UserError(f"distilled set {tensor_path} holds non-finite pixels (NaN or infinity): a diverged "
                             f"distillation; distil the set again")
-        if labels.is_floating_point() or labels.dtype == torch.bool or (labels.numel() and int(labels.min()) < 0):
-            raise UserError(f"distilled set {tensor_path}: labels must be class indices (non-negative integers), "
-                            f"found {labels.dtype} from {labels.min().item()} to {labels.max().item()}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise UserError(f"distilled set {tensor_path}: labels must be class indices (integers), found {labels.dtype}")
+        if labels.numel() and int(labels.min()) < 0:
+            raise UserError(f"distilled set {tensor_path}: labels must be class indices, found {int(labels.min())}")
         learned_lr = meta.pop("learned_lr", None)
         meta.pop("n_images", None)
         return cls(images, labels, tensors.get("soft_labels"), learned_lr, meta)

@@ -686,36 +686,20 @@ def write_index(out_dir: str | os.PathLike) -> Path:
     return write_text_atomic(out / "README.md", "\n".join(lines))
 
 
-REPORT_FOLDER_FIX = "pass --out with a folder you can write the report to"
-
-
-def _check_report_folder(out: Path) -> None:
-    """Refuse, creating nothing, a report folder that cannot become one: a file, a path under a file, or a path
-    whose nearest existing folder may not be written in (the one-line ``UserError`` of
-    ``store.check_writable_folder``)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"report folder {out} is a file, not a folder; {REPORT_FOLDER_FIX}")
-    nearest = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
-    if not nearest.is_dir():
-        raise UserError(f"report folder {out} is not writable ({nearest} is a file); {REPORT_FOLDER_FIX}")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise UserError(f"report folder {out} is not writable ({nearest}: permission denied); {REPORT_FOLDER_FIX}")
-
-
 def write_reports(results_dir: str | os.PathLike, out_dir: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Write ``<out>/<name>.md``, ``<out>/<name>.tex``, ``<out>/figures/<name>_*.png`` and ``<out>/README.md`` from the
     records under ``results_dir``; ``name`` defaults to the results folder's name. Returns the paths written.
 
-    An ``out_dir`` that cannot be written, and a results folder without records, are one-line ``UserError``s
-    raised before anything is written, no folder either: ``out_dir`` is vetted without being created, then the
-    records are read, and only then is ``out_dir`` created (``store.check_writable_folder``)."""
+    A results folder without records, and an ``out_dir`` that cannot be written, are one-line ``UserError``s
+    raised before anything is written: the records are read first, so that no report folder is created for
+    nothing."""
     from bench.figures import write_figures  # matplotlib is slow to import; only reports need it
 
     out = Path(out_dir)
-    _check_report_folder(out)
     frame = load_report_frame(results_dir)
     name = name or Path(results_dir).resolve().name
-    check_writable_folder(out, "report folder", REPORT_FOLDER_FIX, inside="figures")
+    check_writable_folder(out, "report folder", "pass --out with a folder you can write the report to",
+                          inside="figures")
     published = load_published()
     sections = [s for s in (accuracy_section(frame, published), cross_architecture_section(frame),
                             cost_section(frame, published), failure_section(frame)) if s is not None]

@@ -107,6 +107,11 @@ class DescribedCell:
     label: str | None = None
 
 
+def works_in_zca_space(method: object) -> bool:
+    """Whether a method distils (and its sets are evaluated) in ZCA-whitened space: its config's ``zca``."""
+    return bool(getattr(method.config, "zca", False))
+
+
 def check_device_name(device: str) -> None:
     """A ``UserError`` for a device string that names no device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``."""
     if device == "auto":
@@ -216,7 +221,7 @@ def plan(request: RunRequest) -> list[Cell]:
     for spec in specs:
         for resolved_spec, ipc in resolved_methods(request, spec):
             method = create_method(resolved_spec, quick=request.quick, **request.method_options.get(spec, {}))
-            zca = bool(getattr(method.config, "zca", False))
+            zca = works_in_zca_space(method)
             if zca not in datasets:
                 datasets[zca] = load_dataset(request.dataset, request.data_root, zca=zca, device=device)
             dataset = datasets[zca]
@@ -674,7 +679,7 @@ class CellTask:
 def cell_task(cell: Cell, archs: list[str], ids: dict[str, str], gpu: str | None = None,
               threads: int | None = None) -> CellTask:
     """The ``CellTask`` of a planned cell."""
-    return CellTask(cell.method_spec, cell.method, cell.ipc, bool(getattr(cell.method.config, "zca", False)), archs, ids,
+    return CellTask(cell.method_spec, cell.method, cell.ipc, works_in_zca_space(cell.method), archs, ids,
                     cell.label, gpu, threads)
 
 
@@ -807,8 +812,8 @@ def reject_repeated_cells(planned: list[tuple[RunRequest, list[Cell] | list[Desc
 def _code_since(done: dict[str, dict], ids: Iterable[str], current: str | None) -> str:
     """A warning for a skipped cell whose records another commit wrote than ``current`` (a record's identity holds
     its method's config, not the code): ``--resume`` keeps numbers that this code may no longer give."""
-    written = sorted({str((done[i].get("env") or {}).get("git_sha"))[:7] for i in ids if i in done
-                      and (done[i].get("env") or {}).get("git_sha") not in (None, current)})
+    shas = {(done[i].get("env") or {}).get("git_sha") for i in ids if i in done}
+    written = sorted(sha[:7] for sha in shas - {None, current})
     if current is None or not written:
         return ""
     return (f"; WARNING: written by commit {', '.join(written)}, this is {current[:7]}: delete them (or run without "
@@ -837,7 +842,8 @@ def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Ce
     for cell, ids in zip(cells, cell_ids):
         archs = [arch for arch in ids if ids[arch] not in done]
         if not archs:
-            echo(f"skip {cell.method_spec} ipc {cell.ipc}: records exist (--resume){_code_since(done, ids.values(), this_commit)}")
+            warning = _code_since(done, ids.values(), this_commit)
+            echo(f"skip {cell.method_spec} ipc {cell.ipc}: records exist (--resume){warning}")
             continue
         jobs.append(CellJob(cell, archs, ids))
     from bench.executors import create_executor

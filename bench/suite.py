@@ -242,11 +242,17 @@ def _check_only_values(suite: Suite, only: dict[str, set[str]]) -> None:
         values["ipc"].update(map(str, grid.ipc))
         values["protocol"].update(grid.protocols)
         values["seed"].update(map(str, grid.seeds))
+    reject_unknown_only_values(only, values, f"grid of suite '{suite.name}'")
+
+
+def reject_unknown_only_values(only: dict[str, set[str]], present: dict[str, set[str]], holder: str) -> None:
+    """A ``UserError`` naming the first ``--only`` value that is not among ``present``'s values of its key, with the
+    nearest one (or the values there are); ``holder`` says where they were looked for (``"baseline cell"``)."""
     for key, wanted in only.items():
-        for value in sorted(wanted - values[key]):
-            near = nearest_name(value, sorted(values[key]))
-            hint = f"; did you mean '{near}'?" if near else f" (it has {', '.join(sorted(values[key]))})"
-            raise UserError(f"--only {key}={value}: no grid of suite '{suite.name}' has {key} '{value}'{hint}")
+        for value in sorted(wanted - present[key]):
+            near = nearest_name(value, sorted(present[key]))
+            hint = f"; did you mean '{near}'?" if near else f" (it has {', '.join(sorted(present[key]))})"
+            raise UserError(f"--only {key}={value}: no {holder} has {key} '{value}'{hint}")
 
 
 def suite_requests(suite: Suite, results_dir: Path, quick: bool = False, only: dict[str, set[str]] | None = None,
@@ -295,7 +301,8 @@ def describe_cells(requests: list) -> list[str]:
     cells are one (as ``run`` would refuse them); reads no data."""
     from bench.data import transform_kind
     from bench.registry import create_method
-    from bench.runner import DescribedCell, check_request, reject_repeated_cells, resolved_methods
+    from bench.runner import (DescribedCell, check_request, reject_repeated_cells, resolved_methods,
+                              works_in_zca_space)
 
     lines = []
     described = []
@@ -305,8 +312,8 @@ def describe_cells(requests: list) -> list[str]:
             label = request.method_labels.get(spec, spec)
             for resolved, ipc in resolved_methods(request, spec):
                 method = create_method(resolved, quick=request.quick, **request.method_options.get(spec, {}))
-                zca = bool(getattr(method.config, "zca", False))
-                cells.append(DescribedCell(resolved, method, ipc, request.dataset, transform_kind(zca), label))
+                cells.append(DescribedCell(resolved, method, ipc, request.dataset,
+                                           transform_kind(works_in_zca_space(method)), label))
                 evaluation = (f"evaluate {','.join(request.eval_archs)} × seeds {','.join(map(str, request.seeds))}"
                               if request.eval_archs else "not evaluated (costs only)")
                 lines.append(f"{request.dataset} ipc {ipc if ipc is not None else 'all'} {label}"
@@ -329,13 +336,12 @@ def run_suite(suite: Suite, results_dir: Path, quick: bool = False, only: dict[s
               echo=print, **run_options: object) -> list[dict]:
     """Plan every request of the suite first (so a bad name, missing data or an unwritable results folder fails
     before any work), then run them."""
-    from bench.runner import plan, reject_repeated_cells, run
+    from bench.runner import plan, run
     from bench.store import check_results_dir
 
     requests = suite_requests(suite, results_dir, quick, only, **run_options)
-    describe_suite_cells(suite, requests)
+    describe_suite_cells(suite, requests)  # also refuses two cells that are one, before any data is read
     planned = [(request, plan(request)) for request in requests]
-    reject_repeated_cells(planned)
     check_results_dir(results_dir)
     echo(f"suite {suite.name} v{suite.version}: {sum(len(cells) for _, cells in planned)} cells → {results_dir}")
     written = []

@@ -18,6 +18,7 @@ from bench.cli import main
 from bench.distilled import DistilledSet
 from bench.registry import METHODS, register_method
 from bench.runner import INTERRUPTED_ERROR, MAX_CELLS_UNCONFIRMED
+from bench.store import write_record
 
 RUN = ["run", "--dataset", "digits", "--methods", "random", "--ipc", "1", "--eval-archs", "convnet", "--seeds", "0",
        "--quick"]
@@ -56,6 +57,15 @@ def _saved_set(tmp: Path, labels: torch.Tensor | None = None, nan_pixel: bool = 
     meta = {"dataset": "digits", "method": "random", "ipc": 1, "transform": {"kind": "mean_std"}}
     labels = torch.arange(10) if labels is None else labels
     return DistilledSet(images, labels, soft_labels=soft, metadata=meta).save(tmp / "set")
+
+
+def _results_with_a_record(tmp: Path) -> Path:
+    """A results folder holding one record (of the digits ipc-1 random cell)."""
+    record = {"record_id": "r1", "method": "random", "recipe": None, "dataset": "digits", "ipc": 1,
+              "distill_arch": "convnet", "eval_arch": "convnet", "protocol": "standard", "quick": True, "seeds": [0],
+              "acc": [70.0], "acc_mean": 70.0, "acc_std": 0.0, "status": "ok", "error": None}
+    write_record(tmp / "results", record)
+    return tmp / "results"
 
 
 def _truncated_tensors(tmp: Path) -> list[str]:
@@ -187,8 +197,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "distill --out under a file": (lambda t: DISTILL + ["--out", str(_saved_set(t) / "set")],
                                    "output folder"),
     "distill --out a folder": (lambda t: DISTILL + ["--out", str(t)], "is a folder; --out takes a path stem"),
-    "report --out under a file": (lambda t: ["report", "--results", str(t / "empty"), "--out", str(_saved_set(t) / "r")],
-                                  "report folder"),
+    "report --out under a file": (lambda t: ["report", "--results", str(_results_with_a_record(t)), "--out",
+                                             str(_saved_set(t) / "r")], "report folder"),
     "a method that cannot distil with the architecture": (
         lambda t: _with(RUN, "--methods", "tesla") + ["--distill-arch", "resnet18", "--results", str(t / "res")],
         "tesla cannot distil with 'resnet18': MTT/TESLA unroll the student functionally"),

