@@ -79,6 +79,7 @@ def test_ray_executor_gets_the_local_records_and_a_crash_costs_one_cell(tmp_path
     ray_tmp = tempfile.mkdtemp(prefix="ddr-", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), RAY_USAGE_STATS_ENABLED="0",
                RAY_TMPDIR=ray_tmp, HOME=str(tmp_path / "home"),  # Ray's token file, not in the user's ~/.ray
+               TMPDIR=ray_tmp,  # the crashed task's scratch folder (it cannot remove it) goes with ray_tmp
                OMP_NUM_THREADS="1")  # the same torch threads in Ray's workers and the local executor's children
     code = f"import test_ray_executor as t; t.both_executors({str(tmp_path)!r})"
     try:
