@@ -219,7 +219,10 @@ def _load_folder(results_dir: str | os.PathLike, side: str, notes: list[str]) ->
     """The folder's records by cell, one per cell (see the module docstring for which one)."""
     if not Path(results_dir).is_dir():
         raise UserError(f"{side} results folder not found: {results_dir}")
-    records = load_records(results_dir)
+    try:
+        records = load_records(results_dir, strict=True)
+    except UserError as exc:  # skipping it could hide a regression: its cell would just look new, or missing
+        raise UserError(f"{side} record {exc}: a regression check reads every record") from None
     if not records:
         raise UserError(f"no records under {results_dir} (expected {side} records in <folder>/**/records/*.json)")
     by_cell: dict[CellKey, list[dict]] = {}

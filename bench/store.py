@@ -171,20 +171,25 @@ def _skip(path: Path, why: str) -> None:
         log(f"ddbench: skipped {path}: {why}")
 
 
-def load_records(results_dir: str | os.PathLike) -> list[dict]:
+def load_records(results_dir: str | os.PathLike, strict: bool = False) -> list[dict]:
     """Every record (``*.json`` under ``records/`` folders) below ``results_dir``. A file that is not readable JSON,
-    or not a record of a schema version this code reads, is skipped with a line on stderr saying so."""
+    or not a record of a schema version this code reads, is skipped with a line on stderr saying so — or, with
+    ``strict`` (a regression check, which must not pass by losing a cell), is a ``UserError`` naming it."""
     records = []
     for path in sorted(Path(results_dir).rglob(f"{RECORDS_DIR}/*.json")):
         try:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            _skip(path, f"not readable JSON ({exc})")
-            continue
-        if not isinstance(record, dict) or record.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+            why = f"not readable JSON ({' '.join(str(exc).split())})"
+        else:
             version = record.get("schema_version") if isinstance(record, dict) else None
-            _skip(path, f"not a record of schema version {' or '.join(map(str, READABLE_SCHEMA_VERSIONS))} "
-                        f"(schema_version {version})")
+            why = None if version in READABLE_SCHEMA_VERSIONS else (
+                f"not a record of schema version {' or '.join(map(str, READABLE_SCHEMA_VERSIONS))} "
+                f"(schema_version {version})")
+        if why and strict:
+            raise UserError(f"{path}: {why}; repair or remove it")
+        if why:
+            _skip(path, why)
             continue
         if record["schema_version"] == 1:
             record["env"] = record.pop("environment", None)

@@ -304,6 +304,19 @@ def test_empty_or_missing_folder_is_a_user_error(baseline, tmp_path):
         main_compare(str(tmp_path / "nowhere"), baseline)
 
 
+@pytest.mark.parametrize("side", ["baseline", "current"])
+def test_an_unreadable_record_on_either_side_is_an_error_not_a_skipped_cell(tmp_path, side, capsys):
+    """A corrupt baseline record used to be skipped: its cell then looked new in the current run, and a drop of
+    that cell's accuracy passed with exit 0."""
+    folders = {"baseline": write_folder(tmp_path / "baseline", baseline_records()),
+               "current": current_folder(tmp_path, lambda r: r.update(acc=[a - 5 for a in r["acc"]],
+                                                                     acc_mean=r["acc_mean"] - 5))}
+    broken = sorted((tmp_path / side / "records").glob("*.json"))[0]
+    broken.write_text(broken.read_text()[:40])
+    with pytest.raises(UserError, match=f"{side} record .*{broken.name}: not readable JSON"):
+        main_compare(folders["baseline"], folders["current"])
+
+
 def test_table_shows_only_what_moved(baseline, tmp_path):
     def grow(record):
         if record["method"] == "dm" and record["ipc"] == 1:
