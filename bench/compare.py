@@ -59,7 +59,7 @@ from tabulate import tabulate
 
 from bench.errors import UserError
 from bench.suite import reject_unknown_only_values
-from bench.store import differing_keys, load_records
+from bench.store import differing_keys, load_records, written_order
 
 REGRESSED, IMPROVED, OK, NOT_AVAILABLE = "regressed", "improved", "ok", "n/a"
 
@@ -230,7 +230,7 @@ def _load_folder(results_dir: str | os.PathLike, side: str, notes: list[str]) ->
         by_cell.setdefault(cell_key(record), []).append(record)
     chosen = {}
     for key, candidates in by_cell.items():
-        candidates.sort(key=lambda r: (r.get("status") == "ok", str(r.get("written_at") or ""), _mtime(r)))
+        candidates.sort(key=lambda r: (r.get("status") == "ok", *written_order(r)))
         chosen[key] = candidates[-1]
         if len(candidates) > 1:
             pick = candidates[-1]
@@ -241,13 +241,6 @@ def _load_folder(results_dir: str | os.PathLike, side: str, notes: list[str]) ->
             notes.append(f"{side}: {len(candidates)} records for {key}; using {why}, {Path(pick['_path']).name}"
                          + variants)
     return chosen
-
-
-def _mtime(record: dict) -> float:
-    try:
-        return os.path.getmtime(record["_path"])
-    except (KeyError, OSError):
-        return 0.0
 
 
 def _same_evaluation_work(baseline: dict, current: dict) -> bool:

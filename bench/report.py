@@ -38,7 +38,7 @@ from bench.distilled import create_temporary_beside
 from bench.errors import UserError
 from bench.published import Published, load_published
 from bench.store import (ACC_DIRECTION, check_writable_folder, differing_keys, load_records, load_results,
-                         stable_hash)
+                         stable_hash, written_order)
 
 ROW_ORDER = ("full", "random", "herding")  # then the rest alphabetically
 COST_DIRECTION = "↓"  # lower memory, time and FLOPs are better
@@ -58,14 +58,16 @@ COLUMNS = ("suite", "label", "recipe", "ipc", "distill_arch", "eval_arch", "prot
 
 
 def load_report_frame(results_dir: str | os.PathLike) -> pd.DataFrame:
-    """The records under ``results_dir`` (``store.load_results``) plus each record's ``config``, ``device`` and row
-    ``label``; raises ``UserError`` when there are none."""
+    """The records under ``results_dir`` (``store.load_results``) in the order they were written
+    (``store.written_order``: where a cell has several, the last is the newest), plus each record's ``config``,
+    ``device`` and row ``label``; raises ``UserError`` when there are none."""
     frame = load_results(results_dir)
     if frame.empty:
         raise UserError(f"no records under {results_dir}")
     records = {record["_path"]: record for record in load_records(results_dir)}
     frame["config"] = [records[path].get("config") for path in frame["_path"]]
     frame["device"] = [_device(records[path].get("env")) for path in frame["_path"]]
+    frame = frame.iloc[sorted(range(len(frame)), key=lambda i: written_order(records[frame["_path"].iloc[i]]))]
     return prepare_frame(frame)
 
 
@@ -222,6 +224,7 @@ class Measured(NamedTuple):
     seeds: int | None
     smoke_epochs: int | None = None  # the --eval-epochs of the smoke record shown; None for a real result
     smoke_hidden: int = 0  # smoke records left out because the cell has a real one
+    superseded: int = 0  # other records of the cell left out: older ones, or failed ones beside a success
 
     def shown(self, show_n: bool = False) -> str:
         """The cell's text, with its number of seeds when asked and the smoke mark when it is a smoke test's."""
@@ -230,8 +233,9 @@ class Measured(NamedTuple):
 
 
 def _measured(records: pd.DataFrame) -> Measured:
-    """The last successful record (no std from a single seed); the statuses when none succeeded. A real result
-    comes first: a smoke test's records count only where there is no real record, and are never ranked."""
+    """The newest successful record (``records`` are in written order; no std from a single seed); the statuses
+    when none succeeded. A real result comes first: a smoke test's records count only where there is no real
+    record, and are never ranked."""
     if records.empty:
         return Measured(NOT_MEASURED, None, None)
     smoke = records["eval_epochs_override"].notna()
@@ -246,11 +250,12 @@ def _measured(records: pd.DataFrame) -> Measured:
     smoke_epochs = _smoke_epochs(row["eval_epochs_override"])
     mean = float(row["acc_mean"])
     return Measured(_fmt_acc(row["acc_mean"], row["acc_std"] if n > 1 else None),
-                    None if smoke_epochs is not None else mean, n, smoke_epochs, hidden)
+                    None if smoke_epochs is not None else mean, n, smoke_epochs, hidden, len(records) - 1)
 
 
-def _smoke_notes(cells: list[Measured]) -> list[str]:
-    """The footnotes of a table's smoke-test cells: what ``†`` means, and how many smoke records real ones hid."""
+def _record_notes(cells: list[Measured]) -> list[str]:
+    """The footnotes on which records a table's cells show: what ``†`` means, how many smoke records real ones hid,
+    and how many records newer or successful ones of the same cell left out."""
     notes = []
     epochs = sorted({m.smoke_epochs for m in cells if m.smoke_epochs is not None})
     if epochs:
@@ -262,6 +267,10 @@ def _smoke_notes(cells: list[Measured]) -> list[str]:
     if hidden:
         notes.append(f"{hidden} smoke-test record{'' if hidden == 1 else 's'} (--eval-epochs) left out: where a cell "
                      "has a real result as well, only the real one is shown.")
+    superseded = [m.superseded for m in cells if m.superseded]
+    if superseded:
+        notes.append(f"{len(superseded)} cell{'' if len(superseded) == 1 else 's'} here had more than one record "
+                     f"({sum(superseded)} more): each shows its newest successful record (by the records' written_at).")
     return notes
 
 
@@ -334,7 +343,7 @@ def accuracy_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool) -
                        else f"{trained}; its {SMOKE_MARK} figures for {epochs} (a smoke test's --eval-epochs)")
         notes.append(f"full: trained on the whole training set{trained}; it does not depend on ipc, so its one value "
                      "fills every column of its dataset.")
-    notes += _smoke_notes(list(measured.values()))
+    notes += _record_notes(list(measured.values()))
     smoke = any(m.smoke_epochs is not None for m in measured.values())
     headers = ["method"] + [f"{dataset} ipc {_ipc_text(ipc)}" for dataset, ipc in columns]
     return Table(_accuracy_title(arch, protocol, quick, seeds, smoke), headers, rows, notes)
@@ -368,7 +377,7 @@ def published_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool, 
              "them (ConvNet; std blank where the source gives none)."]
     if any(m.smoke_epochs is not None for m in measured):
         notes.append(f"A smoke test's figure ({SMOKE_MARK}) gets no difference: it says nothing about a reproduction.")
-    notes += _smoke_notes(measured)
+    notes += _record_notes(measured)
     if quick:
         title += " — ours are QUICK (reduced CPU recipes)"
         notes.insert(0, "Ours come from the QUICK reduced CPU recipes, the published numbers from full recipes: "
@@ -407,7 +416,7 @@ def cross_architecture_section(frame: pd.DataFrame) -> Section | None:
             continue
         for dataset, ipc in _columns(group):
             here = group[(group["dataset"] == dataset) & ((group["ipc"] == ipc) if ipc is not None else True)]
-            archs = sorted(set(here["eval_arch"]))
+            archs = sorted({arch for arch in here["eval_arch"] if isinstance(arch, str)})  # not cost-only records
             if len(archs) < 2:  # this dataset × ipc was evaluated on one architecture only
                 continue
             labels = [label for label in _label_order(group.loc[group["dataset"] == dataset, "label"])
@@ -426,7 +435,7 @@ def cross_architecture_section(frame: pd.DataFrame) -> Section | None:
             title += " — QUICK: reduced CPU recipes" if quick else ""
             if any(m.smoke_epochs is not None for m in measured):
                 title += f" — {SMOKE_MARK} SMOKE TESTS (--eval-epochs), not results"
-            notes = ["Bold: the best of each column (full data excluded)."] + _smoke_notes(measured)
+            notes = ["Bold: the best of each column (full data excluded)."] + _record_notes(measured)
             section.tables.append(Table(title, ["method", *archs], rows, notes))
     return section if section.tables else None
 
@@ -436,14 +445,16 @@ def cross_architecture_section(frame: pd.DataFrame) -> Section | None:
 
 
 def distilled_sets(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per distilled set (label × dataset × ipc × quick): its first successful record, else its first; a
-    real record before a smoke test's (whose distillation is the same, only its evaluation was cut short)."""
+    """One row per distilled set (label × dataset × ipc × quick): its newest successful record, else its newest
+    (``frame`` is in written order); a real record before a smoke test's (whose distillation is the same, only its
+    evaluation was cut short)."""
     rows = []
     for _, records in frame.groupby(["label", "dataset", "ipc", "quick"], dropna=False, sort=False):
-        records = pd.concat([records[records["eval_epochs_override"].isna()],
-                             records[records["eval_epochs_override"].notna()]])
-        ok = records[records["status"] == "ok"]
-        rows.append((ok if not ok.empty else records).iloc[0])
+        ok, smoke = records["status"] == "ok", records["eval_epochs_override"].notna()
+        for pick in (ok & ~smoke, ok, ~smoke, smoke):
+            if pick.any():
+                rows.append(records[pick].iloc[-1])
+                break
     order = {label: i for i, label in enumerate(_label_order(frame["label"]))}
     sets = pd.DataFrame(rows)
     sets["ipc"] = pd.Series([_ipc(i) for i in sets["ipc"]], index=sets.index, dtype=object)

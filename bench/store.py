@@ -198,6 +198,16 @@ def load_records(results_dir: str | os.PathLike, strict: bool = False) -> list[d
     return records
 
 
+def written_order(record: dict) -> tuple[str, float]:
+    """A sort key that puts a record after those written before it: its ``written_at``; records without one (older
+    than the field) come first, in the order of their files' modification times."""
+    try:
+        mtime = os.path.getmtime(record["_path"])
+    except (KeyError, OSError):
+        mtime = 0.0
+    return str(record.get("written_at") or ""), mtime
+
+
 def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     """The records under ``results_dir`` as a DataFrame: one row per record, phases flattened to columns."""
     rows = []

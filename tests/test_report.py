@@ -66,7 +66,8 @@ def report(tmp_path_factory):
         make_record("dc", 10, [97.0, 97.2, 97.4], iter_s=0.5),
         make_record("dm", 1, [89.0, 89.0, 89.0], iter_s=0.1),
         make_record("dm", 10, [], status="oom", error="Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory"),
-        make_record("dc", 1, [80.0, 81.0, 82.0], eval_arch="resnet18_cifar", iter_s=0.5),
+        make_record("dc", 1, [80.0, 81.0, 82.0], eval_arch="resnet18_cifar", iter_s=0.5,
+                    distilled_path=str(set_path)),  # the same set, evaluated on a second architecture
         make_record("random", 1, [50.0, 51.0, 52.0], eval_arch="resnet18_cifar", iter_s=None),
     ]
     for k, acc in ((2, [93.0, 93.0, 93.0]), (5, [95.0, 95.0, 95.0])):  # APM variants differing in K
@@ -450,3 +451,30 @@ def test_report_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert written and all(stat.S_IMODE(Path(p).stat().st_mode) == 0o644 for p in written)
+
+
+def test_a_cell_with_several_records_shows_the_newest_whatever_the_folder_order(tmp_path):
+    """compare and report pick the same record: the newest by ``written_at``, not the last path in sort order."""
+    results = tmp_path / "results"
+    newer = dict(make_record("dm", 1, [50.0, 50.0, 50.0]), written_at="2030-01-01T00:00:00+00:00")
+    older = dict(make_record("dm", 1, [92.0, 92.4, 92.8]), written_at="2020-01-01T00:00:00+00:00")
+    write_record(results / "a", newer)  # a/ sorts before b/: path order would show the older record
+    write_record(results / "b", older)
+    write_reports(results, tmp_path / "out")
+    text = (tmp_path / "out" / "results.md").read_text()
+    _, rows = accuracy_rows(text)
+    assert rows["dm"] == ["**50.0 ± 0.0**"]
+    assert "1 cell here had more than one record (1 more): each shows its newest successful record" in text
+
+
+def test_cost_only_records_beside_a_cross_architecture_evaluation(tmp_path):
+    """A cost-only record (no evaluation architecture) of a cell evaluated on two architectures: it used to crash
+    the cross-architecture table (sorting None among the architecture names)."""
+    results = tmp_path / "results"
+    for record in (make_record("dc", 1, [91.0, 91.5, 92.0]),
+                   make_record("dc", 1, [80.0, 81.0, 82.0], eval_arch="resnet18_cifar"),
+                   dict(make_record("dc", 1, [], eval_arch=None), record_id="dc-cost-only", seeds=[])):
+        write_record(results, record)
+    write_reports(results, tmp_path / "out")
+    header, *rows = find_table((tmp_path / "out" / "results.md").read_text(), "by evaluation architecture")
+    assert header == ["method", "convnet", "resnet18_cifar"] and rows == [["dc", "**91.5 ± 0.4**", "**81.0 ± 0.8**"]]
