@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--quick", action="store_true", help="resolve the quick recipes, as run --quick would")
 
     report = sub.add_parser("report", help="Markdown, LaTeX and figures from the records under a results folder")
-    report.add_argument("--suite", default=None, help="report the records of this suite (results/runs/<suite>)")
+    report.add_argument("--suite", default=None,
+                        help="report this suite: only its records (of results/runs/<suite>, or --results), and every "
+                             "cell it plans, those without a record shown as 'not run'")
     report.add_argument("--results", default=None, help="a results folder (default: results/runs/<suite>)")
     report.add_argument("--out", default="reports", help="folder for the .md, .tex and figures/ (default: reports)")
 
@@ -277,6 +279,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     dataset = load_dataset(meta["dataset"], args.data_root, zca=zca, device=device)
     check_compatible(distilled, dataset)
+    if meta.get("data_fingerprint") not in (None, dataset.fingerprint):
+        print(f"ddbench: warning: {args.path} was distilled from other {meta['dataset']} files (data fingerprint "
+              f"{meta['data_fingerprint']}) than the ones evaluated on now ({dataset.fingerprint})", file=sys.stderr)
     protocol = get_protocol(args.protocol)
     if args.eval_epochs is not None and args.eval_epochs < 1:
         raise UserError(f"--eval-epochs must be at least 1, got {args.eval_epochs}")
@@ -308,7 +313,8 @@ def _evaluate(args: argparse.Namespace) -> None:
             if args.eval_epochs is not None:
                 identity["eval_epochs"] = args.eval_epochs
             write_record(args.results, dict(
-                set_fields(meta), label=meta.get("method"), record_id=stable_hash(identity), suite=None, env=env, isolated=False,
+                set_fields(meta), data_fingerprint=dataset.fingerprint,  # the data these numbers come from
+                label=meta.get("method"), record_id=stable_hash(identity), suite=None, env=env, isolated=False,
                 cells_side_by_side=1,
                 eval_epochs_override=args.eval_epochs,
                 quick=bool(args.quick or meta.get("quick")), learned_lr=distilled.learned_lr,
@@ -387,14 +393,16 @@ def _report(args: argparse.Namespace) -> None:
 
     if not args.suite and not args.results:
         raise UserError("name a suite (--suite quick) or a results folder (--results results/runs/quick)")
+    suite = None
     if args.suite:
         from bench.suite import load_suite
 
-        args.suite = load_suite(args.suite).name
-    results = args.results or f"results/runs/{args.suite}"
+        suite = load_suite(args.suite)
+    results = args.results or f"results/runs/{suite.name}"
     if not Path(results).is_dir():
-        raise UserError(f"no results folder {results}: run the suite first (ddbench run --suite {args.suite or '…'})")
-    for path in write_reports(results, args.out, name=args.suite):
+        raise UserError(f"no results folder {results}: run the suite first "
+                        f"(ddbench run --suite {suite.name if suite else '…'})")
+    for path in write_reports(results, args.out, name=suite.name if suite else None, suite=suite):
         print(path)
 
 

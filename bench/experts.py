@@ -2,7 +2,8 @@
 
 MTT and TESLA need each expert's parameters after every epoch (a *trajectory*); APM and the soft protocol need
 the final network (a *teacher*). Experts are trained once through the harness's one training loop and cached
-by content — dataset and transform (including the ZCA fingerprint), architecture, recipe, seed and
+by content — dataset, the fingerprint of its files (``RawSplits.fingerprint``) and transform (including the
+ZCA fingerprint), architecture, recipe, seed and
 ``EXPERT_CODE_VERSION`` — as safetensors under ``<cache>/experts/<key>/``. A pool that was interrupted resumes
 at the first expert whose file is missing; a second run of the same recipe trains nothing.
 
@@ -125,6 +126,7 @@ class ExpertPool:
             "dataset": dataset.name,
             "transform": dataset.transform,
             "n_train": int(dataset.train_images.shape[0]),
+            "data": dataset.fingerprint,  # another copy of the dataset (a subset, random pixels) trains its own
             "arch": arch,
             "recipe": asdict(recipe),
             "seed": seed,

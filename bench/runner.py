@@ -303,6 +303,7 @@ def cell_metadata(cell: Cell, request: RunRequest) -> dict:
         "quick": request.quick,
         "dataset": cell.dataset.name,
         "transform": cell.dataset.transform,
+        "data_fingerprint": cell.dataset.fingerprint,
         "ipc": cell.ipc,
         "distill_arch": request.distill_arch,
         "seed": request.distill_seed,
@@ -809,6 +810,13 @@ def reject_repeated_cells(planned: list[tuple[RunRequest, list[Cell] | list[Desc
     return all_ids
 
 
+def _made_from_other_data(record: dict, dataset: Dataset) -> bool:
+    """Whether a record's numbers come from other data files than ``dataset``'s (records from before the
+    fingerprint existed, and datasets built by hand, have none: they are taken as the same)."""
+    made_from = record.get("data_fingerprint")
+    return made_from is not None and dataset.fingerprint is not None and made_from != dataset.fingerprint
+
+
 def _code_since(done: dict[str, dict], ids: Iterable[str], current: str | None) -> str:
     """A warning for a skipped cell whose records another commit wrote than ``current`` (a record's identity holds
     its method's config, not the code): ``--resume`` keeps numbers that this code may no longer give."""
@@ -840,7 +848,12 @@ def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Ce
     this_commit = environment_stamp().get("git_sha") if done else None
     jobs = []
     for cell, ids in zip(cells, cell_ids):
-        archs = [arch for arch in ids if ids[arch] not in done]
+        other_data = [arch for arch in ids if ids[arch] in done and _made_from_other_data(done[ids[arch]], cell.dataset)]
+        if other_data:
+            echo(f"redo {cell.method_spec} ipc {cell.ipc}: its records were made from other {cell.dataset.name} files "
+                 f"than those under {request.data_root} (data fingerprint "
+                 f"{done[ids[other_data[0]]]['data_fingerprint']}, now {cell.dataset.fingerprint})")
+        archs = [arch for arch in ids if ids[arch] not in done or arch in other_data]
         if not archs:
             warning = _code_since(done, ids.values(), this_commit)
             echo(f"skip {cell.method_spec} ipc {cell.ipc}: records exist (--resume){warning}")

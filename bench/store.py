@@ -6,8 +6,10 @@ can tell what is done. ``load_results(dir)`` reads every record under a folder i
 Top-level keys that scripts and reports rely on: ``schema_version``, ``record_id``, ``method``, ``recipe``,
 ``dataset``, ``ipc``, ``distill_arch``, ``eval_arch``, ``protocol``, ``quick``, ``seeds``, ``acc`` (per-seed, %),
 ``acc_mean``, ``acc_std``, ``status`` (ok / failed / oom / diverged / interrupted), ``error``. Also: ``suite``, ``config`` and
-``config_hash``, ``protocol_version`` and ``protocol_config``, ``distill_seed``, ``transform``, ``learned_lr``,
-``distilled_path``, ``eval_epochs_override`` (a smoke test's ``--eval-epochs``), and the costs:
+``config_hash``, ``protocol_version`` and ``protocol_config``, ``distill_seed``, ``transform``, ``data_fingerprint``
+(``bench.data.RawSplits.fingerprint`` of the data files the numbers come from: ``--resume`` redoes a cell whose
+record was made from other files), ``learned_lr``, ``distilled_path``, ``eval_epochs_override`` (a smoke test's
+``--eval-epochs``), and the costs:
 
 * ``phases``: phase name (``experts``, ``distill``, ``eval``) → ``{wall_s, cpu_peak_rss_mb, gpu_nvml_peak_mb,
   gpu_torch_allocated_peak_mb, gpu_torch_reserved_peak_mb, gpu_reason, gpu_nvml_source}``; GPU figures are null
@@ -91,6 +93,7 @@ def set_fields(metadata: dict) -> dict:
         "config_hash": stable_hash(config),
         "dataset": metadata.get("dataset"),
         "transform": metadata.get("transform"),
+        "data_fingerprint": metadata.get("data_fingerprint"),
         "ipc": metadata.get("ipc"),
         "distill_arch": metadata.get("distill_arch"),
         "distill_seed": metadata.get("seed"),

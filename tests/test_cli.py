@@ -133,3 +133,24 @@ def test_compare_help_states_the_thresholds_defaults():
 
     defaults = asdict(Thresholds())
     assert {key: defaults[key] for key in COMPARE_DEFAULTS} == COMPARE_DEFAULTS
+
+
+def test_evaluating_a_set_on_other_data_files_warns_and_records_which(capsys, tmp_path):
+    import json
+
+    from bench.data import load_dataset
+
+    code, _, err = run_cli(capsys, "distill", "--dataset", "digits", "--method", "random", "--ipc", "1",
+                           "--out", str(tmp_path / "set"), "--quick")
+    assert code == 0, err
+    meta_path = tmp_path / "set.json"
+    meta = json.loads(meta_path.read_text())
+    digits = load_dataset("digits").fingerprint
+    assert meta["data_fingerprint"] == digits
+    evaluate = ("evaluate", str(meta_path), "--seeds", "0", "--quick", "--eval-epochs", "1", "--results", str(tmp_path / "res"))
+    code, _, err = run_cli(capsys, *evaluate)
+    assert code == 0 and "warning" not in err
+    meta_path.write_text(meta_path.read_text().replace(digits, "0123456789abcdef"))
+    code, _, err = run_cli(capsys, *evaluate)
+    assert code == 0 and "was distilled from other digits files (data fingerprint 0123456789abcdef)" in err
+    assert all(json.loads(p.read_text())["data_fingerprint"] == digits for p in (tmp_path / "res" / "records").glob("*"))

@@ -25,6 +25,23 @@ def test_equal_recipe_hits_changed_recipe_misses(tmp_path):
         assert torch.equal(first.network(index).classifier.weight, again.network(index).classifier.weight)
 
 
+def test_another_copy_of_the_dataset_trains_its_own_experts(tmp_path):
+    """The key holds the data files' fingerprint: a copy with other labels or pixels but the same name, transform
+    and size must not load the first copy's experts."""
+    from dataclasses import replace
+
+    from bench.data import RawSplits
+
+    digits = load_dataset("digits")
+    raw = RawSplits(digits.train_images, digits.train_labels, digits.test_images, digits.test_labels, digits.class_names)
+    relabelled = RawSplits(raw.train_images, raw.train_labels.roll(1), raw.test_images, raw.test_labels, raw.class_names)
+    inverted = RawSplits(1 - raw.train_images, raw.train_labels, raw.test_images, raw.test_labels, raw.class_names)
+    fingerprints = {raw.fingerprint(), relabelled.fingerprint(), inverted.fingerprint()}
+    assert len(fingerprints) == 3 and raw.fingerprint() == raw.fingerprint()
+    assert digits.fingerprint is not None and load_dataset("digits").fingerprint == digits.fingerprint
+    assert pool(replace(digits, fingerprint=relabelled.fingerprint()), tmp_path).key != pool(digits, tmp_path).key
+
+
 def test_interrupted_pool_resumes_at_the_missing_expert(tmp_path):
     digits = load_dataset("digits")
     full = pool(digits, tmp_path, count=3)

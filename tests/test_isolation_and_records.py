@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import crashing_methods
+from bench.data import load_dataset
 from bench.measure import PHASE_FIELDS
 from bench.registry import METHODS, register_method
 from bench.runner import RunRequest, run
@@ -180,3 +181,19 @@ def test_resume_warns_when_the_records_it_keeps_came_from_other_code(tmp_path, m
     run(replace(request, resume=True), echo=lines.append)
     assert lines == ["skip random ipc 1: records exist (--resume); WARNING: written by commit 1111111, this is 2222222: "
                      "delete them (or run without --resume into a new folder) to measure this code"]
+
+
+def test_resume_redoes_a_cell_whose_record_came_from_other_data_files(tmp_path):
+    """Another copy of the dataset under the same name (a subset, random pixels) must not pass for this one."""
+    request = _request(tmp_path, ["random"], isolate=False, eval_epochs=2)
+    (record,) = run(request, echo=lambda _: None)
+    assert record["data_fingerprint"] == load_dataset("digits").fingerprint
+    path = next((tmp_path / "results" / "records").glob("*.json"))
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), data_fingerprint="0123456789abcdef")))
+    lines: list[str] = []
+    (redone,) = run(replace(request, resume=True), echo=lines.append)
+    assert lines[0].startswith("redo random ipc 1: its records were made from other digits files")
+    assert "0123456789abcdef" in lines[0] and redone["data_fingerprint"] == record["data_fingerprint"]
+    lines.clear()
+    assert run(replace(request, resume=True), echo=lines.append) == []
+    assert lines == ["skip random ipc 1: records exist (--resume)"]
