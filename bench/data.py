@@ -248,7 +248,8 @@ def load_dataset(
     info = get_dataset_info(name)
     root = resolve_data_root(data_root)
     if info.needs_root and not root.is_dir():
-        raise DataFilesMissing(name, root, list(info.expected_files), detail="data root does not exist")
+        detail = "data root is a file, not a folder" if root.exists() else "data root does not exist"
+        raise DataFilesMissing(name, root, list(info.expected_files), detail=detail)
     raw = info.loader(root, resolution)
     fingerprint = raw.fingerprint()
     train = _to_unit_float(raw.train_images)
@@ -352,9 +353,14 @@ class _Source:
             raise self.fail(f"{what} could not be read ({type(exc).__name__}: {exc})") from exc
 
     def labels(self, values: object, num_classes: int, what: str) -> Tensor:
-        """Labels as int64, checked to lie in 0..num_classes-1."""
+        """Labels as int64, checked to be one whole number per image in 0..num_classes-1."""
         with self.reading(what):
-            array = np.asarray(values).reshape(-1).astype(np.int64)
+            array = np.asarray(values)
+        if array.ndim != 1:
+            raise self.fail(f"{what} holds labels of shape {array.shape}, expected one label per image (N,)")
+        if array.dtype.kind not in "iuf" or (array.dtype.kind == "f" and not np.array_equal(array, np.round(array))):
+            raise self.fail(f"{what} holds labels that are not whole numbers ({array.dtype})")
+        array = array.astype(np.int64)
         if array.size and (array.min() < 0 or array.max() >= num_classes):
             raise self.fail(f"{what} has labels outside 0..{num_classes - 1} (found {array.min()}..{array.max()})")
         return torch.from_numpy(array)
@@ -466,7 +472,8 @@ def _cifar_loader(
     def load(root: Path, resolution: int | None) -> RawSplits:
         src = _Source(dataset, root, expected)
         names = _unpickle(src, root / folder, meta, (names_key,))[names_key]
-        names = [x.decode() if isinstance(x, bytes) else str(x) for x in names]
+        with src.reading(meta):
+            names = [x.decode() if isinstance(x, bytes) else str(x) for x in names]
         if len(names) != n:
             raise src.fail(f"{meta} names {len(names)} classes, expected {n}")
         return RawSplits(*split(src, train), *split(src, (test,)), names)
@@ -613,7 +620,7 @@ def _read_npz_batches(src: _Source, paths: list[Path]) -> tuple[Tensor, Tensor]:
             missing = [k for k in ("data", "labels") if k not in npz.files]
             if missing:
                 raise src.fail(f"{path.name} lacks key(s) {', '.join(missing)}")
-            shifted = np.asarray(npz["labels"], np.int64) - 1  # 1..1000 → 0..999
+            shifted = np.asarray(npz["labels"]) - 1  # 1..1000 → 0..999
             labels.append(src.labels(shifted, 1000, f"{path.name} (1-indexed, shifted by -1)"))
     images = torch.empty((sum(len(x) for x in labels), 3, 64, 64), dtype=torch.uint8)
     start = 0

@@ -263,6 +263,21 @@ def test_cifar_wrong_shape(tmp_path):
         load_dataset("cifar10", tmp_path)
 
 
+def test_cifar_malformed_labels_and_names(tmp_path):
+    write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    write_pickle(folder / "data_batch_2", cifar_batch([0.0, 1.7, 2, 3, 4, 5, 6, 7, 8, 9], 2))
+    with pytest.raises(DataFilesMissing, match=r"data_batch_2 holds labels that are not whole numbers \(float64\)"):
+        load_dataset("cifar10", tmp_path)
+    write_pickle(folder / "data_batch_2", cifar_batch([[0, 1]] * 5, 2))
+    with pytest.raises(DataFilesMissing, match=r"data_batch_2 holds labels of shape \(5, 2\), expected one label per"):
+        load_dataset("cifar10", tmp_path)
+    write_cifar10(tmp_path)
+    write_pickle(folder / "batches.meta", {"label_names": 10})  # used to be a TypeError traceback
+    with pytest.raises(DataFilesMissing, match="batches.meta could not be read"):
+        load_dataset("cifar10", tmp_path)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # SVHN
 
@@ -519,6 +534,10 @@ def test_imagenet64_corrupt(tmp_path):
     with pytest.raises(DataFilesMissing, match="train_data_batch_3.npz .1-indexed.* has labels outside"):
         load_dataset("imagenet64", tmp_path)
 
+    np.savez(path, data=np.zeros((3, 12288), np.uint8), labels=[[1, 2], [3, 4], [5, 6]])  # the data were blamed
+    with pytest.raises(DataFilesMissing, match=r"train_data_batch_3.npz .* holds labels of shape \(3, 2\)"):
+        load_dataset("imagenet64", tmp_path)
+
     np.savez(path, data=np.zeros((3, 64, 64, 3), np.uint8), labels=[1, 2, 3])
     with pytest.raises(DataFilesMissing, match=r"train_data_batch_3.npz holds data uint8 \(3, 64, 64, 3\)"):
         load_dataset("imagenet64", tmp_path)
@@ -551,6 +570,9 @@ def test_empty_root_raises(tmp_path, name):
 def test_absent_root_raises(tmp_path, name):
     with pytest.raises(DataFilesMissing, match="data root does not exist"):
         load_dataset(name, tmp_path / "nowhere")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataFilesMissing, match="data root is a file, not a folder"):
+        load_dataset(name, tmp_path / "a_file")
 
 
 def test_registered_facts():
