@@ -87,6 +87,7 @@ _loading = False  # while `_load_methods` runs: a plugin that asks for the regis
 _plugin: str | None = None  # the entry point being loaded (`name = value (distribution 'd')`), else None
 _plugin_clashes: set[str] = set()  # the names the entry point being loaded was refused (warned once each)
 _plugin_failures: dict[str, str] = {}  # entry-point name → why it failed, for the unknown-method error
+_plugin_origins: dict[str, dict] = {}  # method name → the plugin that registered it (records carry it)
 
 
 def register_method(name: str) -> Callable[[type], type]:
@@ -137,6 +138,10 @@ def _load_plugin(entry: EntryPoint) -> None:
         loaded = entry.load()
         if isinstance(loaded, type) and (entry.name not in METHODS or METHODS.get(entry.name) is not loaded):
             register_method(entry.name)(loaded)  # a name already taken: warns, and the existing method stays
+        dist = getattr(entry, "dist", None)
+        for name in set(METHODS.names()) - before:
+            _plugin_origins[name] = {"entry_point": f"{entry.name} = {entry.value}",
+                                     "distribution": getattr(dist, "name", None), "version": getattr(dist, "version", None)}
     except (Exception, SystemExit) as exc:  # SystemExit: a plugin that parses sys.argv when imported
         for name in set(METHODS.names()) - before:
             METHODS.unregister(name)
@@ -187,6 +192,13 @@ def get_method_class(name: str) -> type:
             failed = "; ".join(_plugin_failures.values())
             raise UnknownNameError(f"{exc} (not loaded: {failed})") from None
         raise
+
+
+def method_origin(name: str) -> dict | None:
+    """Where method ``name`` comes from: None for a built-in (the harness's own git stamp covers it), else its
+    plugin's entry point, distribution and version — what a record needs to say which code made it."""
+    _load_methods()
+    return _plugin_origins.get(name)
 
 
 def split_method_spec(spec: str) -> tuple[str, str | None]:

@@ -35,7 +35,7 @@ from bench.measure import (DEFAULT_SAMPLE_INTERVAL_S, FlopCounter, MemorySampler
 from bench.models import attention_with_second_derivative, check_arch, create_network
 from bench.progress import log, progress_bar
 from bench.registry import (create_method, default_recipe, get_method_class, list_methods, nearest_name,
-                            split_method_spec)
+                            method_origin, split_method_spec)
 from bench.seeding import generator_for
 from bench.store import (RECORDS_DIR, check_results_dir, evaluation_fields, existing_records, record_id,
                          remove_stale_temporaries, set_fields, stable_hash, write_record)
@@ -298,6 +298,7 @@ def cell_metadata(cell: Cell, request: RunRequest) -> dict:
     """What a cell's distilled set is: the metadata it is saved with, and the set fields of its records."""
     return {
         "method": split_method_spec(cell.method_spec)[0],
+        "method_origin": method_origin(split_method_spec(cell.method_spec)[0]),
         "recipe": cell.method.recipe,
         "config": cell.method.resolved_config,
         "quick": request.quick,

@@ -9,7 +9,8 @@ Top-level keys that scripts and reports rely on: ``schema_version``, ``record_id
 ``config_hash``, ``protocol_version`` and ``protocol_config``, ``distill_seed``, ``transform``, ``data_fingerprint``
 (``bench.data.RawSplits.fingerprint`` of the data files the numbers come from: ``--resume`` redoes a cell whose
 record was made from other files), ``learned_lr``, ``distilled_path``, ``eval_epochs_override`` (a smoke test's
-``--eval-epochs``), and the costs:
+``--eval-epochs``), ``method_origin`` (null for a built-in method; a plugin's entry point, distribution and version,
+which ``env``'s git stamp does not cover), and the costs:
 
 * ``phases``: phase name (``experts``, ``distill``, ``eval``) → ``{wall_s, cpu_peak_rss_mb, gpu_nvml_peak_mb,
   gpu_torch_allocated_peak_mb, gpu_torch_reserved_peak_mb, gpu_reason, gpu_nvml_source}``; GPU figures are null
@@ -88,6 +89,7 @@ def set_fields(metadata: dict) -> dict:
     config = metadata.get("config")
     return {
         "method": metadata.get("method"),
+        "method_origin": metadata.get("method_origin"),
         "recipe": metadata.get("recipe"),
         "config": config,
         "config_hash": stable_hash(config),

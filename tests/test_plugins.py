@@ -54,6 +54,7 @@ def install(monkeypatch, tmp_path):
     monkeypatch.setattr(registry.METHODS, "_entries", dict(registry.METHODS._entries))
     monkeypatch.setattr(registry, "_loaded", False)
     monkeypatch.setattr(registry, "_plugin_failures", {}, raising=False)
+    monkeypatch.setattr(registry, "_plugin_origins", {})
 
     def write(entries: dict[str, str], **modules: str) -> None:
         for module, source in modules.items():
@@ -85,6 +86,14 @@ def test_a_plugin_that_fails_to_import_is_one_warning_and_everything_else_loads(
         assert part in err
     assert "second line" not in err
     assert registry.create_method("good", strength=2).config.strength == 2.0
+
+
+def test_a_plugins_methods_say_where_they_come_from(install):
+    """Records carry it (``method_origin``): the harness's git stamp says nothing of a plugin's code."""
+    install({"good": "good"}, good=GOOD)
+    assert registry.method_origin("good") == {"entry_point": f"good = {PREFIX}good",
+                                              "distribution": "ddbench-test-plugins", "version": "1.0"}
+    assert registry.method_origin("random") is None
 
 
 def test_asking_for_the_method_of_a_failed_plugin_names_the_plugin(install, capsys):
