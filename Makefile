@@ -46,7 +46,7 @@ JOBS ?= $(if $(HAS_GPU),1,$(shell nproc 2>/dev/null || echo 1))
 SUITE_TARGETS := bench-cifar10 bench-cifar100 bench-tiny bench-imagenet bench-cross_arch bench-efficiency bench-efficiency_imagenet bench-efficiency_cpu bench-ablation_k bench-parallel
 .PHONY: bench bench-mnist bench-parallel_quick $(SUITE_TARGETS) report regress
 
-# The main job on the embedded default (scikit-learn's digits): the `quick` suite (every method, ipc 1 and 10,
+# The main job on the embedded default (scikit-learn's digits): the `quick` suite (every built-in method, ipc 1 and 10,
 # ConvNet, 3 seeds, the standard protocol, reduced CPU recipes), then its report.
 bench: venv
 	$(BIN)/ddbench run --suite quick --results $(RESULTS)/quick --resume --jobs $(JOBS)
