@@ -15,8 +15,18 @@
   - the costs (↓) of distillation: peak GPU memory (NVML and allocator), CPU peak RSS, seconds per iteration,
     distillation time, FLOPs per iteration — a GPU figure that could not be measured is "–" with its reason;
   - the failed, oom and diverged cells with their error (a smoke test's marked ``†``);
+  - with a suite, the cells it plans that have no record yet;
 * figures under ``<out>/figures/<name>_*.png`` (``bench.figures``; accuracy figures leave smoke tests out);
 * ``<out>/README.md``, an index of every report and figure in ``<out>``.
+
+``write_reports(..., suite=Suite)`` (``ddbench report --suite``) reports that suite, not the folder: only the
+records whose ``suite`` field is the suite's name (the intro counts the others left out; none of the suite is a
+``UserError``), and every cell the suite plans (``planned_cells``: resolved as ``ddbench validate`` resolves them,
+reading no data) — a cell without a record shows as "not run" in the accuracy tables (never bold, never ranked)
+and beside its published number, so that every row and column of the suite appears, and is listed in a section
+of its own. A record is a planned cell's when they share (label, dataset, ipc, evaluation architecture,
+protocol, quick flag). The placeholders reach only the accuracy tables: costs, failures and figures are of
+records. Without a suite every record in the folder is reported, and nothing is planned.
 
 Every file is written atomically (temporary file + rename), and nothing is written (no folder created either)
 when there are no records to report.
@@ -26,9 +36,10 @@ from __future__ import annotations
 
 import os
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import quote
 
 import pandas as pd
@@ -40,11 +51,16 @@ from bench.published import Published, load_published
 from bench.store import (ACC_DIRECTION, check_writable_folder, differing_keys, load_records, load_results,
                          stable_hash, written_order)
 
+if TYPE_CHECKING:
+    from bench.runner import RunRequest
+    from bench.suite import Suite
+
 ROW_ORDER = ("full", "random", "herding")  # then the rest alphabetically
 COST_DIRECTION = "↓"  # lower memory, time and FLOPs are better
 NOT_MEASURED = "–"
 FAILED_STATUSES = ("failed", "oom", "diverged")
 SMOKE_MARK = "†"  # a smoke test's figure: evaluation networks trained --eval-epochs N epochs, not the protocol's
+NOT_RUN = "not run"  # the status of a suite's planned cell without a record (a placeholder row, not a record)
 
 # Columns a report reads; older records may lack some of them.
 COLUMNS = ("suite", "label", "recipe", "ipc", "distill_arch", "eval_arch", "protocol", "quick", "seeds", "acc",
@@ -57,22 +73,27 @@ COLUMNS = ("suite", "label", "recipe", "ipc", "distill_arch", "eval_arch", "prot
 # Records → one DataFrame with a row label per method variant
 
 
-def load_report_frame(results_dir: str | os.PathLike) -> pd.DataFrame:
+def read_records(results_dir: str | os.PathLike) -> pd.DataFrame:
     """The records under ``results_dir`` (``store.load_results``) in the order they were written
-    (``store.written_order``: where a cell has several, the last is the newest), plus each record's ``config``,
-    ``device`` and row ``label``; raises ``UserError`` when there are none."""
+    (``store.written_order``: where a cell has several, the last is the newest), plus each record's ``config`` and
+    ``device``; raises ``UserError`` when there are none."""
     frame = load_results(results_dir)
     if frame.empty:
         raise UserError(f"no records under {results_dir}")
     records = {record["_path"]: record for record in load_records(results_dir)}
     frame["config"] = [records[path].get("config") for path in frame["_path"]]
     frame["device"] = [_device(records[path].get("env")) for path in frame["_path"]]
-    frame = frame.iloc[sorted(range(len(frame)), key=lambda i: written_order(records[frame["_path"].iloc[i]]))]
-    return prepare_frame(frame)
+    return frame.iloc[sorted(range(len(frame)), key=lambda i: written_order(records[frame["_path"].iloc[i]]))]
+
+
+def load_report_frame(results_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every record under ``results_dir`` (``read_records``), ready for the tables (``prepare_frame``)."""
+    return prepare_frame(read_records(results_dir))
 
 
 def prepare_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """Fill the columns a report reads (older records lack some) and add the row ``label`` of every record."""
+    """Fill the columns a report reads (older records lack some) and add each record's ``base_label`` (its own
+    ``label``, else ``_row_label``) and row ``label`` (``_labels``)."""
     frame = frame.reset_index(drop=True).copy()
     for column in COLUMNS:
         if column not in frame:
@@ -84,6 +105,8 @@ def prepare_frame(frame: pd.DataFrame) -> pd.DataFrame:
     frame["ipc"] = [_ipc(value) for value in frame["ipc"]]
     frame["eval_epochs_override"] = pd.Series([_smoke_epochs(value) for value in frame["eval_epochs_override"]],
                                               index=frame.index, dtype=object)  # None, or a smoke test's epochs
+    frame["base_label"] = [row["label"] if isinstance(row["label"], str) and row["label"] else _row_label(row)
+                           for _, row in frame.iterrows()]
     frame["label"] = _labels(frame)
     return frame
 
@@ -118,22 +141,39 @@ def _row_label(record: pd.Series) -> str:
     return record["method"] if recipe in automatic else f"{record['method']}.{recipe}"
 
 
+def _table_key(record: pd.Series) -> tuple[str | None, str | None, bool]:
+    """The accuracy table a record belongs in: evaluation architecture (None: costs only), protocol, quick flag."""
+    arch, protocol = record["eval_arch"], record["protocol"]
+    return (arch if isinstance(arch, str) else None, protocol if isinstance(protocol, str) else None,
+            bool(record["quick"]))
+
+
 def _labels(frame: pd.DataFrame) -> list[str]:
-    """The record's own ``label``, else ``_row_label``. Variants that would share a label in one table cell (older
-    records have no ``label``) are told apart by what differs in their configs, ``apm[segment=100]``, and so is
-    every other record with that label, so that a variant keeps one row across columns."""
-    labels = [row["label"] if isinstance(row["label"], str) and row["label"] else _row_label(row)
-              for _, row in frame.iterrows()]
+    """Each record's ``base_label``, told apart where variants would share it: when records of one label fall in
+    one table cell with differing configs (older records have no ``label`` of their own), every record of that
+    label in that table (``_table_key``) gets what differs, ``apm[segment=100]``, so that a variant keeps one row
+    across columns. Records of other tables keep the plain label: cost-only runs of several segment lengths do not
+    rename the evaluated ``apm`` rows."""
     settings = [dict(config, distill_arch=arch) for config, arch in zip(frame["config"], frame["distill_arch"])]
-    keyed = frame.assign(_label=labels, _config_hash=[stable_hash(s) for s in settings])
-    differing: dict[str, set[str]] = {}  # label → the config keys that tell its variants apart
-    for (label, *_), records in keyed.groupby(["_label", "dataset", "ipc", "eval_arch", "protocol", "quick"],
-                                               dropna=False, sort=False):
-        if records["_config_hash"].nunique() > 1:
-            mine = [settings[i] for i in records.index]
-            differing.setdefault(label, set()).update(differing_keys(mine))
-    return [label + "[" + ",".join(f"{k}={setting.get(k)}" for k in sorted(differing[label])) + "]"
-            if label in differing else label for label, setting in zip(labels, settings)]
+    hashes = [stable_hash(setting) for setting in settings]
+    tables = [_table_key(row) for _, row in frame.iterrows()]
+    labels = list(frame["base_label"])
+    cells: dict[tuple, list[int]] = {}  # (table, label, dataset, ipc) → positions of its records
+    for i, (dataset, ipc) in enumerate(zip(frame["dataset"], frame["ipc"])):
+        cells.setdefault((tables[i], labels[i], dataset, _ipc(ipc)), []).append(i)
+    differing: dict[tuple, set[str]] = {}  # (table, label) → the config keys that tell its variants apart
+    for (table, label, *_), members in cells.items():
+        if len({hashes[i] for i in members}) > 1:
+            differing.setdefault((table, label), set()).update(differing_keys([settings[i] for i in members]))
+    return [_decorated(label, setting, differing.get((table, label)))
+            for label, setting, table in zip(labels, settings, tables)]
+
+
+def _decorated(label: str, setting: dict, keys: set[str] | None) -> str:
+    """``label[k=v,…]`` for the config keys that tell a label's variants apart; the plain label without any."""
+    if not keys:
+        return label
+    return label + "[" + ",".join(f"{key}={setting.get(key)}" for key in sorted(keys)) + "]"
 
 
 def _label_order(labels: object) -> list[str]:
@@ -141,6 +181,112 @@ def _label_order(labels: object) -> list[str]:
         return (ROW_ORDER.index(label) if label in ROW_ORDER else len(ROW_ORDER), label)
 
     return sorted(set(labels), key=key)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A suite's report: its records only, and the cells it plans that have none
+
+
+@dataclass
+class SuiteCoverage:
+    """What a suite's report covers: the records under the folder left out (count per suite; None: of no suite),
+    the cells the suite plans (``planned_cells``) and those of them that no record is of."""
+
+    suite: Suite
+    left_out: Counter
+    planned: pd.DataFrame
+    missing: pd.DataFrame
+
+
+def suite_records(frame: pd.DataFrame, suite_name: str, results_dir: str | os.PathLike
+                  ) -> tuple[pd.DataFrame, Counter]:
+    """The records of suite ``suite_name`` and the count of the others per suite (None: of no suite); a
+    ``UserError`` naming the suites the records do come from when none is of this one."""
+    suites = [name if isinstance(name, str) and name else None for name in frame["suite"]]
+    left_out = Counter(name for name in suites if name != suite_name)
+    if sum(left_out.values()) == len(frame):
+        raise UserError(f"no record under {results_dir} is of suite '{suite_name}': its records are "
+                        f"{_left_out_text(left_out)}; pass --results with a folder of suite {suite_name}'s records")
+    return frame[[name == suite_name for name in suites]], left_out
+
+
+def _left_out_text(left_out: Counter) -> str:
+    """``3 of suite quick, 1 of suite mnist and 2 of no suite``."""
+    parts = [f"{n} of suite {name}" for name, n in sorted((k, v) for k, v in left_out.items() if k is not None)]
+    parts += [f"{left_out[None]} of no suite"] if left_out[None] else []
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def planned_quick_flags(suite: Suite, frame: pd.DataFrame) -> list[bool]:
+    """The quick flags to plan a suite's cells with. A suite marked ``quick: true`` has only quick cells; any other
+    runs its full recipes, or its quick ones under ``ddbench run --quick``, so its cells are planned with the
+    flag(s) its records (``frame``, prepared) carry: both when some ran each way, each then with its own tables and
+    its own missing cells — a quick run of a GPU suite does not list the whole full-recipe grid as missing."""
+    return [True] if suite.quick else sorted({bool(quick) for quick in frame["quick"]})
+
+
+def planned_cells(suite: Suite, quick_flags: list[bool], results_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per cell the suite plans under each quick flag and per evaluation architecture (None for a cost-only
+    grid's), in the columns of a record with status ``NOT_RUN``. Cells are resolved as ``ddbench validate``
+    resolves them (``suite.describe_cells``: the recipe picked per ipc, the options applied), reading no data."""
+    from bench.suite import suite_requests
+
+    cells: dict[tuple, dict] = {}  # two grids may name one cell (only when it is one record: run once)
+    try:
+        for quick in quick_flags:
+            for request in suite_requests(suite, Path(results_dir), quick):
+                for cell in _request_cells(request):
+                    cells.setdefault(cell_key(cell), cell)
+    except UserError as exc:
+        raise UserError(f"suite {suite.path}: {exc}") from None
+    return pd.DataFrame(list(cells.values()), columns=[*COLUMNS, "method", "dataset", "config", "device",
+                                                       "base_label"])
+
+
+def _request_cells(request: RunRequest) -> list[dict]:
+    """The planned cells of one ``runner.RunRequest`` as placeholder rows (``planned_cells``)."""
+    from bench.registry import create_method, split_method_spec
+    from bench.runner import check_request, resolved_methods
+
+    rows = []
+    for spec in check_request(request):
+        label = request.method_labels.get(spec, spec)
+        for resolved, ipc in resolved_methods(request, spec):
+            method = create_method(resolved, quick=request.quick, **request.method_options.get(spec, {}))
+            for eval_arch in request.eval_archs or [None]:
+                rows.append({**dict.fromkeys(COLUMNS), "label": label, "base_label": label, "suite": request.suite,
+                             "method": split_method_spec(resolved)[0], "recipe": method.recipe,
+                             "config": dict(method.resolved_config), "dataset": request.dataset, "ipc": ipc,
+                             "distill_arch": request.distill_arch, "eval_arch": eval_arch,
+                             "protocol": request.protocol, "quick": request.quick, "seeds": list(request.seeds),
+                             "acc": [], "status": NOT_RUN, "device": None})
+    return rows
+
+
+def cell_key(record: pd.Series | dict) -> tuple:
+    """What makes a record one of a suite's planned cells: (label, dataset, ipc, evaluation architecture,
+    protocol, quick flag) — not the config, so that a record written before a recipe changed still counts."""
+    arch = record["eval_arch"]
+    return (record["base_label"], record["dataset"], _ipc(record["ipc"]), arch if isinstance(arch, str) else None,
+            record["protocol"], bool(record["quick"]))
+
+
+def suite_coverage(suite: Suite, frame: pd.DataFrame, left_out: Counter,
+                   results_dir: str | os.PathLike) -> SuiteCoverage:
+    """The suite's planned cells, and those that none of its records (``frame``, prepared) is of."""
+    planned = planned_cells(suite, planned_quick_flags(suite, frame), results_dir)
+    recorded = {cell_key(record) for _, record in frame.iterrows()}
+    missing = planned[[cell_key(cell) not in recorded for _, cell in planned.iterrows()]]
+    return SuiteCoverage(suite, left_out, planned, missing)
+
+
+def with_not_run_cells(frame: pd.DataFrame, coverage: SuiteCoverage | None) -> pd.DataFrame:
+    """``frame`` plus a placeholder row (status ``NOT_RUN``) for every evaluated planned cell without a record:
+    what the accuracy tables read, so that every row and column the suite plans shows. Nothing else reads it."""
+    if coverage is None:
+        return frame
+    missing = coverage.missing[[isinstance(arch, str) for arch in coverage.missing["eval_arch"]]]
+    return frame if missing.empty else pd.concat([frame, missing], ignore_index=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,6 +455,8 @@ def _accuracy_title(arch: str, protocol: str, quick: bool, seeds: set[int | None
     n = seeds.pop() if len(seeds) == 1 else None
     if n == 1:
         what = "one seed, so no std"
+    elif n is None and not seeds:  # nothing measured yet: a suite's cells, none run
+        what = "mean ± std over seeds"
     else:
         what = "mean ± std " + ("over n seeds, n in each cell" if n is None else f"over {n} seeds")
     title = f"Test accuracy % {ACC_DIRECTION} ({what}), evaluated on {arch}, protocol {protocol}"
@@ -316,8 +464,15 @@ def _accuracy_title(arch: str, protocol: str, quick: bool, seeds: set[int | None
     return title + (f" — {SMOKE_MARK} SMOKE TESTS (--eval-epochs), not results" if smoke else "")
 
 
+STD_NOTE = ("± is the standard deviation over seeds with ddof 0 (the population std, numpy's np.std, as the "
+            "papers' code computes it).")
+NOT_RUN_NOTE = (f"{NOT_RUN}: a cell the suite plans that has no record yet (listed under “Cells of the suite "
+                "without a record”); never bold, not ranked.")
+
+
 def accuracy_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool) -> Table:
-    """Rows: labels; columns: dataset × ipc; the best per column in bold (a smoke test's figure never)."""
+    """Rows: labels; columns: dataset × ipc; the best per column in bold (a smoke test's figure never, a planned
+    cell without a record, ``NOT_RUN``, neither)."""
     columns, labels = _columns(group), _label_order(group["label"])
     measured = {(label, column): _measured(_records_for(group, label, *column))
                 for label in labels for column in columns}
@@ -329,9 +484,11 @@ def accuracy_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool) -
         rows.append([Cell(label)] + [Cell(m.shown(show_n)) for m in cells])
         means.append([m.mean for m in cells])
     _bold_best(rows, means, labels)
-    notes = ["Bold: the best of each column (full data excluded)."]
+    notes = ["Bold: the best of each column (full data excluded).", STD_NOTE]
+    if any(m.text == NOT_RUN for m in measured.values()):
+        notes.append(NOT_RUN_NOTE)
     if "full" in labels:
-        real = group[(group["label"] == "full") & group["eval_epochs_override"].isna()]
+        real = group[(group["label"] == "full") & group["eval_epochs_override"].isna() & (group["status"] != NOT_RUN)]
         quick_epochs = sorted({config.get("quick_eval_epochs") for config in real["config"]
                                if quick and config.get("quick_eval_epochs")})
         trained = (f" for {', '.join(map(str, quick_epochs))} epochs (its quick recipe: an epoch of the whole set is "
@@ -350,19 +507,20 @@ def accuracy_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool) -
 
 
 def published_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool, published: Published) -> Table | None:
-    """Ours beside the published number of every cell that has one (rows whose label is the plain method name)."""
+    """Ours beside the published number of every cell that has one (``_published_entry``); a suite's planned cell
+    without a record shows ``NOT_RUN`` there, with no difference."""
     rows, seen, measured = [], set(), []
     for label in _label_order(group["label"]):
         for dataset, ipc in _columns(group):
             records = _records_for(group, label, dataset, ipc)
-            if records.empty or set(records["method"]) != {label}:
+            if records.empty:
                 continue
             if records["ipc"].isna().all():  # full data: one row per dataset, not one per ipc column
                 ipc = None
                 if (label, dataset) in seen:
                     continue
                 seen.add((label, dataset))
-            entry = published.accuracy(dataset, label, ipc, protocol, arch)
+            entry = _published_entry(records, dataset, ipc, protocol, arch, published)
             if entry is None:
                 continue
             ours = _measured(records)
@@ -384,6 +542,44 @@ def published_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool, 
                         "the difference is what the quick recipe costs, not a failed reproduction.")
     headers = ["method", "dataset", "ipc", f"ours {ACC_DIRECTION}", "published", "source", "difference"]
     return Table(title, headers, rows, notes, latex_columns="lllrrlr")
+
+
+def _published_entry(records: pd.DataFrame, dataset: str, ipc: int | None, protocol: str, arch: str,
+                     published: Published) -> dict | None:
+    """The published accuracy to put beside one row's records in one column, or None.
+
+    The records must share one method and one number of subgroups (``Published.accuracy`` matches it), and be either
+    the method's own row (label = method name, whatever the decoration ``_labels`` added) or a variant whose only
+    change to its method's recipe is the subgroups, beside an entry of merged subgroups (one that names
+    ``subgroups``): the parallel suite's ``apm-merged`` rows get APM's figure for G subgroups, while an ablation's
+    ``apm-K3`` (another K) or a variant with any other option gets no published number. (A variant whose config is
+    exactly its recipe's, such as ``apm-K5``, is the setting of an entry of one subgroup, and gets it; an entry
+    without ``subgroups`` is never put beside a variant.)"""
+    methods = set(records["method"])
+    subgroups = {config.get("subgroups") or 1 for config in records["config"]}
+    if len(methods) != 1 or len(subgroups) != 1:
+        return None
+    method = methods.pop()
+    entry = published.accuracy(dataset, method, ipc, protocol, arch, subgroups.pop())
+    if entry is None or set(records["base_label"]) == {method}:
+        return entry
+    if entry.get("subgroups") and all(_recipe_changes(record) <= {"subgroups"} for _, record in records.iterrows()):
+        return entry
+    return None
+
+
+def _recipe_changes(record: pd.Series) -> set[str]:
+    """The config keys in which a record differs from the recipe it names (its method's defaults without one;
+    quick overrides applied for a quick record); every key when that recipe can no longer be built."""
+    from bench.registry import create_method
+
+    config, recipe = record["config"], record["recipe"]
+    spec = record["method"] + (f".{recipe}" if isinstance(recipe, str) else "")
+    try:
+        planned = create_method(spec, quick=bool(record["quick"])).resolved_config
+    except UserError:
+        return set(config) | {"recipe"}
+    return {key for key, value in config.items() if key not in planned or planned[key] != value}
 
 
 def accuracy_section(frame: pd.DataFrame, published: Published) -> Section:
@@ -504,7 +700,7 @@ def cost_section(frame: pd.DataFrame, published: Published) -> Section | None:
         columns = "llll" + "r" * 6
         notes = [f"[{n}] GPU figures not measured: {reason}." for reason, n in reasons.items()]
         if any(pub_rows):
-            headers += ["published GPU peak (GB)", "published s/iteration", "source"]
+            headers += [f"published GPU peak (GB) {d}", f"published s/iteration {d}", "source"]
             columns += "rrl"
             hardware = {p["hardware"] for p in pub_rows if p}
             notes.append(f"Published figures: hardware {', '.join(sorted(hardware))}; "
@@ -542,6 +738,32 @@ def failure_section(frame: pd.DataFrame) -> Section | None:
                                                                "status", "error"],
                   rows, notes, latex_columns="llllllp{0.4\\linewidth}")
     return Section("Failed, out-of-memory and diverged cells", [table])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A suite's cells without a record
+
+
+MISSING_HEADING = "Cells of the suite without a record"
+
+
+def missing_section(coverage: SuiteCoverage) -> Section | None:
+    """One table per quick flag of the suite's planned cells that no record is of (cost-only cells included)."""
+    missing, suite = coverage.missing, coverage.suite
+    if missing.empty:
+        return None
+    section = Section(MISSING_HEADING, text=[
+        f"Cells that suite {suite.name} (version {suite.version}, {suite.path.name}) plans and that no record of "
+        f"the suite is of, matched by label, dataset, ipc, evaluation architecture, protocol and quick flag: "
+        f"ddbench run --suite {suite.name} --resume runs them (with --quick, the quick ones)."])
+    for quick, group in missing.groupby("quick", sort=True):
+        rows = [[Cell(cell["label"]), Cell(cell["dataset"]), Cell(_ipc_text(cell["ipc"])),
+                 Cell(cell["eval_arch"] if isinstance(cell["eval_arch"], str) else f"{NOT_MEASURED} (costs only)"),
+                 Cell(cell["protocol"])] for _, cell in group.iterrows()]
+        title = f"{len(rows)} planned cell(s) with no record" + (" — QUICK: reduced CPU recipes" if quick else "")
+        section.tables.append(Table(title, ["method", "dataset", "ipc", "eval arch", "protocol"], rows,
+                                    latex_columns="lllll"))
+    return section
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -697,29 +919,56 @@ def write_index(out_dir: str | os.PathLike) -> Path:
     return write_text_atomic(out / "README.md", "\n".join(lines))
 
 
-def write_reports(results_dir: str | os.PathLike, out_dir: str | os.PathLike, name: str | None = None) -> list[Path]:
+def write_reports(results_dir: str | os.PathLike, out_dir: str | os.PathLike, name: str | None = None,
+                  suite: Suite | None = None) -> list[Path]:
     """Write ``<out>/<name>.md``, ``<out>/<name>.tex``, ``<out>/figures/<name>_*.png`` and ``<out>/README.md`` from the
-    records under ``results_dir``; ``name`` defaults to the results folder's name. Returns the paths written.
+    records under ``results_dir``; ``name`` defaults to the suite's name, else the results folder's. Returns the
+    paths written. With ``suite``, only that suite's records, and every cell it plans (see the module docstring).
 
-    A results folder without records, and an ``out_dir`` that cannot be written, are one-line ``UserError``s
-    raised before anything is written: the records are read first, so that no report folder is created for
-    nothing."""
+    A results folder without records (or, with a suite, without a record of it), and an ``out_dir`` that cannot be
+    written, are one-line ``UserError``s raised before anything is written: the records are read first, so that no
+    report folder is created for nothing."""
     from bench.figures import write_figures  # matplotlib is slow to import; only reports need it
 
     out = Path(out_dir)
-    frame = load_report_frame(results_dir)
-    name = name or Path(results_dir).resolve().name
+    frame, coverage = report_frame(results_dir, suite)
+    name = name or (suite.name if suite else Path(results_dir).resolve().name)
     check_writable_folder(out, "report folder", "pass --out with a folder you can write the report to",
                           inside="figures")
     published = load_published()
-    sections = [s for s in (accuracy_section(frame, published), cross_architecture_section(frame),
-                            cost_section(frame, published), failure_section(frame)) if s is not None]
+    with_planned = with_not_run_cells(frame, coverage)
+    sections = [s for s in (accuracy_section(with_planned, published), cross_architecture_section(with_planned),
+                            cost_section(frame, published), failure_section(frame),
+                            missing_section(coverage) if coverage else None) if s is not None]
     figures = write_figures(frame, distilled_sets(frame), _label_order(frame["label"]), out / "figures", name,
                             Path(results_dir))
-    suites = sorted({s for s in frame["suite"].dropna()})
-    intro = [f"Generated from the {len(frame)} records under `{results_dir}`"
-             + (f" (suite {', '.join(suites)})." if suites else "."),
-             f"Accuracy {ACC_DIRECTION}: higher is better; costs {COST_DIRECTION}: lower is better."]
+    intro = report_intro(frame, results_dir, coverage)
+    sources = _sources_used(sections, published)
+    paths = [write_text_atomic(out / f"{name}.md", render_markdown(name, intro, sections, figures, sources)),
+             write_text_atomic(out / f"{name}.tex", render_latex(name, intro, sections, figures, sources))]
+    return paths + [figure.path for figure in figures] + [write_index(out)]
+
+
+def report_frame(results_dir: str | os.PathLike, suite: Suite | None) -> tuple[pd.DataFrame, SuiteCoverage | None]:
+    """The records to report, prepared: all of them, or with ``suite`` the suite's, with what they cover of it."""
+    records = read_records(results_dir)
+    if suite is None:
+        return prepare_frame(records), None
+    records, left_out = suite_records(records, suite.name, results_dir)
+    frame = prepare_frame(records)
+    return frame, suite_coverage(suite, frame, left_out, results_dir)
+
+
+def report_intro(frame: pd.DataFrame, results_dir: str | os.PathLike, coverage: SuiteCoverage | None) -> list[str]:
+    """The report's opening lines: what it was made from, what the marks mean."""
+    if coverage is None:
+        suites = sorted({s for s in frame["suite"].dropna()})
+        intro = [f"Generated from the {len(frame)} records under `{results_dir}`"
+                 + (f" (suite {', '.join(suites)})." if suites else ".")]
+    else:
+        intro = [f"Generated from the {len(frame)} records of suite {coverage.suite.name} under `{results_dir}`.",
+                 *_coverage_lines(coverage)]
+    intro.append(f"Accuracy {ACC_DIRECTION}: higher is better; costs {COST_DIRECTION}: lower is better.")
     if frame["quick"].any():
         intro.append("QUICK marks results of the reduced CPU recipes (for checking the pipeline, not the papers' "
                      "settings).")
@@ -730,7 +979,18 @@ def write_reports(results_dir: str | os.PathLike, out_dir: str | os.PathLike, na
                      f"trained {epochs} epochs, not the protocol's), marked {SMOKE_MARK}: a check that the pipeline "
                      "runs, not results. They are never bold nor ranked, a cell with a real result shows only that, "
                      "and the accuracy figures leave them out.")
-    sources = _sources_used(sections, published)
-    paths = [write_text_atomic(out / f"{name}.md", render_markdown(name, intro, sections, figures, sources)),
-             write_text_atomic(out / f"{name}.tex", render_latex(name, intro, sections, figures, sources))]
-    return paths + [figure.path for figure in figures] + [write_index(out)]
+    return intro
+
+
+def _coverage_lines(coverage: SuiteCoverage) -> list[str]:
+    """How many records of the folder a suite's report left out, and how many of its cells have no record."""
+    lines = []
+    others = sum(coverage.left_out.values())
+    if others:
+        lines.append(f"{others} other record{'' if others == 1 else 's'} under the folder left out: "
+                     f"{_left_out_text(coverage.left_out)}.")
+    missing = len(coverage.missing)
+    line = f"{missing} of the suite's {len(coverage.planned)} cells have no record yet"
+    lines.append(line + (f": “{NOT_RUN}” in the accuracy tables, listed under “{MISSING_HEADING}”."
+                         if missing else "."))
+    return lines

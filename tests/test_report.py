@@ -19,7 +19,7 @@ from bench.cli import main
 from bench.errors import UserError
 from bench.figures import accuracy_vs_ipc, displayable
 from bench.published import PUBLISHED_PATH, load_published
-from bench.report import latex_escape, prepare_frame, write_reports
+from bench.report import latex_escape, load_report_frame, prepare_frame, write_reports
 from bench.store import write_record
 
 NO_GPU = "cpu run: no CUDA device"
@@ -478,3 +478,222 @@ def test_cost_only_records_beside_a_cross_architecture_evaluation(tmp_path):
     write_reports(results, tmp_path / "out")
     header, *rows = find_table((tmp_path / "out" / "results.md").read_text(), "by evaluation architecture")
     assert header == ["method", "convnet", "resnet18_cifar"] and rows == [["dc", "**91.5 ± 0.4**", "**81.0 ± 0.8**"]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A suite's report (--suite): its records only, every cell it plans, published numbers for variants
+
+
+def suite_record(suite, method, ipc, acc, *, dataset="cifar10", protocol="standard", label=None, **kwargs):
+    """A record a suite wrote: its ``suite`` and row ``label`` (the method name unless given)."""
+    record = make_record(method, ipc, acc, label=label or method, **kwargs)
+    record.update(suite=suite, dataset=dataset, protocol=protocol,
+                  record_id=f"{record['record_id']}-{dataset}-{protocol}-{suite}")
+    return record
+
+
+def apm_config(recipe="cifar10_ipc50", **options):
+    """APM's resolved config as its records carry it: the recipe's, with ``options`` applied."""
+    from bench.registry import create_method
+
+    return dict(create_method(f"apm.{recipe}", **options).resolved_config)
+
+
+def test_suite_report_of_a_folder_without_its_records_is_an_error(tmp_path, capsys):
+    from bench.suite import load_suite
+
+    results = tmp_path / "res"
+    write_record(results, suite_record("quick", "dc", 1, [80.0] * 3, dataset="digits", quick=True))
+    write_record(results, dict(make_record("dm", 1, [70.0] * 3), suite=None, record_id="dm-no-suite"))
+    with pytest.raises(UserError, match=r"no record under .* is of suite 'imagenet': its records are 1 of suite "
+                                        r"quick and 1 of no suite"):
+        write_reports(results, tmp_path / "out", suite=load_suite("imagenet"))
+    code = main(["report", "--suite", "imagenet", "--results", str(results), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2 and len(error.strip().splitlines()) == 1 and "suite quick" in error
+    assert not (tmp_path / "out").exists()
+
+
+def cifar10_partial_report(tmp_path):
+    """The audit's case: the cifar10 suite with only MTT and TESLA run at ipc 50, beside records of other suites."""
+    from bench.suite import load_suite
+
+    results = tmp_path / "res"
+    write_record(results, suite_record("cifar10", "mtt", 50, [70.0, 71.0, 72.0]))
+    write_record(results, suite_record("cifar10", "tesla", 50, [72.0, 73.0, 74.0]))
+    write_record(results, suite_record("quick", "dc", 1, [99.0] * 3, dataset="digits", quick=True))
+    write_record(results, dict(make_record("dm", 50, [99.0] * 3), dataset="cifar10", suite=None, record_id="dm-x"))
+    write_reports(results, tmp_path / "out", suite=load_suite("cifar10"))
+    return (tmp_path / "out" / "cifar10.md").read_text()
+
+
+def test_suite_report_reports_only_the_suites_records_and_counts_the_others(tmp_path):
+    text = cifar10_partial_report(tmp_path)
+    assert "Generated from the 2 records of suite cifar10" in text
+    assert "2 other records under the folder left out: 1 of suite quick and 1 of no suite." in text
+    assert "digits" not in text and "99.0" not in text
+
+
+def test_suite_report_shows_every_planned_cell_not_run(tmp_path):
+    text = cifar10_partial_report(tmp_path)
+    header, *rows = find_table(text, "Test accuracy", "protocol standard")
+    rows = {row[0]: row[1:] for row in rows}
+    assert header == ["method", "cifar10 ipc 1", "cifar10 ipc 10", "cifar10 ipc 50"]
+    assert list(rows) == ["full", "random", "herding", "apm", "dc", "dm", "dsa", "mtt", "tesla"]
+    assert rows["dm"] == ["not run"] * 3 and rows["full"] == ["not run"] * 3
+    assert rows["tesla"] == ["not run", "not run", "**73.0 ± 0.8**"] and rows["mtt"][2] == "71.0 ± 0.8"
+    soft = find_table(text, "Test accuracy", "protocol soft")
+    assert [row[0] for row in soft[1:]] == ["random", "apm"] and soft[2][1:] == ["not run"] * 3
+    assert "not run: a cell the suite plans that has no record yet" in text
+    # 25 standard cells (full once, eight methods × three ipc) and 6 soft ones; MTT and TESLA at ipc 50 ran
+    assert "29 of the suite's 31 cells have no record yet" in text
+
+
+def test_suite_report_puts_published_numbers_beside_cells_not_run(tmp_path):
+    text = cifar10_partial_report(tmp_path)
+    _, *rows = find_table(text, "published", "protocol standard")
+    by_key = {(r[0], r[2]): r[3:] for r in rows}
+    assert by_key["dm", "50"] == ["not run", "63.0 ± 0.4", "DM paper", "–"]
+    assert by_key["full", "all"] == ["not run", "84.8 ± 0.1", "DC/MTT papers", "–"]
+    assert by_key["mtt", "50"] == ["71.0 ± 0.8", "71.6 ± 0.2", "MTT paper", "−0.6"]
+    assert ("dc", "1") in by_key and ("tesla", "10") in by_key
+
+
+def test_suite_report_lists_missing_cells_and_keeps_them_out_of_costs_failures_and_figures(tmp_path):
+    text = cifar10_partial_report(tmp_path)
+    assert "## Cells of the suite without a record" in text
+    _, *rows = find_table(text, "planned cell(s) with no record")
+    assert len(rows) == 29 and ["dm", "cifar10", "50", "convnet", "standard"] in rows
+    assert ["apm", "cifar10", "1", "convnet", "soft"] in rows
+    assert ["full", "cifar10", "all", "convnet", "standard"] in rows
+    _, *costs = find_table(text, "Distillation costs")
+    assert sorted(row[0] for row in costs) == ["mtt", "tesla"]
+    assert "without a result" not in text  # no failures section: a cell not run did not fail
+    figures = sorted(p.name for p in (tmp_path / "out" / "figures").glob("*.png"))
+    assert figures and not any("ipc1" in name or "ipc10" in name for name in figures), figures
+
+
+def test_cost_only_suite_lists_its_missing_cells_outside_the_accuracy_tables(tmp_path):
+    from bench.suite import load_suite
+
+    record = suite_record("efficiency", "apm", 50, [], eval_arch=None, label="apm-seg500",
+                          config={"segment": 500, "iterations": 30})
+    record.update(seeds=[], acc_mean=None, acc_std=None)
+    write_record(tmp_path / "res", record)
+    write_reports(tmp_path / "res", tmp_path / "out", suite=load_suite("efficiency"))
+    text = (tmp_path / "out" / "efficiency.md").read_text()
+    accuracy = text[text.index("## Test accuracy"):text.index("## Costs of distillation")]
+    assert "No record here was evaluated" in accuracy and "not run" not in accuracy
+    _, *rows = find_table(text, "planned cell(s) with no record")
+    assert [row[0] for row in rows] == ["apm-seg250", "apm-seg100", "mtt", "tesla"]
+    assert all(row[3] == "– (costs only)" for row in rows)
+    assert "4 of the suite's 5 cells have no record yet" in text
+    assert [row[0] for row in find_table(text, "Distillation costs")[1:]] == ["apm-seg500"]
+
+
+def test_planned_cells_take_the_quick_flag_of_the_suites_records(tmp_path):
+    """A GPU suite run with --quick: its cells are planned quick, not listed again as missing full-recipe cells."""
+    from bench.suite import load_suite
+
+    write_record(tmp_path / "res", suite_record("cifar10", "mtt", 50, [40.0] * 3, quick=True))
+    write_reports(tmp_path / "res", tmp_path / "out", suite=load_suite("cifar10"))
+    text = (tmp_path / "out" / "cifar10.md").read_text()
+    titles = [title for title in markdown_tables(text) if title.startswith("Test accuracy")]
+    assert titles and all("QUICK" in title for title in titles)
+    assert "30 of the suite's 31 cells have no record yet" in text
+
+
+def test_merged_subgroup_rows_get_the_published_figure_of_their_subgroups(tmp_path):
+    """The parallel suite's apm-merged rows (APM with G subgroups, ipc 50·G) beside APM's figure for G."""
+    from bench.suite import load_suite
+
+    results = tmp_path / "parallel"
+    for g, acc in ((1, [75.0] * 3), (3, [78.0] * 3)):
+        write_record(results, dict(suite_record("parallel", "apm", 50 * g, acc, protocol="soft", label="apm-merged",
+                                                config=apm_config(subgroups=g)), recipe="cifar10_ipc50"))
+    write_record(results, dict(suite_record("parallel", "apm", 50, [74.0] * 3, label="apm-merged",
+                                            config=apm_config(subgroups=1)), recipe="cifar10_ipc50"))
+    write_reports(results, tmp_path / "out")
+    text = (tmp_path / "out" / "parallel.md").read_text()
+    _, *rows = find_table(text, "published", "protocol soft")
+    assert [(r[0], r[2], r[3], r[4], r[6]) for r in rows] == [("apm-merged", "50", "75.0 ± 0.0", "75.1", "−0.1"),
+                                                              ("apm-merged", "150", "78.0 ± 0.0", "78.6", "−0.6")]
+    assert not [t for t in markdown_tables(text) if "published" in t and "protocol standard" in t]
+    write_reports(results, tmp_path / "out", suite=load_suite("parallel"))
+    _, *rows = find_table((tmp_path / "out" / "parallel.md").read_text(), "published", "protocol soft")
+    by_key = {(r[0], r[2]): r[3:] for r in rows}
+    assert by_key["apm-merged", "500"] == ["not run", "83.3", "APM readme fig. parallelizability", "–"]
+    assert by_key["mtt", "50"][:2] == ["not run", "71.3"] and ("apm-merged", "250") in by_key
+
+
+def test_variants_that_change_the_recipe_otherwise_get_no_published_number(tmp_path):
+    """An ablation over K is not the published setting, even where a published entry of the method exists."""
+    from bench.published import Published
+    from bench.report import published_table
+
+    results = tmp_path / "ablation"
+    for k, ipc in ((3, 10), (5, 10), (3, 50)):  # (apm-K5 at ipc 50 is the recipe itself: the G = 1 setting)
+        recipe = f"cifar10_ipc{ipc}"
+        write_record(results, dict(suite_record("ablation_k", "apm", ipc, [70.0] * 3, protocol="soft",
+                                                label=f"apm-K{k}", config=apm_config(recipe, checkpoints=k)),
+                                   recipe=recipe))
+    write_reports(results, tmp_path / "out")
+    text = (tmp_path / "out" / "ablation.md").read_text()
+    assert not [title for title in markdown_tables(text) if "published" in title]  # not 75.1 beside apm-K3 at 50
+    plain = {"dataset": "cifar10", "method": "apm", "ipc": 10, "mean": 60.0, "std": None, "eval_arch": "convnet",
+             "protocol": "soft", "source": "made up", "primary": True}  # a K = 5 figure, without subgroups
+    group = load_report_frame(results)
+    group = group[group["ipc"] == 10]
+    assert published_table(group, "convnet", "soft", False, Published(entries=[plain])) is None
+
+
+def test_cost_only_variants_do_not_rename_the_evaluated_rows(tmp_path):
+    """Unlabelled cost-only runs at two configs decorate their own rows only, and the evaluated row keeps its
+    label and its published number."""
+    results = tmp_path / "res"
+    write_record(results, make_record("dc", 1, [91.0, 91.5, 92.0]))
+    for iterations in (10, 20):
+        record = make_record("dc", 1, [], eval_arch=None, config={"iterations": iterations})
+        record.update(seeds=[], acc_mean=None, acc_std=None, record_id=f"dc-cost-{iterations}")
+        write_record(results, record)
+    write_reports(results, tmp_path / "out")
+    text = (tmp_path / "out" / "res.md").read_text()
+    _, rows = accuracy_rows(text)
+    assert list(rows) == ["dc"]
+    _, *published = find_table(text, "published")
+    assert [row[:5] for row in published] == [["dc", "mnist", "1", "91.5 ± 0.4", "91.7"]]
+    costs = sorted(row[0] for row in find_table(text, "Distillation costs")[1:])
+    assert costs == ["dc", "dc[iterations=10]", "dc[iterations=20]"]
+
+
+def test_published_convnet_is_the_papers_depth_for_the_image_size():
+    published = load_published()
+    assert published.accuracy("cifar10", "mtt", 50, "standard", "convnetd3")["mean"] == 71.6
+    assert published.accuracy("cifar10", "mtt", 50, "standard", "convnetd4") is None  # not the papers' CIFAR ConvNet
+    assert published.accuracy("tiny_imagenet", "mtt", 10, "standard", "convnetd4")["mean"] == 23.2
+    assert published.accuracy("tiny_imagenet", "mtt", 10, "standard", "convnetd3") is None
+    assert published.accuracy("mnist", "dc", 1, "standard", "convnetd3")["mean"] == 91.7  # 28×28 is depth 3 too
+    assert published.accuracy("imagenet64", "tesla", 10, "soft", "convnetd4")["mean"] == 17.8
+
+
+def test_published_accuracy_matches_the_number_of_subgroups():
+    published = load_published()
+    assert published.accuracy("cifar10", "apm", 150, "soft", "convnet", subgroups=3)["mean"] == 78.6
+    assert published.accuracy("cifar10", "apm", 150, "soft", "convnet") is None  # one subgroup of ipc 150
+    assert published.accuracy("cifar10", "apm", 50, "soft", "convnet")["mean"] == 75.1  # one subgroup: G = 1
+    assert published.accuracy("cifar10", "apm", 50, "soft", "convnet", subgroups=1)["mean"] == 75.1
+    assert published.accuracy("cifar10", "mtt", 50, "soft", "convnet", subgroups=1)["mean"] == 71.3
+    assert published.accuracy("cifar10", "mtt", 50, "soft", "convnet", subgroups=2) is None
+
+
+def test_accuracy_note_says_std_is_the_population_std(report):
+    _, _, text = report
+    assert "± is the standard deviation over seeds with ddof 0 (the population std" in text
+
+
+def test_published_cost_columns_carry_the_direction_mark(tmp_path):
+    record = make_record("apm", 50, [30.0] * 3, config={"segment": 250}, iter_s=9.0)
+    write_record(tmp_path / "res", dict(record, dataset="imagenet64"))
+    write_reports(tmp_path / "res", tmp_path / "out")
+    header, _ = find_table((tmp_path / "out" / "res.md").read_text(), "Distillation costs")
+    assert header[-3:] == ["published GPU peak (GB) ↓", "published s/iteration ↓", "source"]
