@@ -399,6 +399,14 @@ def compare_results(baseline_dir: str | os.PathLike, current_dir: str | os.PathL
     elif not comparison.speed_cells:
         comparison.notes.append("no evaluation wall times on both sides: speed factor taken as 1")
 
+    other_data = [k for k in matched if None not in (baseline[k].get("data_fingerprint"), current[k].get("data_fingerprint"))
+                  and baseline[k]["data_fingerprint"] != current[k]["data_fingerprint"]]
+    if other_data:
+        comparison.notes.append(f"{len(other_data)} matched cell{'' if len(other_data) == 1 else 's'} "
+                                f"({', '.join(str(k) for k in other_data[:3])}{', …' if len(other_data) > 3 else ''}) "
+                                "come from other data files on each side (their data_fingerprint differs): a change "
+                                "there may be the data's, not the code's")
+
     for key in sorted(set(baseline) - set(current), key=CellKey.sort_key):
         comparison.changes.append(Change(key, "cell", str(baseline[key].get("status")), "missing", "missing", "",
                                          REGRESSED))

@@ -480,3 +480,12 @@ def test_only_with_a_typo_or_a_seed_is_an_error_naming_the_nearest(baseline, tmp
     with pytest.raises(UserError, match="compare --only takes dataset, method, ipc or protocol"):
         compare_results(baseline, current, only={"seed": {"0"}})
     assert compare_results(baseline, current, only={"method": {"dm"}, "ipc": {"1"}}).cells_compared == 1
+
+
+def test_cells_made_from_other_data_files_are_noted(tmp_path, capsys):
+    base = write_folder(tmp_path / "baseline", [dict(r, data_fingerprint="aaaa") for r in baseline_records()])
+    same = current_folder(tmp_path, lambda r: r.update(data_fingerprint="aaaa"))
+    assert not any("data_fingerprint" in note for note in compare_results(base, same).notes)
+    other = write_folder(tmp_path / "other", [dict(r, data_fingerprint="bbbb") for r in baseline_records()])
+    notes = [n for n in compare_results(base, other).notes if "data_fingerprint" in n]
+    assert len(notes) == 1 and notes[0].startswith(f"{len(baseline_records())} matched cells (")
