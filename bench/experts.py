@@ -122,16 +122,20 @@ class ExpertPool:
     ):
         self.dataset, self.arch, self.recipe, self.count = dataset, arch, recipe, count
         self.device, self.seed, self.log = torch.device(device), seed, log or (lambda message: None)
-        self.identity = {
+        setting = {
             "dataset": dataset.name,
             "transform": dataset.transform,
             "n_train": int(dataset.train_images.shape[0]),
-            "data": dataset.fingerprint,  # another copy of the dataset (a subset, random pixels) trains its own
             "arch": arch,
             "recipe": asdict(recipe),
             "seed": seed,
             "code_version": EXPERT_CODE_VERSION,
         }
+        # The experts' random streams follow the setting alone, so that the same setting draws the same networks
+        # whatever copy of the data it reads; the cache key also holds the data files' fingerprint, so that
+        # another copy (a subset, random pixels) trains experts of its own rather than loading these.
+        self.seed_key = stable_hash(setting, 16)
+        self.identity = {**setting, "data": dataset.fingerprint}
         self.key = stable_hash(self.identity, 16)
         self.folder = resolve_cache_dir(cache_dir) / "experts" / self.key
         self.trained_now = 0  # experts trained (not loaded) by this pool object
@@ -165,7 +169,7 @@ class ExpertPool:
         return [i for i in range(self.count) if not self.path(i).is_file()]
 
     def _train(self, index: int, after_epoch: Callable[[], None]) -> None:
-        generator = generator_for(self.seed, "expert", self.key, str(index))
+        generator = generator_for(self.seed, "expert", self.seed_key, str(index))
         data = self.dataset
         model = create_network(self.arch, data.num_classes, data.channels, data.resolution, generator).to(self.device)
         snapshots: dict[str, Tensor] = {}
