@@ -257,7 +257,7 @@ def _distill(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from bench.data import load_dataset
+    from bench.data import from_other_files, load_dataset
     from bench.distilled import DistilledSet
     from bench.evaluate import check_compatible, get_protocol
     from bench.measure import environment_stamp
@@ -279,7 +279,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     dataset = load_dataset(meta["dataset"], args.data_root, zca=zca, device=device)
     check_compatible(distilled, dataset)
-    if meta.get("data_fingerprint") not in (None, dataset.fingerprint):
+    if from_other_files(meta.get("data_fingerprint"), dataset.fingerprint):
         print(f"ddbench: warning: {args.path} was distilled from other {meta['dataset']} files (data fingerprint "
               f"{meta['data_fingerprint']}) than the ones evaluated on now ({dataset.fingerprint})", file=sys.stderr)
     protocol = get_protocol(args.protocol)

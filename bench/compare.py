@@ -57,9 +57,10 @@ from typing import NamedTuple
 
 from tabulate import tabulate
 
+from bench.data import from_other_files
 from bench.errors import UserError
-from bench.suite import reject_unknown_only_values
 from bench.store import differing_keys, load_records, written_order
+from bench.suite import reject_unknown_only_values
 
 REGRESSED, IMPROVED, OK, NOT_AVAILABLE = "regressed", "improved", "ok", "n/a"
 
@@ -388,7 +389,7 @@ def compare_results(baseline_dir: str | os.PathLike, current_dir: str | os.PathL
     comparison.speed_factor, comparison.speed_cells, comparison.speed_left_out = _speed_factor(both_ok)
     left_out = comparison.speed_left_out
     differ = (f"{left_out} matched cell{'' if left_out == 1 else 's'} with evaluation wall times on both sides "
-              "evaluated with a different number of seeds, evaluation epochs or engine (sequential or batched)")
+              "evaluated with a different number of seeds or engine (sequential or batched)")
     if comparison.speed_cells and left_out:
         comparison.notes.append(f"speed factor taken over {comparison.speed_cells} cells only: {differ}")
     elif left_out:
@@ -399,8 +400,8 @@ def compare_results(baseline_dir: str | os.PathLike, current_dir: str | os.PathL
     elif not comparison.speed_cells:
         comparison.notes.append("no evaluation wall times on both sides: speed factor taken as 1")
 
-    other_data = [k for k in matched if None not in (baseline[k].get("data_fingerprint"), current[k].get("data_fingerprint"))
-                  and baseline[k]["data_fingerprint"] != current[k]["data_fingerprint"]]
+    other_data = [k for k in matched
+                  if from_other_files(baseline[k].get("data_fingerprint"), current[k].get("data_fingerprint"))]
     if other_data:
         comparison.notes.append(f"{len(other_data)} matched cell{'' if len(other_data) == 1 else 's'} "
                                 f"({', '.join(str(k) for k in other_data[:3])}{', …' if len(other_data) > 3 else ''}) "
@@ -437,8 +438,8 @@ def format_comparison(comparison: Comparison) -> str:
                      f"over {comparison.speed_cells} cells whose evaluations did the same work); current times are "
                      "divided by it before comparing")
     elif comparison.speed_left_out:
-        lines.append("speed factor 1.00: no matched cell's evaluation did the same work on both sides (seeds, "
-                     "evaluation epochs or engine differ), so times are compared unscaled")
+        lines.append("speed factor 1.00: no matched cell's evaluation did the same work on both sides (seeds or "
+                     "engine differ), so times are compared unscaled")
     else:
         lines.append("speed factor 1.00 (no evaluation wall times to calibrate against)")
     moved = sorted((c for c in comparison.changes if c.verdict in (REGRESSED, IMPROVED)),

@@ -61,6 +61,12 @@ class RawSplits:
         return digest.hexdigest()[:16]
 
 
+def from_other_files(fingerprint: str | None, other: str | None) -> bool:
+    """Whether two fingerprints (``RawSplits.fingerprint``) say their numbers come from different data files. An
+    unknown one (records from before the fingerprint existed, datasets built by hand) is taken as the same."""
+    return fingerprint is not None and other is not None and fingerprint != other
+
+
 Loader = Callable[[Path, "int | None"], RawSplits]
 
 

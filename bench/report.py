@@ -52,7 +52,6 @@ from bench.store import (ACC_DIRECTION, check_writable_folder, differing_keys, l
                          stable_hash, written_order)
 
 if TYPE_CHECKING:
-    from bench.runner import RunRequest
     from bench.suite import Suite
 
 ROW_ORDER = ("full", "random", "herding")  # then the rest alphabetically
@@ -228,42 +227,28 @@ def planned_quick_flags(suite: Suite, frame: pd.DataFrame) -> list[bool]:
 def planned_cells(suite: Suite, quick_flags: list[bool], results_dir: str | os.PathLike) -> pd.DataFrame:
     """One row per cell the suite plans under each quick flag and per evaluation architecture (None for a cost-only
     grid's), in the columns of a record with status ``NOT_RUN``. Cells are resolved as ``ddbench validate``
-    resolves them (``suite.describe_cells``: the recipe picked per ipc, the options applied), reading no data."""
-    from bench.suite import suite_requests
+    resolves them (``suite.resolve_cells``: the recipe picked per ipc, the options applied), reading no data."""
+    from bench.registry import split_method_spec
+    from bench.suite import naming_the_suite_file, resolve_cells, suite_requests
 
     cells: dict[tuple, dict] = {}  # two grids may name one cell (only when it is one record: run once)
-    try:
+    with naming_the_suite_file(suite):
         for quick in quick_flags:
             for request in suite_requests(suite, Path(results_dir), quick):
-                for cell in _request_cells(request):
-                    cells.setdefault(cell_key(cell), cell)
-    except UserError as exc:
-        raise UserError(f"suite {suite.path}: {exc}") from None
+                for cell in resolve_cells(request):
+                    for eval_arch in request.eval_archs or [None]:
+                        row = {**dict.fromkeys(COLUMNS), "label": cell.label, "base_label": cell.label,
+                               "suite": request.suite, "method": split_method_spec(cell.method_spec)[0],
+                               "recipe": cell.method.recipe, "config": dict(cell.method.resolved_config),
+                               "dataset": request.dataset, "ipc": cell.ipc, "distill_arch": request.distill_arch,
+                               "eval_arch": eval_arch, "protocol": request.protocol, "quick": request.quick,
+                               "seeds": list(request.seeds), "acc": [], "status": NOT_RUN, "device": None}
+                        cells.setdefault(suite_cell_key(row), row)
     return pd.DataFrame(list(cells.values()), columns=[*COLUMNS, "method", "dataset", "config", "device",
                                                        "base_label"])
 
 
-def _request_cells(request: RunRequest) -> list[dict]:
-    """The planned cells of one ``runner.RunRequest`` as placeholder rows (``planned_cells``)."""
-    from bench.registry import create_method, split_method_spec
-    from bench.runner import check_request, resolved_methods
-
-    rows = []
-    for spec in check_request(request):
-        label = request.method_labels.get(spec, spec)
-        for resolved, ipc in resolved_methods(request, spec):
-            method = create_method(resolved, quick=request.quick, **request.method_options.get(spec, {}))
-            for eval_arch in request.eval_archs or [None]:
-                rows.append({**dict.fromkeys(COLUMNS), "label": label, "base_label": label, "suite": request.suite,
-                             "method": split_method_spec(resolved)[0], "recipe": method.recipe,
-                             "config": dict(method.resolved_config), "dataset": request.dataset, "ipc": ipc,
-                             "distill_arch": request.distill_arch, "eval_arch": eval_arch,
-                             "protocol": request.protocol, "quick": request.quick, "seeds": list(request.seeds),
-                             "acc": [], "status": NOT_RUN, "device": None})
-    return rows
-
-
-def cell_key(record: pd.Series | dict) -> tuple:
+def suite_cell_key(record: pd.Series | dict) -> tuple:
     """What makes a record one of a suite's planned cells: (label, dataset, ipc, evaluation architecture,
     protocol, quick flag) — not the config, so that a record written before a recipe changed still counts."""
     arch = record["eval_arch"]
@@ -275,8 +260,8 @@ def suite_coverage(suite: Suite, frame: pd.DataFrame, left_out: Counter,
                    results_dir: str | os.PathLike) -> SuiteCoverage:
     """The suite's planned cells, and those that none of its records (``frame``, prepared) is of."""
     planned = planned_cells(suite, planned_quick_flags(suite, frame), results_dir)
-    recorded = {cell_key(record) for _, record in frame.iterrows()}
-    missing = planned[[cell_key(cell) not in recorded for _, cell in planned.iterrows()]]
+    recorded = {suite_cell_key(record) for _, record in frame.iterrows()}
+    missing = planned[[suite_cell_key(cell) not in recorded for _, cell in planned.iterrows()]]
     return SuiteCoverage(suite, left_out, planned, missing)
 
 

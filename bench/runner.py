@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bench.data import DATASETS, Dataset, load_dataset, resolve_data_root
+from bench.data import DATASETS, Dataset, from_other_files, load_dataset, resolve_data_root
 from bench.distilled import DistilledSet
 from bench.errors import Diverged, UserError
 from bench.evaluate import BATCH_SEEDS_CHOICES, Protocol, evaluate_distilled, get_protocol
@@ -811,13 +811,6 @@ def reject_repeated_cells(planned: list[tuple[RunRequest, list[Cell] | list[Desc
     return all_ids
 
 
-def _made_from_other_data(record: dict, dataset: Dataset) -> bool:
-    """Whether a record's numbers come from other data files than ``dataset``'s (records from before the
-    fingerprint existed, and datasets built by hand, have none: they are taken as the same)."""
-    made_from = record.get("data_fingerprint")
-    return made_from is not None and dataset.fingerprint is not None and made_from != dataset.fingerprint
-
-
 def _code_since(done: dict[str, dict], ids: Iterable[str], current: str | None) -> str:
     """A warning for a skipped cell whose records another commit wrote than ``current`` (a record's identity holds
     its method's config, not the code): ``--resume`` keeps numbers that this code may no longer give."""
@@ -849,7 +842,8 @@ def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Ce
     this_commit = environment_stamp().get("git_sha") if done else None
     jobs = []
     for cell, ids in zip(cells, cell_ids):
-        other_data = [arch for arch in ids if ids[arch] in done and _made_from_other_data(done[ids[arch]], cell.dataset)]
+        other_data = [arch for arch in ids if ids[arch] in done and from_other_files(done[ids[arch]].get("data_fingerprint"),
+                                                                                 cell.dataset.fingerprint)]
         if other_data:
             echo(f"redo {cell.method_spec} ipc {cell.ipc}: its records were made from other {cell.dataset.name} files "
                  f"than those under {request.data_root} (data fingerprint "

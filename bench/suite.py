@@ -28,13 +28,19 @@ options by method name).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import yaml
 
 from bench.errors import UnknownNameError, UserError
 from bench.registry import nearest_name
+
+if TYPE_CHECKING:
+    from bench.runner import RunRequest
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 
@@ -296,40 +302,67 @@ def suite_requests(suite: Suite, results_dir: Path, quick: bool = False, only: d
     return requests
 
 
+class ResolvedCell(NamedTuple):
+    """One cell of a ``RunRequest``, resolved as ``run`` resolves it but without its data: the method spec with the
+    recipe picked for its ipc, and the method built with the request's options."""
+
+    request: RunRequest
+    label: str
+    method_spec: str
+    ipc: int | None
+    method: object
+
+
+def resolve_cells(request: RunRequest) -> list[ResolvedCell]:
+    """Every cell of ``request`` (``check_request`` first: an unknown name is a ``UserError``); reads no data."""
+    from bench.registry import create_method
+    from bench.runner import check_request, resolved_methods
+
+    cells = []
+    for spec in check_request(request):
+        label = request.method_labels.get(spec, spec)
+        for resolved, ipc in resolved_methods(request, spec):
+            method = create_method(resolved, quick=request.quick, **request.method_options.get(spec, {}))
+            cells.append(ResolvedCell(request, label, resolved, ipc, method))
+    return cells
+
+
 def describe_cells(requests: list) -> list[str]:
     """One line per cell (method with its picked recipe × ipc × evaluation), checking every name and that no two
     cells are one (as ``run`` would refuse them); reads no data."""
     from bench.data import transform_kind
-    from bench.registry import create_method
-    from bench.runner import (DescribedCell, check_request, reject_repeated_cells, resolved_methods,
-                              works_in_zca_space)
+    from bench.runner import DescribedCell, reject_repeated_cells, works_in_zca_space
 
     lines = []
     described = []
     for request in requests:
         cells = []
-        for spec in check_request(request):
-            label = request.method_labels.get(spec, spec)
-            for resolved, ipc in resolved_methods(request, spec):
-                method = create_method(resolved, quick=request.quick, **request.method_options.get(spec, {}))
-                cells.append(DescribedCell(resolved, method, ipc, request.dataset,
-                                           transform_kind(works_in_zca_space(method)), label))
-                evaluation = (f"evaluate {','.join(request.eval_archs)} × seeds {','.join(map(str, request.seeds))}"
-                              if request.eval_archs else "not evaluated (costs only)")
-                lines.append(f"{request.dataset} ipc {ipc if ipc is not None else 'all'} {label}"
-                             f"{f' ({resolved})' if resolved != label else ''} [{request.protocol}"
-                             f"{', quick' if request.quick else ''}] distil {request.distill_arch}; {evaluation}")
+        for cell in resolve_cells(request):
+            cells.append(DescribedCell(cell.method_spec, cell.method, cell.ipc, request.dataset,
+                                       transform_kind(works_in_zca_space(cell.method)), cell.label))
+            evaluation = (f"evaluate {','.join(request.eval_archs)} × seeds {','.join(map(str, request.seeds))}"
+                          if request.eval_archs else "not evaluated (costs only)")
+            lines.append(f"{request.dataset} ipc {cell.ipc if cell.ipc is not None else 'all'} {cell.label}"
+                         f"{f' ({cell.method_spec})' if cell.method_spec != cell.label else ''} [{request.protocol}"
+                         f"{', quick' if request.quick else ''}] distil {request.distill_arch}; {evaluation}")
         described.append((request, cells))
     reject_repeated_cells(described)
     return lines
 
 
-def describe_suite_cells(suite: Suite, requests: list) -> list[str]:
-    """``describe_cells`` of a suite's requests, its errors naming the suite's file."""
+@contextmanager
+def naming_the_suite_file(suite: Suite) -> Iterator[None]:
+    """Prefix a ``UserError`` raised inside with the suite's file, which the error is about."""
     try:
-        return describe_cells(requests)
+        yield
     except UserError as exc:
         raise UserError(f"suite {suite.path}: {exc}") from None
+
+
+def describe_suite_cells(suite: Suite, requests: list) -> list[str]:
+    """``describe_cells`` of a suite's requests, its errors naming the suite's file."""
+    with naming_the_suite_file(suite):
+        return describe_cells(requests)
 
 
 def run_suite(suite: Suite, results_dir: Path, quick: bool = False, only: dict[str, set[str]] | None = None,

@@ -421,7 +421,7 @@ def test_speed_factor_only_over_cells_whose_evaluations_did_the_same_work(tmp_pa
     assert "speed factor 2.00 (current ÷ baseline evaluation wall time, median over 2 cells whose evaluations did " \
            "the same work)" in out
     assert "speed factor taken over 2 cells only: 4 matched cells with evaluation wall times on both sides " \
-           "evaluated with a different number of seeds, evaluation epochs or engine (sequential or batched)" in out
+           "evaluated with a different number of seeds or engine (sequential or batched)" in out
 
 
 def test_no_cell_with_the_same_evaluation_work_compares_times_unscaled(baseline, tmp_path, capsys):
