@@ -11,6 +11,7 @@ import difflib
 import importlib
 import importlib.metadata
 import math
+import re
 import sys
 import types
 import typing
@@ -228,6 +229,9 @@ def _type_name(annotation: object) -> str:
     return str(annotation).replace("typing.", "")
 
 
+_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: object, annotation: object, option: str, nonnegative: bool) -> object:
     """``value`` checked against ``annotation`` and converted (an int to a float, a YAML list to a tuple).
 
@@ -256,6 +260,8 @@ def _coerce(value: object, annotation: object, option: str, nonnegative: bool) -
         if isinstance(value, bool):
             return value
         raise _Mismatch
+    if annotation is float and isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # PyYAML (YAML 1.1) reads `1e-5` as a string; YAML 1.2 and Python read a number
     if annotation is int or annotation is float:
         if isinstance(value, bool) or not isinstance(value, int if annotation is int else (int, float)):
             raise _Mismatch

@@ -77,3 +77,17 @@ def test_third_party_methods_register_through_entry_points(monkeypatch):
     monkeypatch.setattr(registry, "_loaded", False)
     assert "mine" in registry.list_methods() and "apm" in registry.list_methods()
     assert registry.create_method("mine", strength=2).config.strength == 2.0
+
+
+def test_scientific_notation_is_a_number_for_float_options():
+    """PyYAML (YAML 1.1) reads `1e-5` as a string; `--set lr_lr=1e-5` and suites must still mean 1e-5."""
+    import yaml
+
+    _, resolved = resolve_config("mtt", None, False, {"lr_lr": yaml.safe_load("1e-5"), "lr_img": yaml.safe_load("2E+3")})
+    assert resolved["lr_lr"] == 1e-5 and resolved["lr_img"] == 2000.0
+    with pytest.raises(UserError, match="must be"):  # only a number literal is taken, and only for a float option
+        resolve_config("mtt", None, False, {"lr_lr": "1e-5x"})
+    with pytest.raises(UserError, match="must be"):
+        resolve_config("mtt", None, False, {"syn_steps": "1e3"})
+    with pytest.raises(UserError, match="non-negative"):
+        resolve_config("mtt", None, False, {"lr_lr": "-1e-5"})
