@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     _measured(run)
 
+    check = sub.add_parser("check", help="the conformance check a method must pass (for a plugin's author): digits, "
+                                         "ipc 2, CPU, quick + smoke; exit 1 if any check fails")
+    check.add_argument("methods", nargs="+", metavar="METHOD", help="registered method names (ddbench ls methods)")
+    check.add_argument("--cache-dir", default=None, help="expert cache (default: $DDBENCH_CACHE or ~/.cache/ddbench)")
+
     validate = sub.add_parser("validate", help="resolve every cell of a suite and check its names, without running")
     validate.add_argument("--suite", required=True, help="a suite name (ddbench ls suites) or a suite YAML file")
     validate.add_argument("--only", action="append", metavar="KEY=VALUE",
@@ -406,6 +411,23 @@ def _report(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _check(args: argparse.Namespace) -> int:
+    from bench.conformance import check_method
+    from bench.registry import get_method_class
+
+    for name in args.methods:  # every name known before the first one runs
+        get_method_class(name)
+    failed = 0
+    for name in args.methods:
+        print(f"{name}:", flush=True)
+        for check in check_method(name, cache_dir=args.cache_dir):
+            print(f"  {'ok  ' if check.passed else 'FAIL'} {check.name}" + (f": {check.detail}" if check.detail else ""),
+                  flush=True)
+            failed += not check.passed
+    print(f"{failed} check(s) failed" if failed else "all checks passed")
+    return 1 if failed else 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from bench.compare import main_compare
     from bench.suite import parse_only
@@ -422,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = {"ls": lambda: _ls(args.what), "distill": lambda: _distill(args), "evaluate": lambda: _evaluate(args),
                 "run": lambda: _run(args), "validate": lambda: _validate(args), "report": lambda: _report(args),
-                "compare": lambda: _compare(args)}[args.command]()
+                "compare": lambda: _compare(args), "check": lambda: _check(args)}[args.command]()
     except UserError as exc:
         print(f"ddbench: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,4 +1,5 @@
-"""Every registered method, on a tiny problem: shapes, labels, determinism, metadata, no global RNG use.
+"""Every registered method passes the conformance check (`bench/conformance.py`, also `ddbench check NAME`): shapes,
+labels, determinism, metadata, no global RNG use — and the check itself catches a method that breaks them.
 
 A method joins this test by registering itself; its ``smoke`` overrides (on top of ``quick``) keep it short.
 """
@@ -6,12 +7,12 @@ A method joins this test by registering itself; its ``smoke`` overrides (on top 
 import pytest
 import torch
 
+from bench.cli import main
+from bench.conformance import check_method
 from bench.data import load_dataset
-from bench.registry import create_method, get_method_class, list_methods
-from bench.runner import Cell, RunRequest, distill_cell
-from methods.base import DistillContext
-
-IPC = 2
+from bench.distilled import DistilledSet
+from bench.registry import list_methods, register_method
+from methods.base import DistillContext, Method
 
 
 @pytest.fixture(scope="module")
@@ -19,40 +20,50 @@ def digits():
     return load_dataset("digits")
 
 
-def distill(name, dataset, seed=0):
-    cls = get_method_class(name)
-    method = create_method(name, quick=True, **cls.smoke)
-    ctx = DistillContext(dataset, IPC, "convnet", torch.Generator().manual_seed(seed), torch.device("cpu"), quick=True)
-    return method.distill(ctx), cls
-
-
 @pytest.mark.parametrize("name", list_methods())
 def test_method_conformance(name, digits):
-    rng_before = torch.get_rng_state()
-    out, cls = distill(name, digits)
-    assert torch.equal(rng_before, torch.get_rng_state()), "the global RNG was used or reseeded"
-    n = len(digits.train_images) if not cls.depends_on_ipc else IPC * digits.num_classes
-    assert out.images.shape == (n, *digits.image_shape)
-    assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
-    assert out.labels.dtype == torch.int64 and out.labels.shape == (n,)
-    if cls.depends_on_ipc:
-        assert torch.bincount(out.labels, minlength=10).tolist() == [IPC] * 10
-    if out.soft_labels is not None:
-        assert out.soft_labels.shape == (n, digits.num_classes)
-    if out.learned_lr is not None:
-        assert out.learned_lr > 0
-    again, _ = distill(name, digits)
-    assert torch.equal(out.images, again.images), "same seed, different images"
-    assert torch.equal(out.labels, again.labels)
+    checks = check_method(name, digits)
+    failures = [f"{c.name}: {c.detail}" for c in checks if not c.passed]
+    assert not failures, failures
+    assert len(checks) >= 7
 
 
-@pytest.mark.parametrize("name", list_methods())
-def test_harness_metadata(name, digits, tmp_path):
-    cls = get_method_class(name)
-    request = RunRequest("digits", [name], [IPC], [], [0], tmp_path, quick=True)
-    method = create_method(name, quick=True, **cls.smoke)
-    out = distill_cell(Cell(name, method, IPC if cls.depends_on_ipc else None, digits), request, torch.device("cpu"), {})
-    for key in ("method", "recipe", "config", "quick", "dataset", "transform", "ipc", "distill_arch", "seed", "code_version"):
-        assert key in out.metadata
-    assert out.metadata["method"] == name and out.metadata["quick"] is True
-    assert out.metadata["config"] == method.resolved_config
+class UsesGlobalRNGAndDropsAClass(Method):
+    """Draws from the global RNG (so two runs differ) and returns one class short."""
+
+    def distill(self, ctx: DistillContext) -> DistilledSet:
+        images, labels = [], []
+        for c in range(ctx.dataset.num_classes - 1):
+            images.append(torch.rand(ctx.ipc, *ctx.dataset.image_shape))  # the global RNG, on purpose
+            labels.append(torch.full((ctx.ipc,), c, dtype=torch.int64))
+        return DistilledSet(torch.cat(images), torch.cat(labels))
+
+
+@pytest.fixture
+def broken_method():
+    from bench.registry import METHODS
+
+    register_method("conformance_broken")(UsesGlobalRNGAndDropsAClass)
+    yield "conformance_broken"
+    METHODS.unregister("conformance_broken")
+
+
+def test_the_check_fails_a_method_that_breaks_the_rules(broken_method, digits):
+    verdict = {c.name: c.passed for c in check_method(broken_method, digits)}
+    assert verdict["distils digits at ipc 2"]
+    assert not verdict["leaves the global torch RNG alone"]
+    assert not verdict["images have shape (n, C, H, W)"]
+    assert not verdict["the same seed gives the same set"]
+
+
+def test_ddbench_check_prints_each_check_and_exits_1_on_a_failure(broken_method, capsys):
+    assert main(["check", broken_method]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL leaves the global torch RNG alone" in out and "check(s) failed" in out
+
+
+def test_ddbench_check_passes_a_conforming_method_and_refuses_an_unknown_one(capsys):
+    assert main(["check", "random"]) == 0
+    assert "all checks passed" in capsys.readouterr().out
+    assert main(["check", "randum"]) == 2
+    assert "did you mean 'random'" in capsys.readouterr().err
