@@ -53,7 +53,7 @@ from bench.models import create_network
 from bench.registry import Registry
 from bench.seed_stack import (BATCHNORM_REASON, SeedStack, batching_unsupported_reason, forward_kind,
                               has_batchnorm_statistics)
-from bench.seeding import generator_for
+from bench.seeding import generator_for, global_rng_seeded_from
 
 EpochCallback = Callable[[int, Tensor], None]
 """``on_epoch(epoch, loss)``: ``loss`` is the epoch's mean training loss, a float64 scalar tensor on the training
@@ -329,23 +329,24 @@ def _train(
     counter = innermost_flop_counter()
     epoch_flops = 0
     epoch_losses = torch.full((count,), float("nan"), dtype=torch.float64)
-    for epoch in range(protocol.epochs):
-        if epoch == decay_epoch:
-            for group in steps.optimizer.param_groups:
-                group["lr"] = protocol.lr * 0.1
-        if counter is None:
-            epoch_losses = one_epoch()
-        elif epoch == 0:
-            before = counter.total
-            epoch_losses = one_epoch()
-            epoch_flops = counter.total - before
-        else:
-            with counter.paused():
+    with global_rng_seeded_from(generators[0], images.device):  # a stack draws nothing in its forward
+        for epoch in range(protocol.epochs):
+            if epoch == decay_epoch:
+                for group in steps.optimizer.param_groups:
+                    group["lr"] = protocol.lr * 0.1
+            if counter is None:
                 epoch_losses = one_epoch()
-            counter.add(epoch_flops)
-        if on_epoch is not None:
-            for value in epoch_losses:
-                on_epoch(epoch, value)
+            elif epoch == 0:
+                before = counter.total
+                epoch_losses = one_epoch()
+                epoch_flops = counter.total - before
+            else:
+                with counter.paused():
+                    epoch_losses = one_epoch()
+                counter.add(epoch_flops)
+            if on_epoch is not None:
+                for value in epoch_losses:
+                    on_epoch(epoch, value)
     return epoch_losses.tolist()
 
 

@@ -44,6 +44,21 @@ def test_same_seed_same_accuracy_on_cpu(digits):
     assert a.acc[0] != a.acc[1] or a.final_train_loss[0] != a.final_train_loss[1]  # seeds differ
 
 
+def test_dropout_networks_train_the_same_whatever_the_global_rng(digits):
+    """Dropout draws from torch's global RNG, which torch seeds differently in every process: the loop lends it
+    a seed taken from the network's generator, and gives it back untouched."""
+    s, arch = random_set(digits, 2), "vit_tiny_cifar[drop_rate=0.3,depth=1]"
+    results = []
+    for global_seed in (1, 2):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(global_seed)
+            before = torch.get_rng_state()
+            results.append(evaluate_distilled(s, digits, arch, short(epochs=3), [0, 1], "cpu", batch_seeds="off"))
+            assert torch.equal(before, torch.get_rng_state()), "the global RNG was left changed"
+    assert results[0].acc == results[1].acc and results[0].final_train_loss == results[1].final_train_loss
+    assert results[0].final_train_loss[0] != results[0].final_train_loss[1]
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny_patch16_224[patch_size=2]", "resnet18_cifar"])
 def test_timm_models_through_the_same_loop(digits, arch):
     result = evaluate_distilled(random_set(digits, 2), digits, arch, short(epochs=2, batch_size=32), [0], "cpu")
