@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -16,6 +17,7 @@ from typing import NoReturn
 EXIT_BAD_INPUT = 2
 EXIT_CELLS_FAILED = 3  # `run` finished, but some cell's record has a status other than ok
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
@@ -239,7 +241,11 @@ def _ls(what: str) -> None:
 
         for name in PROTOCOLS.names():
             p = PROTOCOLS.get(name)
-            print(f"{name:9s} v{p.version}  targets={p.targets} loss={p.loss} epochs={p.epochs} (quick {p.quick_epochs}) lr={p.lr} dsa={p.dsa}")
+            decay = "epochs//2+1" if p.decay_epoch is None else p.decay_epoch
+            print(f"{name:9s} v{p.version}  targets={p.targets} loss={p.loss} epochs={p.epochs} (quick {p.quick_epochs}) "
+                  f"SGD lr={p.lr:g} (×0.1 from epoch {decay}; a set's learned lr replaces it: "
+                  f"{'yes' if p.accepts_learned_lr else 'no'}) momentum={p.momentum:g} weight_decay={p.weight_decay:g} "
+                  f"batch={p.batch_size} dsa={p.dsa} (no flip on digit datasets) reported: last epoch's test accuracy")
 
 
 def _distill(args: argparse.Namespace) -> None:
@@ -264,12 +270,12 @@ def _distill(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from bench.data import from_other_files, load_dataset
     from bench.distilled import DistilledSet
-    from bench.evaluate import check_compatible, get_protocol
+    from bench.evaluate import check_compatible, get_protocol, protocol_label
     from bench.measure import environment_stamp
     from bench.runner import (NOT_DISTILLED_HERE, _check_arch_runs, measured_evaluation, protocol_for, reject_repeats,
                               resolve_device)
     from bench.errors import UserError
-    from bench.experts import check_cache_dir
+    from bench.experts import check_cache_dir, soft_targets_source
     from bench.store import check_results_dir, set_fields, stable_hash, write_record
 
     if not args.seeds:
@@ -305,12 +311,15 @@ def _evaluate(args: argparse.Namespace) -> None:
 
         teacher = soft_protocol_teacher(dataset, meta.get("distill_arch") or "convnet", args.quick, device, args.cache_dir, log)
     env = environment_stamp()
+    label = meta.get("method") or Path(args.path).stem  # a set made elsewhere may name no method
+    soft_targets = (soft_targets_source(distilled.soft_labels is not None, dataset, meta.get("distill_arch") or "convnet",
+                                        args.quick, device) if resolved.targets == "soft" else None)
     for arch in args.archs:
         phases: dict = {}
         fields = measured_evaluation(distilled, dataset, arch, protocol, resolved, args.seeds, device, phases, teacher,
                                      args.batch_seeds, args.cache_dir, args.memory_sample_ms / 1000)
-        print(f"{meta['dataset']} {meta.get('method', '?')} ipc {meta.get('ipc')} → {arch} [{protocol.name}"
-              f"{', quick' if args.quick else ''}]: {fields['acc_mean']:.2f} ± {fields['acc_std']:.2f} "
+        print(f"{meta['dataset']} {label} ipc {meta.get('ipc')} → {arch} "
+              f"[{protocol_label(protocol.name, args.quick, resolved.as_record())}]: {fields['acc_mean']:.2f} ± {fields['acc_std']:.2f} "
               f"(seeds {args.seeds}: {', '.join(f'{a:.2f}' for a in fields['acc'])})")
         if args.results:
             identity = {"set": str(Path(args.path).resolve()), "eval_arch": arch, "protocol": [protocol.name, protocol.version],
@@ -319,10 +328,12 @@ def _evaluate(args: argparse.Namespace) -> None:
                 identity["eval_epochs"] = args.eval_epochs
             write_record(args.results, dict(
                 set_fields(meta), data_fingerprint=dataset.fingerprint,  # the data these numbers come from
-                label=meta.get("method"), record_id=stable_hash(identity), suite=None, env=env, isolated=False,
+                label=label, record_id=stable_hash(identity), suite=None, env=env, isolated=False,
                 cells_side_by_side=1,
-                eval_epochs_override=args.eval_epochs,
-                quick=bool(args.quick or meta.get("quick")), learned_lr=distilled.learned_lr,
+                eval_epochs_override=args.eval_epochs, soft_targets=soft_targets,
+                # quick if any part was: the set's recipe (distilled_quick) or this evaluation's protocol (protocol_quick)
+                quick=bool(args.quick or meta.get("quick")), protocol_quick=args.quick,
+                distilled_quick=bool(meta.get("quick")), learned_lr=distilled.learned_lr,
                 distilled_path=str(Path(args.path).resolve()), phases=phases, status="ok", error=None, **NOT_DISTILLED_HERE, **fields,
             ))
 
@@ -437,8 +448,29 @@ def _compare(args: argparse.Namespace) -> int:
     return main_compare(args.baseline, args.current, parse_only(args.only), **overrides)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a scheduler's stop), taken the way Ctrl-C is: the running cells are stopped
+    and recorded as interrupted, and ``--resume`` redoes them."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import threading
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    try:
+        return _dispatch(args)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from bench.errors import UserError
 
     try:
@@ -448,10 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"ddbench: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("ddbench: interrupted (Ctrl-C); the records written so far are kept, and --resume redoes the rest",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+        print(f"ddbench: {how}; the records written so far are kept, and --resume redoes the rest", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader of stdout left (`ddbench ls archs | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail again
         return EXIT_BROKEN_PIPE

@@ -10,17 +10,25 @@ finds a complete set.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from bench.data import transform_kind
 from bench.errors import UserError
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle")  # what torch.save and pickle files are usually called
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a legacy pickle's PROTO opcode
+TRANSFORM_KINDS = (transform_kind(zca=False), transform_kind(zca=True))
+PROTOCOL_OVERRIDE_KEYS = ("lr", "epochs", "quick_epochs")  # what runner.protocol_for reads from a set's overrides
 
 
 @dataclass
@@ -63,18 +71,25 @@ class DistilledSet:
         stem = _stem(Path(path))
         meta_path, tensor_path = _with(stem, ".json"), _with(stem, ".safetensors")
         missing = [str(p) for p in (meta_path, tensor_path) if not p.is_file()]
+        if missing and stem == Path(path) and _is_pickle(stem):  # x.pt, not a set's own file (which may begin 0x80)
+            raise UserError(_pickle_refusal(path))
         if missing:
             raise UserError(f"distilled set not found: expected {' and '.join(missing)}")
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            if _is_pickle(meta_path):
+                raise UserError(_pickle_refusal(meta_path)) from None
             raise UserError(f"distilled set metadata {meta_path} is not readable JSON ({_first_line(exc)}); "
                             f"expected the .json that `ddbench distill` writes") from None
         if not isinstance(meta, dict):
             raise UserError(f"distilled set metadata {meta_path} is not a JSON object")
+        check_metadata(meta, meta_path)
         try:
             tensors = load_file(str(tensor_path))
         except (SafetensorError, OSError) as exc:  # a truncated or corrupt file
+            if _is_pickle(tensor_path):  # checked only now: a valid safetensors header may begin with 0x80 too
+                raise UserError(_pickle_refusal(tensor_path)) from None
             raise UserError(f"distilled set tensors {tensor_path} are unreadable, truncated or corrupt "
                             f"({_first_line(exc)}); distil the set again") from None
         if "images" not in tensors or "labels" not in tensors:
@@ -83,16 +98,132 @@ class DistilledSet:
         if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
             raise UserError(f"distilled set {tensor_path}: expected images (n, C, H, W) and labels (n,), got "
                             f"{tuple(images.shape)} and {tuple(labels.shape)}")
-        if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        if images.shape[0] == 0:
+            raise UserError(f"distilled set {tensor_path} holds no images (shape {tuple(images.shape)}): nothing to "
+                            f"train on; expected at least one image per class")
+        if not images.is_floating_point():
+            raise UserError(f"distilled set {tensor_path}: images are {images.dtype}, expected float pixels in the "
+                            f"dataset's transformed space (see the metadata's 'transform'), not raw pixel values")
+        images = images.float()  # float16/bfloat16 exactly; float64 rounded to the precision training uses anyway
+        if not bool(torch.isfinite(images).all()):  # after the cast: a float64 beyond float32's range is infinite
             raise UserError(f"distilled set {tensor_path} holds non-finite pixels (NaN or infinity): a diverged "
                             f"distillation; distil the set again")
-        if labels.is_floating_point() or labels.dtype == torch.bool:
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise UserError(f"distilled set {tensor_path}: labels must be class indices (integers), found {labels.dtype}")
-        if labels.numel() and int(labels.min()) < 0:
+        labels = labels.long()  # any integer width: int64 as training expects
+        if int(labels.min()) < 0:
             raise UserError(f"distilled set {tensor_path}: labels must be class indices, found {int(labels.min())}")
+        soft_labels = tensors.get("soft_labels")
+        if soft_labels is not None:
+            if not soft_labels.is_floating_point():
+                raise UserError(f"distilled set {tensor_path}: soft_labels are {soft_labels.dtype}, expected floating "
+                                f"point logits (one per class for each image)")
+            soft_labels = soft_labels.float()
+            if not bool(torch.isfinite(soft_labels).all()):
+                raise UserError(f"distilled set {tensor_path} holds non-finite soft_labels (NaN or infinity); "
+                                f"expected finite logits")
         learned_lr = meta.pop("learned_lr", None)
         meta.pop("n_images", None)
-        return cls(images, labels, tensors.get("soft_labels"), learned_lr, meta)
+        return cls(images, labels, soft_labels, None if learned_lr is None else float(learned_lr), meta)
+
+
+def check_metadata(meta: dict, meta_path: Path) -> None:
+    """Refuse, naming the key and the file, a set's metadata whose keys that ``ddbench evaluate`` reads are of the
+    wrong type or out of range. A set that names its dataset must also state its transform: the pixels of a
+    mean/std set and of a ZCA set look alike, and evaluating one in the other's space gives a wrong accuracy."""
+
+    def refuse(key: str, value: object, expected: str) -> UserError:
+        shown = json.dumps(value, default=str)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return UserError(f"distilled set metadata {meta_path}: '{key}' must be {expected}, got {shown}")
+
+    for key in ("dataset", "method", "data_fingerprint", "distill_arch"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise refuse(key, meta[key], "a string")
+    if "quick" in meta and not isinstance(meta["quick"], bool):
+        raise refuse("quick", meta["quick"], "true or false")
+    if meta.get("ipc") is not None and not (_is_integer(meta["ipc"]) and meta["ipc"] >= 1):
+        raise refuse("ipc", meta["ipc"], "an integer of at least 1 (or null)")
+    if meta.get("learned_lr") is not None and not _is_positive_number(meta["learned_lr"]):
+        raise refuse("learned_lr", meta["learned_lr"], "a finite number above 0 (or null: the protocol's own lr)")
+    if "dataset" in meta and "transform" not in meta:
+        raise UserError(f"distilled set metadata {meta_path} names a dataset but not its transform: state the space "
+                        f'the images are in, e.g. "transform": {{"kind": "mean_std"}} or {{"kind": "zca"}}')
+    if "transform" in meta:
+        _check_transform(meta["transform"], refuse)
+    overrides = meta.get("protocol_overrides")
+    if overrides is None:
+        return
+    if not isinstance(overrides, dict):
+        raise refuse("protocol_overrides", overrides, 'an object of protocol name → settings, e.g. {"soft": {"epochs": 500}}')
+    for protocol, settings in overrides.items():
+        if not isinstance(settings, dict):
+            raise refuse(f"protocol_overrides.{protocol}", settings,
+                         f"an object of settings ({', '.join(PROTOCOL_OVERRIDE_KEYS)})")
+        for key, value in settings.items():
+            if key not in PROTOCOL_OVERRIDE_KEYS:
+                raise UserError(f"distilled set metadata {meta_path}: unknown key 'protocol_overrides.{protocol}.{key}'; "
+                                f"a protocol's overrides are {', '.join(PROTOCOL_OVERRIDE_KEYS)}")
+            if key == "lr" and not _is_positive_number(value):
+                raise refuse(f"protocol_overrides.{protocol}.lr", value, "a finite number above 0")
+            if key != "lr" and value is not None and not (_is_integer(value) and value >= 1):
+                raise refuse(f"protocol_overrides.{protocol}.{key}", value, "an integer of at least 1 (or null)")
+
+
+def _check_transform(transform: object, refuse: Callable[[str, object, str], UserError]) -> None:
+    """A set's ``transform`` as ``bench.data.load_dataset`` writes it: ``kind``, and for ZCA optionally ``eps``,
+    ``fitted_on`` and ``fingerprint``, for mean/std optionally ``mean`` and ``std`` (one value per channel)."""
+    if not isinstance(transform, dict) or "kind" not in transform:
+        raise refuse("transform", transform, 'an object with a kind, e.g. {"kind": "mean_std"} or {"kind": "zca"}')
+    if transform["kind"] not in TRANSFORM_KINDS:
+        raise refuse("transform.kind", transform["kind"], " or ".join(f"'{kind}'" for kind in TRANSFORM_KINDS))
+    if "eps" in transform and not _is_positive_number(transform["eps"]):
+        raise refuse("transform.eps", transform["eps"], "a finite number above 0")
+    for key in ("fingerprint", "fitted_on"):
+        if key in transform and not isinstance(transform[key], str):
+            raise refuse(f"transform.{key}", transform[key], "a string")
+    for key in ("mean", "std"):
+        values = transform.get(key)
+        if key in transform and not (isinstance(values, list) and values and all(
+                _is_finite_number(v) and (key == "mean" or v > 0) for v in values)):
+            raise refuse(f"transform.{key}", values,
+                         "a list of finite numbers, one per channel" + (", each above 0" if key == "std" else ""))
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: object) -> bool:
+    """An int or float (JSON's ``true`` is not a number here) that is neither NaN nor infinite, as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float's range
+        return False
+
+
+def _is_positive_number(value: object) -> bool:
+    return _is_finite_number(value) and value > 0  # type: ignore[operator]
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether ``path`` is named or begins like a pickle: ``torch.save``'s zip archive or a legacy pickle."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return any(head.startswith(magic) for magic in PICKLE_MAGIC)
+
+
+def _pickle_refusal(path: str | os.PathLike) -> str:
+    return (f"{path} looks like a torch.save/pickle file; ddbench reads distilled sets only as STEM.safetensors + "
+            f"STEM.json and never unpickles (unpickling runs code): convert it with torch.load(path, "
+            f"weights_only=True) and safetensors.torch.save_file (README: 'Bring your own distilled set')")
 
 
 def _first_line(exc: BaseException) -> str:

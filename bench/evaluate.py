@@ -93,6 +93,12 @@ class Protocol:
         return asdict(self)
 
 
+def protocol_label(name: str, quick: bool, resolved: dict) -> str:
+    """What an evaluation ran, for console lines: ``standard, quick: 300 epochs, lr 0.00632`` (``resolved``: the
+    record's ``protocol_config``, whose lr may be a learned one and whose epochs a set's or ``--eval-epochs``')."""
+    return f"{name}{', quick' if quick else ''}: {resolved['epochs']} epochs, lr {resolved['lr']:.3g}"
+
+
 PROTOCOLS: Registry[Protocol] = Registry("protocol")
 PROTOCOLS.register("standard", Protocol("standard", 1, targets="hard", loss="ce", epochs=1000, quick_epochs=300, lr=0.01))
 PROTOCOLS.register("soft", Protocol("soft", 1, targets="soft", loss="l1", epochs=1000, quick_epochs=300, lr=0.01))
@@ -445,11 +451,25 @@ def check_compatible(distilled: DistilledSet, dataset: Dataset) -> None:
     meta = distilled.metadata
     if meta.get("dataset") not in (None, dataset.name):
         raise UserError(f"distilled set is from '{meta.get('dataset')}', not '{dataset.name}'")
-    kind = (meta.get("transform") or {}).get("kind")
+    # A set read from a file always states its transform (DistilledSet.load refuses one that names its dataset
+    # without it); one made in this process may not, and is evaluated on the dataset it was made from.
+    stated = meta.get("transform") or {}
+    kind = stated.get("kind")
     if kind is not None and kind != dataset.transform["kind"]:
         raise UserError(
             f"distilled set is in '{kind}' space but the test set was loaded with '{dataset.transform['kind']}'"
         )
+    # The parameters of the space, where the set states them: ZCA's eps, mean/std's per-channel values (the dataset
+    # rounds them to 6 decimals, so a relative 1e-3 allows for a set that writes 4 digits). Not ZCA's fingerprint:
+    # a hash of the float32 matrix, whose last bits change with the thread count of the fit (digits: '11e56851…'
+    # with 1 torch thread, 'c9047e9c…' with 2), so it would refuse sets made by `run --jobs 2` and
+    # evaluated with 2 threads; the data files' fingerprint (checked by the caller) is what says the fit differs.
+    for key in ("eps", "mean", "std"):
+        if kind == dataset.transform["kind"] and key in stated and key in dataset.transform:
+            ours, theirs = np.asarray(stated[key], dtype=float), np.asarray(dataset.transform[key], dtype=float)
+            if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=1e-3, atol=1e-6):
+                raise UserError(f"distilled set's {kind} transform has {key} {stated[key]}, but {dataset.name} was "
+                                f"loaded with {key} {dataset.transform[key]}: the set's pixels are in another space")
     if tuple(distilled.images.shape[1:]) != dataset.image_shape:
         raise UserError(f"distilled images are {tuple(distilled.images.shape[1:])}, the dataset's {dataset.image_shape}")
     if len(distilled) and int(distilled.labels.max()) >= dataset.num_classes:

@@ -242,3 +242,14 @@ def soft_protocol_teacher(
     pool = ExpertPool(dataset, arch, expert_recipe("apm", quick), 1, device, cache_dir, log=log)
     pool.ensure()
     return pool.network(0)
+
+
+def soft_targets_source(soft_labels_stored: bool, dataset: Dataset, arch: str, quick: bool,
+                        device: torch.device | str) -> dict:
+    """What a ``soft`` protocol's targets were, for its records: the set's own stored soft labels, or the logits of
+    ``soft_protocol_teacher`` (which expert of which cached pool)."""
+    if soft_labels_stored:
+        return {"source": "the set's stored soft labels"}
+    pool = ExpertPool(dataset, arch, expert_recipe("apm", quick), 1, device, None)  # the key only: nothing is read
+    return {"source": "teacher", "arch": arch, "recipe": pool.recipe.name, "epochs": pool.recipe.epochs, "expert": 0,
+            "cache_key": pool.key}

@@ -104,10 +104,21 @@ def prepare_frame(frame: pd.DataFrame) -> pd.DataFrame:
     frame["ipc"] = [_ipc(value) for value in frame["ipc"]]
     frame["eval_epochs_override"] = pd.Series([_smoke_epochs(value) for value in frame["eval_epochs_override"]],
                                               index=frame.index, dtype=object)  # None, or a smoke test's epochs
-    frame["base_label"] = [row["label"] if isinstance(row["label"], str) and row["label"] else _row_label(row)
-                           for _, row in frame.iterrows()]
+    frame["method"] = [m if isinstance(m, str) and m else "unnamed" for m in frame.get("method", [None] * len(frame))]
+    frame["base_label"] = [(row["label"] if isinstance(row["label"], str) and row["label"] else _row_label(row))
+                           + _quick_parts_note(row) for _, row in frame.iterrows()]
     frame["label"] = _labels(frame)
     return frame
+
+
+def _quick_parts_note(record: pd.Series) -> str:
+    """A quick record (flagged ``quick`` if any part was) made of a quick part and a full one — an ``evaluate`` of a
+    quick set under the full protocol, or of a full set under the quick one — gets a row of its own, so that it is
+    neither mixed with nor taken for a record that is quick throughout."""
+    protocol_quick, distilled_quick = record.get("protocol_quick"), record.get("distilled_quick")
+    if protocol_quick not in (True, False) or distilled_quick not in (True, False) or protocol_quick == distilled_quick:
+        return ""
+    return " (full protocol)" if distilled_quick else " (full-recipe set)"
 
 
 def _ipc(value: object) -> int | None:
@@ -654,8 +665,12 @@ def _gpu_cell(value: object, reason: object, reasons: dict[str, int]) -> Cell:
 def cost_section(frame: pd.DataFrame, published: Published) -> Section | None:
     """One table per quick flag: the distillation costs of every distilled set, with published figures beside
     where they match (APM's ImageNet-1K figures per segment length, TESLA's)."""
+    from bench.runner import NOT_DISTILLED_HERE
+
     sets = distilled_sets(frame)
-    sets = sets[sets["label"] != "full"]
+    reasons = sets["flops_reason"] if "flops_reason" in sets else pd.Series(None, index=sets.index, dtype=object)
+    evaluated_only = reasons == NOT_DISTILLED_HERE["flops_reason"]  # `ddbench evaluate` of a saved set
+    sets = sets[(sets["label"] != "full") & ~evaluated_only]
     if sets.empty:
         return None
     section = Section(f"Costs of distillation {COST_DIRECTION}", text=[

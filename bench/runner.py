@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from bench.data import DATASETS, Dataset, from_other_files, load_dataset, resolve_data_root
 from bench.distilled import DistilledSet
 from bench.errors import Diverged, UserError
-from bench.evaluate import BATCH_SEEDS_CHOICES, Protocol, evaluate_distilled, get_protocol
-from bench.experts import check_cache_dir, resolve_cache_dir, soft_protocol_teacher
+from bench.evaluate import BATCH_SEEDS_CHOICES, Protocol, evaluate_distilled, get_protocol, protocol_label
+from bench.experts import check_cache_dir, resolve_cache_dir, soft_protocol_teacher, soft_targets_source
 from bench.measure import (DEFAULT_SAMPLE_INTERVAL_S, FlopCounter, MemorySampler, environment_stamp, iteration_stats,
                            phase, process_peak_rss_mb)
 from bench.models import attention_with_second_derivative, check_arch, create_network
@@ -605,7 +605,7 @@ def _base_record(cell: Cell, request: RunRequest, arch: str, ids: dict[str, str]
     return dict(set_fields(cell_metadata(cell, request)), label=cell.label or cell.method_spec, suite=request.suite,
                 quick=request.quick,
                 record_id=ids[arch], status="ok", error=None, isolated=request.isolate, cells_side_by_side=request.jobs,
-                eval_epochs_override=request.eval_epochs,
+                eval_epochs_override=request.eval_epochs, soft_targets=None,
                 flops_per_eval_epoch=None, eval_flops_reason="no evaluation ran",
                 **evaluation_fields(arch, protocol, protocol_for(protocol, None, request.quick, request.eval_epochs),
                                     request.seeds))
@@ -643,6 +643,9 @@ def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, s
         record = dict(_base_record(cell, request, arch, ids, protocol), status=status, error=error, env=env,
                       process_peak_rss_mb=None, **extra, **iterations, **evaluation_fields(arch, protocol, resolved, request.seeds))
         cell_phases = {name: dict(figures) for name, figures in phases.items()}
+        if resolved.targets == "soft" and distilled is not None and arch is not None:
+            record["soft_targets"] = soft_targets_source(distilled.soft_labels is not None, cell.dataset,
+                                                         request.distill_arch, request.quick, device)
         if distilled is not None and arch is not None:  # arch None: a cost-only cell, not evaluated
             try:
                 teacher = None
@@ -685,8 +688,34 @@ def cell_task(cell: Cell, archs: list[str], ids: dict[str, str], gpu: str | None
                     cell.label, gpu, threads)
 
 
-def _cell_child(connection, request: RunRequest, task: CellTask) -> None:
+PARENT_WATCH_INTERVAL_S = 1.0
+EXIT_ORPHANED = 75  # a cell's process that ended itself because its ddbench process was gone
+
+
+def _end_with(parent_pid: int) -> None:
+    """End this cell's process once the ddbench process that started it is gone (killed with SIGKILL, say, which
+    leaves it no chance to stop its cells): an orphaned cell would hold its memory and write a set nobody records,
+    beside the cell a ``--resume`` starts again. (The cell's parent process is the forkserver, so the kernel's
+    parent-death signal cannot watch ddbench itself.)"""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_WATCH_INTERVAL_S)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(EXIT_ORPHANED)
+            except PermissionError:  # a process of another user now has that number: ours is gone
+                os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="ddbench-parent-watch", daemon=True).start()
+
+
+def _cell_child(connection, request: RunRequest, task: CellTask, parent_pid: int | None = None) -> None:
     """Entry point of a cell's child process: run the cell and send its records (or the error) to the parent."""
+    if parent_pid is not None:
+        _end_with(parent_pid)
     try:
         if task.gpu is not None:  # set before anything here starts CUDA
             os.environ["CUDA_VISIBLE_DEVICES"] = task.gpu
@@ -735,7 +764,8 @@ def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: di
     context = _child_context()
     receiver, sender = context.Pipe(duplex=False)
     task = cell_task(cell, archs, ids, gpu, threads)
-    child = context.Process(target=_cell_child, args=(sender, request, task), name=f"ddbench-cell-{ids[archs[0]]}")
+    child = context.Process(target=_cell_child, args=(sender, request, task, os.getpid()),
+                            name=f"ddbench-cell-{ids[archs[0]]}")
     child.start()
     RUNNING_CHILDREN.add(child)
     sender.close()
@@ -871,8 +901,10 @@ def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Ce
                     summary = f"not evaluated; {record['iterations']} iterations in {record['phases']['distill']['wall_s']:.1f} s"
                 else:
                     summary = f"{record['acc_mean']:.2f} ± {record['acc_std']:.2f} (n={len(record['acc'])})"
+                how = (protocol_label(protocol.name, request.quick, record["protocol_config"]) if record["eval_arch"]
+                       else f"{protocol.name}{', quick' if request.quick else ''}")
                 echo(f"{cell.dataset.name} ipc {cell.ipc if cell.ipc is not None else 'all'} {cell.method_spec} → "
-                     f"{record['eval_arch'] or 'no evaluation'} [{protocol.name}{', quick' if request.quick else ''}]: {summary}  ({path})")
+                     f"{record['eval_arch'] or 'no evaluation'} [{how}]: {summary}  ({path})")
     except KeyboardInterrupt:  # the records written so far stay; unfinished cells' say so, and --resume redoes them
         finished.close()  # the executor stops what still runs
         for job in executor.in_flight:

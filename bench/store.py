@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -120,11 +121,23 @@ def evaluation_fields(eval_arch: str, protocol, resolved, seeds: list[int], resu
 
 def write_record(results_dir: str | os.PathLike, record: dict) -> Path:
     """Write one record atomically under ``<results_dir>/records/``, stamped with ``written_at`` (when it was
-    written, UTC) unless it has one; returns its path."""
+    written, UTC) unless it has one; returns its path. A NaN or infinite float (a diverged network's
+    ``final_train_loss``) is written as null: JSON has no NaN, and strict readers refuse Python's bare ``NaN``."""
     record = {"schema_version": SCHEMA_VERSION, "written_at": datetime.now(timezone.utc).isoformat(), **record}
     path = Path(results_dir) / RECORDS_DIR / record_filename(record)
-    write_json_atomic(path, record)
+    write_json_atomic(path, _non_finite_as_null(record))
     return path
+
+
+def _non_finite_as_null(value: object) -> object:
+    """``value`` with every NaN or infinite float in its dicts, lists and tuples replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _non_finite_as_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_non_finite_as_null(item) for item in value]
+    return value
 
 
 def check_writable_folder(path: str | os.PathLike, name: str, fix: str, inside: str = "") -> None:

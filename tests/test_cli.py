@@ -154,3 +154,36 @@ def test_evaluating_a_set_on_other_data_files_warns_and_records_which(capsys, tm
     code, _, err = run_cli(capsys, *evaluate)
     assert code == 0 and "was distilled from other digits files (data fingerprint 0123456789abcdef)" in err
     assert all(json.loads(p.read_text())["data_fingerprint"] == digits for p in (tmp_path / "res" / "records").glob("*"))
+
+
+def test_evaluate_says_what_ran_and_keeps_a_quick_set_under_the_full_protocol_apart(capsys, tmp_path):
+    """The console line names the epochs and lr; a record says which parts were quick and where soft targets came
+    from; the report gives a quick set evaluated under the full protocol a row of its own."""
+    import json
+
+    code, _, err = run_cli(capsys, "distill", "--dataset", "digits", "--method", "random", "--ipc", "1",
+                           "--out", str(tmp_path / "set"), "--quick")
+    assert code == 0, err
+    res = tmp_path / "res"
+    common = ("evaluate", str(tmp_path / "set.json"), "--seeds", "0", "--eval-epochs", "2", "--results", str(res))
+    code, out, err = run_cli(capsys, *common, "--quick")
+    assert code == 0, err
+    assert "[standard, quick: 2 epochs, lr 0.01]" in out
+    code, out, err = run_cli(capsys, *common, "--protocol", "soft")
+    assert code == 0, err
+    assert "[soft: 2 epochs, lr 0.01]" in out
+    records = [json.loads(p.read_text()) for p in sorted((res / "records").glob("*.json"))]
+    by_protocol = {(r["protocol"], r["protocol_quick"]): r for r in records}
+    quick_standard, full_soft = by_protocol["standard", True], by_protocol["soft", False]
+    assert quick_standard["quick"] and quick_standard["distilled_quick"] and quick_standard["soft_targets"] is None
+    assert full_soft["quick"] and full_soft["distilled_quick"], "a quick set makes a quick record"
+    assert full_soft["soft_targets"]["source"] == "teacher" and full_soft["soft_targets"]["expert"] == 0
+    assert full_soft["soft_targets"]["recipe"].startswith("apm") and len(full_soft["soft_targets"]["cache_key"]) == 16
+    code, _, err = run_cli(capsys, *common)  # the full standard protocol on the quick set
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "report", "--results", str(res), "--out", str(tmp_path / "rep"))
+    assert code == 0, err
+    report = (tmp_path / "rep" / "res.md").read_text()
+    labels = {line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| random")}
+    assert labels == {"random", "random (full protocol)"}
+    assert "Costs of distillation" not in report, "sets only evaluated here have no distillation costs to show"
