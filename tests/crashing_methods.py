@@ -32,3 +32,18 @@ class Aborts(Method):
 
     def distill(self, ctx: DistillContext) -> DistilledSet:
         os.abort()
+
+
+class SleepsForAMinute(Method):
+    """Writes its process id where the test can read it, then sleeps: a cell still running when ddbench is stopped."""
+
+    def distill(self, ctx: DistillContext) -> DistilledSet:
+        ctx.start(1)
+        pid_file = os.environ.get("DDBENCH_TEST_PID_FILE")
+        if pid_file:
+            with open(pid_file, "w") as f:
+                f.write(str(os.getpid()))
+        import time
+
+        time.sleep(60)
+        raise AssertionError("should have been stopped")

@@ -1,0 +1,76 @@
+"""Stopping ddbench: SIGTERM (``kill``, ``timeout``, a scheduler) is taken as Ctrl-C is — the running cell is
+stopped and recorded as interrupted — and a cell whose ddbench process is killed outright ends itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import crashing_methods
+from bench.cli import EXIT_TERMINATED, main
+from bench.registry import METHODS, register_method
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def sleeper(tmp_path, monkeypatch):
+    register_method("test_sleeper")(crashing_methods.SleepsForAMinute)
+    monkeypatch.setenv("DDBENCH_TEST_PID_FILE", str(tmp_path / "cell.pid"))
+    yield tmp_path / "cell.pid"
+    METHODS.unregister("test_sleeper")
+
+
+def test_sigterm_stops_the_running_cell_and_records_it_as_interrupted(tmp_path, sleeper, capsys):
+    def terminate_once_the_cell_runs() -> None:
+        deadline = time.monotonic() + 120
+        while not sleeper.is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_the_cell_runs, daemon=True).start()
+    results = tmp_path / "results"
+    code = main(["run", "--dataset", "digits", "--methods", "test_sleeper", "--ipc", "1", "--seeds", "0", "--quick",
+                 "--results", str(results)])
+    assert code == EXIT_TERMINATED
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    assert _gone(int(sleeper.read_text()), within_s=10), "the cell's process outlived ddbench"
+    (record,) = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
+    assert record["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_a_cell_ends_itself_when_its_ddbench_process_is_killed_outright(tmp_path):
+    """SIGKILL leaves ddbench no chance to stop its cells; the cell watches for its parent and ends."""
+    parent_code = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import os, sys, time; from bench.runner import _end_with; "
+        "_end_with(os.getppid()); print(os.getpid(), flush=True); time.sleep(60)'], stdout=subprocess.PIPE, text=True)\n"
+        "print(child.stdout.readline().strip(), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cell_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()  # reaped: its number is free, as a dead ddbench's is
+    assert _gone(cell_pid, within_s=10), "the orphaned cell went on running"
