@@ -37,13 +37,13 @@ from bench.progress import log, progress_bar
 from bench.registry import (create_method, default_recipe, get_method_class, list_methods, nearest_name,
                             method_origin, split_method_spec)
 from bench.seeding import generator_for
-from bench.store import (RECORDS_DIR, check_results_dir, evaluation_fields, existing_records, record_id,
-                         remove_stale_temporaries, set_fields, stable_hash, write_record)
+from bench.store import (CHECKPOINTS_DIR, DISTILLED_DIR, RECORDS_DIR, check_results_dir, evaluation_fields,
+                         existing_records, record_id, remove_stale_temporaries, set_fields, stable_hash, write_record,
+                         writing_results)
 
 if TYPE_CHECKING:
     from methods.base import Part
 
-DISTILLED_DIR = "distilled"
 ITERATION_WARMUP = 2  # iterations left out of the per-iteration time statistics
 MAX_CELLS_UNCONFIRMED = 200  # a larger grid (cells × evaluation architectures) runs only with --yes: likely a typo
 INTERRUPTED_ERROR = "interrupted by the user (Ctrl-C)"
@@ -426,7 +426,7 @@ def distill_cell(cell: Cell, request: RunRequest, device: torch.device, phases: 
     checkpoints = None
     if request.checkpoint_every is not None and part is None:
         config_hash = stable_hash(cell.method.resolved_config)
-        folder = (Path(request.results_dir) / "checkpoints" /
+        folder = (Path(request.results_dir) / CHECKPOINTS_DIR /
                   f"{cell.dataset.name}_ipc{cell.ipc or 'all'}_{cell.method_spec}_{config_hash}_seed{request.distill_seed}")
         checkpoints = Checkpointer(folder, request.checkpoint_every, cell_metadata(cell, request), log)
 
@@ -861,7 +861,13 @@ def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Ce
     ``--resume`` redoes, overwriting them: same identity, same file), and ``KeyboardInterrupt`` goes on up."""
     cells = plan(request) if cells is None else cells
     cell_ids = reject_repeated_cells([(request, cells)])[0]
-    check_results_dir(request.results_dir)
+    check_results_dir(request.results_dir, (DISTILLED_DIR, CHECKPOINTS_DIR) if request.checkpoint_every else (DISTILLED_DIR,))
+    with writing_results(request.results_dir):
+        return _run_planned(request, echo, cells, cell_ids)
+
+
+def _run_planned(request: RunRequest, echo: Callable[[str], None], cells: list[Cell],
+                 cell_ids: list[dict[str | None, str]]) -> list[dict]:
     if request.resume:  # a killed run may have left temporary files; a resumed one is the folder's only writer
         remove_stale_temporaries(request.results_dir)
     # children must see the same cache and data folders even if the environment changes under the parent
@@ -893,7 +899,13 @@ def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Ce
         for job, records in finished:
             cell = job.cell
             for record in records:
-                path = write_record(request.results_dir, record)
+                try:
+                    path = write_record(request.results_dir, record)
+                except OSError as exc:  # a full disk, a folder made read-only or removed during the run
+                    finished.close()  # the executor stops what still runs
+                    raise UserError(f"cannot write a record under {request.results_dir} ({exc.strerror or exc}): the "
+                                    f"records written so far are kept; make room or fix the folder, then run again "
+                                    f"with --resume") from None
                 written.append(record)
                 if record["status"] != "ok":
                     summary = f"{record['status']}: {record['error']}"

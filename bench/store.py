@@ -44,8 +44,10 @@ import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
@@ -55,6 +57,8 @@ from bench.progress import log
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
+DISTILLED_DIR = "distilled"  # the sets a run saves, beside its records
+CHECKPOINTS_DIR = "checkpoints"  # resumable distillation states (--checkpoint-every)
 RECORDS_DIR = "records"
 ACC_DIRECTION = "↑"  # higher accuracy is better; costs (memory, time, FLOPs) are ↓
 
@@ -140,26 +144,76 @@ def _non_finite_as_null(value: object) -> object:
     return value
 
 
-def check_writable_folder(path: str | os.PathLike, name: str, fix: str, inside: str = "") -> None:
-    """Make sure files can be written in ``path`` (in its subfolder ``inside``, if given) before any work: create
-    the folder and a temporary file in it (removed again); a one-line ``UserError`` naming the folder (``name``)
-    and what to do (``fix``) otherwise."""
+def check_writable_folder(path: str | os.PathLike, name: str, fix: str, inside: str | tuple[str, ...] = "") -> None:
+    """Make sure files can be written in ``path`` (in each of its subfolders ``inside``, if given) before any work:
+    create the folders and a temporary file in each (removed again); a one-line ``UserError`` naming the folder
+    (``name``) and what to do (``fix``) otherwise."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{name} {path} is a file, not a folder; {fix}")
-    try:
-        (path / inside).mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path / inside, prefix=".write-check-", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"{name} {path} is not writable ({exc.strerror or exc}); {fix}") from None
+    for sub in (inside,) if isinstance(inside, str) else inside:
+        folder = path / sub
+        if sub and folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} is a file, not a folder: the {name} {path} keeps its {sub} there; move that "
+                            f"file away, or {fix}")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise UserError(f"{name} {path} is not writable ({exc.strerror or exc}); {fix}") from None
 
 
-def check_results_dir(results_dir: str | os.PathLike) -> None:
-    """Make sure records can be written under ``results_dir`` before any work (``check_writable_folder``)."""
+def check_results_dir(results_dir: str | os.PathLike, also: tuple[str, ...] = ()) -> None:
+    """Make sure records, and whatever else a run writes there (``also``: e.g. ``DISTILLED_DIR``), can be written
+    under ``results_dir`` before any work (``check_writable_folder``): a file named ``distilled`` there would
+    otherwise fail every cell after its distillation."""
     check_writable_folder(results_dir, "results folder", "pass --results with a folder you can write records to",
-                          inside=RECORDS_DIR)
+                          inside=(RECORDS_DIR, *also))
+
+
+RUN_LOCK = ".ddbench-run.lock"
+_HELD_RUN_LOCKS: dict[Path, int] = {}  # results folder → how many nested `writing_results` of this process hold it
+
+
+@contextmanager
+def writing_results(results_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the results folder for one run (or a suite's runs): a second ``ddbench run`` into the same folder is
+    refused while this one runs — the two would compute the same cells twice, and a ``--resume`` would delete
+    the other's temporary files. An advisory ``flock`` on ``<results>/.ddbench-run.lock``, released when the
+    process ends however it ends; reentrant within a process. Where ``fcntl`` is missing (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(results_dir).resolve()
+    if folder in _HELD_RUN_LOCKS:
+        _HELD_RUN_LOCKS[folder] += 1
+        try:
+            yield
+        finally:
+            _HELD_RUN_LOCKS[folder] -= 1
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            raise UserError(f"another ddbench run is writing to {results_dir} ({holder}); wait for it to finish, or "
+                            f"pass another --results folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, since {datetime.now(timezone.utc).isoformat(timespec='seconds')}".encode())
+        _HELD_RUN_LOCKS[folder] = 1
+        try:
+            yield
+        finally:
+            del _HELD_RUN_LOCKS[folder]
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def remove_stale_temporaries(results_dir: str | os.PathLike) -> list[Path]:
