@@ -307,6 +307,14 @@ def _find_distilled(path: object, results_dir: Path) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def sets_without_files(sets: pd.DataFrame, results_dir: Path) -> list[str]:
+    """The ``distilled_path`` of every successful set (``sets``: one row per distilled set) whose file is not
+    found, so that a report says why its images are not drawn (records are committed, distilled sets are not)."""
+    sets = sets[(sets["status"] == "ok") & (sets["label"] != "full")]
+    return [str(path) for path in sets["distilled_path"]
+            if isinstance(path, str) and path and _find_distilled(path, results_dir) is None]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 

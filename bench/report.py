@@ -34,6 +34,7 @@ when there are no records to report.
 
 from __future__ import annotations
 
+import math
 import os
 import unicodedata
 from collections import Counter
@@ -416,6 +417,34 @@ def _record_notes(cells: list[Measured]) -> list[str]:
     return notes
 
 
+def _protocol_departures(group: pd.DataFrame, protocol: str, quick: bool) -> list[str]:
+    """A note naming the rows whose networks trained with another lr or number of epochs than the protocol's own
+    (a learned lr that MTT's and TESLA's sets carry, a method's own epochs such as full's), so that no table hides
+    a change of its evaluation behind the protocol's name. Smoke tests (--eval-epochs) have their own note."""
+    from bench.evaluate import get_protocol
+
+    try:
+        nominal = get_protocol(protocol).resolve(quick)
+    except Exception:  # a protocol this ddbench does not know (a newer record): nothing to compare with
+        return []
+    real = group[(group["status"] == "ok") & group["eval_epochs_override"].isna()]
+    departures: dict[str, list[str]] = {}
+    for label, records in real.groupby("label", sort=False):
+        lrs = sorted({float(lr) for lr in records.get("protocol_lr", pd.Series(dtype=float)).dropna()
+                      if not math.isclose(float(lr), nominal.lr)})
+        epochs = sorted({int(e) for e in records.get("protocol_epochs", pd.Series(dtype=float)).dropna()
+                         if int(e) != nominal.epochs})
+        learned = records.get("learned_lr", pd.Series(dtype=float)).notna().any()
+        said = ([f"lr {' / '.join(f'{lr:.3g}' for lr in lrs)}" + (" (learned, carried by its sets)" if learned else "")]
+                if lrs else []) + ([f"{' / '.join(map(str, epochs))} epochs"] if epochs else [])
+        if said:
+            departures[label] = said
+    if not departures:
+        return []
+    rows = "; ".join(f"{label}: {', '.join(said)}" for label, said in departures.items())
+    return [f"Trained otherwise than the protocol's lr {nominal.lr:g} for {nominal.epochs} epochs: {rows}."]
+
+
 def _records_for(group: pd.DataFrame, label: str, dataset: str, ipc: int | None) -> pd.DataFrame:
     """A label's records for one dataset × ipc column; a label evaluated without ipc (``full``) fills every column."""
     mine = group[(group["label"] == label) & (group["dataset"] == dataset)]
@@ -497,6 +526,7 @@ def accuracy_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool) -
         notes.append(f"full: trained on the whole training set{trained}; it does not depend on ipc, so its one value "
                      "fills every column of its dataset.")
     notes += _record_notes(list(measured.values()))
+    notes += _protocol_departures(group, protocol, quick)
     smoke = any(m.smoke_epochs is not None for m in measured.values())
     headers = ["method"] + [f"{dataset} ipc {_ipc_text(ipc)}" for dataset, ipc in columns]
     return Table(_accuracy_title(arch, protocol, quick, seeds, smoke), headers, rows, notes)
@@ -928,7 +958,7 @@ def write_reports(results_dir: str | os.PathLike, out_dir: str | os.PathLike, na
     A results folder without records (or, with a suite, without a record of it), and an ``out_dir`` that cannot be
     written, are one-line ``UserError``s raised before anything is written: the records are read first, so that no
     report folder is created for nothing."""
-    from bench.figures import write_figures  # matplotlib is slow to import; only reports need it
+    from bench.figures import sets_without_files, write_figures  # matplotlib is slow to import; only reports need it
 
     out = Path(out_dir)
     frame, coverage = report_frame(results_dir, suite)
@@ -940,9 +970,14 @@ def write_reports(results_dir: str | os.PathLike, out_dir: str | os.PathLike, na
     sections = [s for s in (accuracy_section(with_planned, published), cross_architecture_section(with_planned),
                             cost_section(frame, published), failure_section(frame),
                             missing_section(coverage) if coverage else None) if s is not None]
-    figures = write_figures(frame, distilled_sets(frame), _label_order(frame["label"]), out / "figures", name,
-                            Path(results_dir))
+    sets = distilled_sets(frame)
+    figures = write_figures(frame, sets, _label_order(frame["label"]), out / "figures", name, Path(results_dir))
     intro = report_intro(frame, results_dir, coverage)
+    unseen = sets_without_files(sets, Path(results_dir))
+    if unseen:  # e.g. records committed to git without their sets (which are data, and are not)
+        intro.append(f"The images of {len(unseen)} distilled set{'' if len(unseen) == 1 else 's'} are not drawn: "
+                     f"{'its file was' if len(unseen) == 1 else 'their files were'} not found (e.g. {unseen[0]}); "
+                     "restore the sets or rerun their cells to draw them.")
     sources = _sources_used(sections, published)
     paths = [write_text_atomic(out / f"{name}.md", render_markdown(name, intro, sections, figures, sources)),
              write_text_atomic(out / f"{name}.tex", render_latex(name, intro, sections, figures, sources))]
