@@ -269,7 +269,7 @@ def _distill(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from bench.data import from_other_files, load_dataset
-    from bench.distilled import DistilledSet
+    from bench.distilled import DistilledSet, content_hash
     from bench.evaluate import check_compatible, get_protocol, protocol_label
     from bench.measure import environment_stamp
     from bench.runner import (NOT_DISTILLED_HERE, _check_arch_runs, measured_evaluation, protocol_for, reject_repeats,
@@ -312,6 +312,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         teacher = soft_protocol_teacher(dataset, meta.get("distill_arch") or "convnet", args.quick, device, args.cache_dir, log)
     env = environment_stamp()
     label = meta.get("method") or Path(args.path).stem  # a set made elsewhere may name no method
+    set_sha256 = content_hash(args.path)  # the file evaluated, in the record and its identity: a replaced file is new
     soft_targets = (soft_targets_source(distilled.soft_labels is not None, dataset, meta.get("distill_arch") or "convnet",
                                         args.quick, device) if resolved.targets == "soft" else None)
     for arch in args.archs:
@@ -322,8 +323,8 @@ def _evaluate(args: argparse.Namespace) -> None:
               f"[{protocol_label(protocol.name, args.quick, resolved.as_record())}]: {fields['acc_mean']:.2f} ± {fields['acc_std']:.2f} "
               f"(seeds {args.seeds}: {', '.join(f'{a:.2f}' for a in fields['acc'])})")
         if args.results:
-            identity = {"set": str(Path(args.path).resolve()), "eval_arch": arch, "protocol": [protocol.name, protocol.version],
-                        "quick": args.quick, "seeds": args.seeds}
+            identity = {"set": str(Path(args.path).resolve()), "set_sha256": set_sha256, "eval_arch": arch,
+                        "protocol": [protocol.name, protocol.version], "quick": args.quick, "seeds": args.seeds}
             if args.eval_epochs is not None:
                 identity["eval_epochs"] = args.eval_epochs
             write_record(args.results, dict(
@@ -334,7 +335,7 @@ def _evaluate(args: argparse.Namespace) -> None:
                 # quick if any part was: the set's recipe (distilled_quick) or this evaluation's protocol (protocol_quick)
                 quick=bool(args.quick or meta.get("quick")), protocol_quick=args.quick,
                 distilled_quick=bool(meta.get("quick")), learned_lr=distilled.learned_lr,
-                distilled_path=str(Path(args.path).resolve()), phases=phases, status="ok", error=None, **NOT_DISTILLED_HERE, **fields,
+                distilled_path=str(Path(args.path).resolve()), distilled_sha256=set_sha256, phases=phases, status="ok", error=None, **NOT_DISTILLED_HERE, **fields,
             ))
 
 

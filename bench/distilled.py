@@ -9,6 +9,7 @@ finds a complete set.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -279,6 +280,16 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """SHA-256 of a saved set's tensors file (``path``: the set's .json, .safetensors or stem): which images and
+    labels a record's numbers come from, whatever the file is called or wherever it is moved."""
+    digest = hashlib.sha256()
+    with open(_with(_stem(Path(path)), ".safetensors"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _stem(path: Path) -> Path:

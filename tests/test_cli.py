@@ -175,6 +175,9 @@ def test_evaluate_says_what_ran_and_keeps_a_quick_set_under_the_full_protocol_ap
     records = [json.loads(p.read_text()) for p in sorted((res / "records").glob("*.json"))]
     by_protocol = {(r["protocol"], r["protocol_quick"]): r for r in records}
     quick_standard, full_soft = by_protocol["standard", True], by_protocol["soft", False]
+    from bench.distilled import content_hash
+
+    assert quick_standard["distilled_sha256"] == full_soft["distilled_sha256"] == content_hash(tmp_path / "set.json")
     assert quick_standard["quick"] and quick_standard["distilled_quick"] and quick_standard["soft_targets"] is None
     assert full_soft["quick"] and full_soft["distilled_quick"], "a quick set makes a quick record"
     assert full_soft["soft_targets"]["source"] == "teacher" and full_soft["soft_targets"]["expert"] == 0
