@@ -18,7 +18,6 @@ line, and the distillation starts from scratch. Nothing is pickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from bench.distilled import save_safetensors_atomic, write_json_atomic
+from bench.distilled import file_sha256, save_safetensors_atomic, write_json_atomic
 from bench.errors import UserError
 
 MARKER = "checkpoint.json"
@@ -64,7 +63,7 @@ class Checkpointer:
         save_safetensors_atomic(tensors, self.folder / name, metadata={"iteration": str(iteration)}, fsync=True)
         write_json_atomic(self.folder / MARKER, {
             "format": FORMAT_VERSION, "iteration": iteration, "identity": self.identity,
-            "tensors": name, "sha256": _sha256(self.folder / name), "state": encoded,
+            "tensors": name, "sha256": file_sha256(self.folder / name), "state": encoded,
         })
         for old in self.folder.glob("state-*.safetensors*"):
             if old.name != name:
@@ -87,7 +86,7 @@ class Checkpointer:
                 raise ValueError(f"it belongs to another run ({meta.get('identity')})")
             if not tensor_path.is_file():
                 raise ValueError(f"{tensor_path.name} is missing")
-            if _sha256(tensor_path) != meta["sha256"]:
+            if file_sha256(tensor_path) != meta["sha256"]:
                 raise ValueError(f"{tensor_path.name} does not match its hash (torn or corrupted)")
             tensors = load_file(str(tensor_path))
             state = _decode(meta["state"], tensors)
@@ -101,14 +100,6 @@ class Checkpointer:
     def clear(self) -> None:
         """Delete the checkpoint folder (after the distillation has returned)."""
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _encode(value: Any, tensors: dict[str, Tensor], key: str) -> Any:

@@ -282,14 +282,20 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         raise
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 16 MiB blocks: what the artifacts' integrity checks compare (expert
+    cache files, checkpoints) and which set a record evaluated (``content_hash``)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def content_hash(path: str | os.PathLike) -> str:
     """SHA-256 of a saved set's tensors file (``path``: the set's .json, .safetensors or stem): which images and
     labels a record's numbers come from, whatever the file is called or wherever it is moved."""
-    digest = hashlib.sha256()
-    with open(_with(_stem(Path(path)), ".safetensors"), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(_with(_stem(Path(path)), ".safetensors"))
 
 
 def _stem(path: Path) -> Path:

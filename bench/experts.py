@@ -3,9 +3,11 @@
 MTT and TESLA need each expert's parameters after every epoch (a *trajectory*); APM and the soft protocol need
 the final network (a *teacher*). Experts are trained once through the harness's one training loop and cached
 by content — dataset, the fingerprint of its files (``RawSplits.fingerprint``) and transform (including the
-ZCA fingerprint), architecture, recipe, seed and
-``EXPERT_CODE_VERSION`` — as safetensors under ``<cache>/experts/<key>/``. A pool that was interrupted resumes
-at the first expert whose file is missing; a second run of the same recipe trains nothing.
+ZCA fingerprint), architecture, recipe, seed, ``EXPERT_CODE_VERSION`` and how they were trained
+(``training_provenance``: device, CPU threads, torch version, which change the last digits) — as safetensors
+under ``<cache>/experts/<key>/``, each beside a ``.sha256.json`` with its SHA-256. A pool that was interrupted
+resumes at the first expert whose file is missing; a file that does not match its checksum (or has none) is
+trained again; a second run of the same recipe trains nothing.
 
 Recipes (``notes/methods.md`` §4):
 
@@ -19,6 +21,7 @@ Quick recipes are the same recipes with fewer epochs (and pools with fewer exper
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -32,7 +35,7 @@ from torch import Tensor, nn
 
 from bench.augment import DSA
 from bench.data import Dataset
-from bench.distilled import save_safetensors_atomic, write_json_atomic
+from bench.distilled import file_sha256, save_safetensors_atomic, write_json_atomic
 from bench.errors import UserError
 from bench.evaluate import Protocol, train_network
 from bench.models import create_network
@@ -85,21 +88,45 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def check_cache_dir(cache_dir: str | os.PathLike | None = None) -> None:
     """Check the cache folder (``resolve_cache_dir``) before any work: experts, their locks and auto's engine
-    choices are written there, so a folder that cannot be written is a ``UserError`` now, not a failed cell later."""
-    check_writable_folder(resolve_cache_dir(cache_dir), "cache folder",
-                          f"pass --cache-dir (or set ${CACHE_ENV}) to a folder you can write to")
+    choices are written there, so a folder that cannot be written — or whose ``experts`` is not a folder — is a
+    ``UserError`` now, not a failed cell later."""
+    root = resolve_cache_dir(cache_dir)
+    fix = f"pass --cache-dir (or set ${CACHE_ENV}) to a folder you can write to"
+    check_writable_folder(root, "cache folder", fix)
+    experts = root / "experts"
+    if os.path.lexists(experts) and not experts.is_dir():  # a file, or a link to nothing
+        raise UserError(f"expert cache folder {experts} is a file, not a folder; move or delete it, or {fix}")
+
+
+def training_provenance(device: torch.device | str) -> dict[str, str | int]:
+    """What, beyond the setting, changes an expert's trained numbers (in their last digits): the device type and,
+    on a GPU, its name; on the CPU, torch's thread count now (it splits floating-point sums differently); and
+    torch's version. Part of the cache key, so that a run never loads experts trained another way."""
+    device = torch.device(device)
+    provenance: dict[str, str | int] = {"device": device.type, "torch": str(torch.__version__)}
+    if device.type == "cuda":
+        provenance["gpu"] = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        provenance["cpu_threads"] = torch.get_num_threads()
+    return provenance
 
 
 @contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """An advisory lock on ``path`` (POSIX ``flock``; where there is none, no lock): held by one process at a time."""
+def _exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """An advisory lock on ``path`` (POSIX ``flock``; where there is none, no lock): held by one process at a time.
+    ``on_wait`` is called once, before waiting, when another holds it."""
     try:
         import fcntl
     except ImportError:
         yield
         return
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -134,39 +161,76 @@ class ExpertPool:
         # The experts' random streams follow the setting alone, so that the same setting draws the same networks
         # whatever copy of the data it reads; the cache key also holds the data files' fingerprint, so that
         # another copy (a subset, random pixels) trains experts of its own rather than loading these.
+        # How the experts are trained (device, CPU threads, torch) changes their last digits but not their random
+        # streams: it is in the key, so that each way trains experts of its own, and not in the seed key, so that
+        # an unchanged way keeps drawing — and training — the same networks.
         self.seed_key = stable_hash(setting, 16)
-        self.identity = {**setting, "data": dataset.fingerprint}
+        self.identity = {**setting, "data": dataset.fingerprint, "trained_with": training_provenance(self.device)}
         self.key = stable_hash(self.identity, 16)
         self.folder = resolve_cache_dir(cache_dir) / "experts" / self.key
         self.trained_now = 0  # experts trained (not loaded) by this pool object
+        self._parameter_shapes: dict[str, torch.Size] | None = None  # of the architecture, built on first use
 
     def path(self, index: int) -> Path:
+        """Expert ``index``'s safetensors file."""
         return self.folder / f"expert_{index:04d}.safetensors"
 
+    def checksum_path(self, index: int) -> Path:
+        """The sidecar of expert ``index``'s file: its name and SHA-256, written after it."""
+        return self.folder / f"expert_{index:04d}.sha256.json"
+
     def ensure(self) -> None:
-        """Train every missing expert, in order, with a progress bar over their epochs; those already cached are
-        kept (so an interrupted training resumes at the expert it stopped in).
+        """Train every missing or untrusted expert, in order, with a progress bar over their epochs; those already
+        cached are kept (so an interrupted training resumes at the expert it stopped in).
+
+        A file that does not match the SHA-256 in its sidecar (corrupted, torn), or has no sidecar (a cache
+        written before checksums, or a training killed between the two files), is trained again, with a log line.
 
         Training holds an exclusive lock on the pool's folder, so processes sharing a cache (cells side by side,
-        Ray tasks on one node) train each expert once: the others wait, then load it."""
-        if self._missing():
+        Ray tasks on one node) train each expert once: the others wait (with a log line), then load it."""
+        if self._experts_to_train():
             self.folder.mkdir(parents=True, exist_ok=True)
-            with _exclusive_lock(self.folder / ".lock"):
-                missing = self._missing()
-                if missing:
+            lock = self.folder / ".lock"
+            with _exclusive_lock(lock, on_wait=lambda: self.log(
+                    f"waiting for {lock}: another ddbench process is training these experts")):
+                to_train = self._experts_to_train()  # again: the lock's last holder may have trained them
+                for index, problem in to_train.items():
+                    if problem is not None:
+                        self.log(f"expert {index} in {self.folder} {problem}: training it again")
+                if to_train:
                     write_json_atomic(self.folder / "identity.json", self.identity)
-                    self.log(f"experts: training {len(missing)} of {self.count} × {self.recipe.name} on "
+                    self.log(f"experts: training {len(to_train)} of {self.count} × {self.recipe.name} on "
                              f"{self.dataset.name}/{self.arch} into {self.folder}")
-                    with progress_bar(f"experts {self.recipe.name}", len(missing) * self.recipe.epochs) as bar:
-                        for index in missing:
+                    with progress_bar(f"experts {self.recipe.name}", len(to_train) * self.recipe.epochs) as bar:
+                        for index in to_train:
                             bar.set_postfix_str(f"expert {index + 1} of {self.count}")
                             self._train(index, after_epoch=lambda: bar.update(1))
                             self.trained_now += 1
                     return
         self.log(f"experts: {self.count} × {self.recipe.name} on {self.dataset.name}/{self.arch} loaded from cache {self.folder}")
 
-    def _missing(self) -> list[int]:
-        return [i for i in range(self.count) if not self.path(i).is_file()]
+    def _experts_to_train(self) -> dict[int, str | None]:
+        """The experts whose file cannot be used, in order: index → why (None: the file is missing)."""
+        to_train = {}
+        for index in range(self.count):
+            if not self.path(index).is_file():
+                to_train[index] = None
+            elif (problem := self._checksum_problem(index)) is not None:
+                to_train[index] = problem
+        return to_train
+
+    def _checksum_problem(self, index: int) -> str | None:
+        """Why expert ``index``'s existing file cannot be trusted (for a log line), or None when it matches the
+        SHA-256 in its sidecar."""
+        sidecar = self.checksum_path(index)
+        if not sidecar.is_file():
+            return f"has no checksum ({sidecar.name}: a cache from before checksums, or an interrupted training)"
+        try:
+            expected = json.loads(sidecar.read_text())["sha256"]
+            actual = file_sha256(self.path(index))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"has an unreadable checksum ({sidecar.name}: {exc})"
+        return None if actual == expected else "does not match its checksum"
 
     def _train(self, index: int, after_epoch: Callable[[], None]) -> None:
         generator = generator_for(self.seed, "expert", self.seed_key, str(index))
@@ -188,7 +252,13 @@ class ExpertPool:
         augment = DSA.for_dataset(data.info.digit_like) if self.recipe.dsa else None
         train_network(model, data.train_images, data.train_labels, self.recipe.as_protocol(), generator, augment, on_epoch)
         final = {f"final/{name}": t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-        save_safetensors_atomic({**snapshots, **final}, self.path(index))
+        # How the file was made, for whoever opens the cache. One metadata entry: safetensors writes several in a
+        # random order, and the same expert must give the same bytes.
+        made = {"expert": index, "key": self.key, "seed_key": self.seed_key, "identity": self.identity}
+        metadata = {"ddbench_expert": json.dumps(made, sort_keys=True, default=str)}
+        save_safetensors_atomic({**snapshots, **final}, self.path(index), metadata=metadata)
+        write_json_atomic(self.checksum_path(index), {"file": self.path(index).name,
+                                                      "sha256": file_sha256(self.path(index))})
 
     def _load(self, index: int) -> dict[str, Tensor]:
         if not self.path(index).is_file():
@@ -200,12 +270,32 @@ class ExpertPool:
             raise UserError(f"expert cache file {self.path(index)} is unreadable, truncated or corrupt ({text}); "
                             f"delete it and the expert is trained again") from None
 
+    def _blank_network(self) -> nn.Module:
+        """A network of the pool's architecture, whose parameters are about to be replaced by an expert's."""
+        data = self.dataset
+        return create_network(self.arch, data.num_classes, data.channels, data.resolution, torch.Generator().manual_seed(0))
+
+    def _check_tensors(self, index: int, expected: dict[str, torch.Size], found: dict[str, Tensor]) -> None:
+        """A one-line ``UserError`` naming expert ``index``'s file when ``found`` does not hold exactly the
+        ``expected`` tensor names and shapes (a file written for another architecture or by other code)."""
+        missing = [name for name in expected if name not in found]
+        unexpected = [name for name in found if name not in expected]
+        misshapen = [f"{name} is {list(found[name].shape)}, expected {list(shape)}"
+                     for name, shape in expected.items() if name in found and found[name].shape != shape]
+        problems = ([f"{len(missing)} missing, first {missing[0]}"] if missing else []) + (
+            [f"{len(unexpected)} unexpected, first {unexpected[0]}"] if unexpected else []) + misshapen[:1]
+        if problems:
+            raise UserError(f"expert cache file {self.path(index)} does not hold the tensors of a {self.arch} expert "
+                            f"of recipe {self.recipe.name} ({'; '.join(problems)}); delete it and the expert is "
+                            f"trained again")
+
     def network(self, index: int) -> nn.Module:
         """Expert ``index``'s final network (last epoch), in eval mode on the device."""
         tensors = self._load(index)
-        data = self.dataset
-        model = create_network(self.arch, data.num_classes, data.channels, data.resolution, torch.Generator().manual_seed(0))
-        model.load_state_dict({k.removeprefix("final/"): v for k, v in tensors.items() if k.startswith("final/")})
+        model = self._blank_network()
+        final = {key: value for key, value in tensors.items() if key.startswith("final/")}
+        self._check_tensors(index, {f"final/{name}": t.shape for name, t in model.state_dict().items()}, final)
+        model.load_state_dict({key.removeprefix("final/"): value for key, value in final.items()})
         return model.to(self.device).eval()
 
     def trajectory(self, index: int) -> list[dict[str, Tensor]]:
@@ -213,6 +303,11 @@ class ExpertPool:
         if not self.recipe.keep_trajectory:
             raise ValueError(f"expert recipe '{self.recipe.name}' keeps no trajectory")
         tensors = self._load(index)
+        if self._parameter_shapes is None:
+            self._parameter_shapes = {name: p.shape for name, p in self._blank_network().named_parameters()}
+        self._check_tensors(index, {f"epoch{epoch:04d}/{name}": shape for epoch in range(self.recipe.epochs + 1)
+                                    for name, shape in self._parameter_shapes.items()},
+                            {k: v for k, v in tensors.items() if not k.startswith("final/")})
         epochs: list[dict[str, Tensor]] = [dict() for _ in range(self.recipe.epochs + 1)]
         for key, value in tensors.items():
             if key.startswith("epoch"):

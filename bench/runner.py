@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bench.data import DATASETS, Dataset, from_other_files, load_dataset, resolve_data_root
-from bench.distilled import DistilledSet
+from bench.distilled import DistilledSet, content_hash
 from bench.errors import Diverged, UserError
 from bench.evaluate import BATCH_SEEDS_CHOICES, Protocol, evaluate_distilled, get_protocol, protocol_label
 from bench.experts import check_cache_dir, resolve_cache_dir, soft_protocol_teacher, soft_targets_source
@@ -523,6 +523,8 @@ def _identity(cell: Cell | DescribedCell, request: RunRequest, eval_arch: str, p
 def _failure(exc: BaseException) -> tuple[str, str]:
     """(status, one-line error) of an exception that ended a cell or an evaluation."""
     text = "".join(traceback.format_exception_only(exc)).strip()
+    if isinstance(exc, UserError):  # its message is the whole story (a cache file to delete, say): no type name
+        return "failed", str(exc)
     if isinstance(exc, Diverged):
         return "diverged", str(exc)
     if isinstance(exc, KeyboardInterrupt):
@@ -629,10 +631,13 @@ def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, s
         else:
             distilled = merge_parts(cell, request, parts, phases)
         stem = Path(request.results_dir) / DISTILLED_DIR / f"{cell.dataset.name}_ipc{cell.ipc or 'all'}_{cell.method_spec}_{ids[archs[0]]}"
-        extra = {"distilled_path": str(distilled.save(stem)), "learned_lr": distilled.learned_lr}
+        saved = distilled.save(stem)
+        extra = {"distilled_path": str(saved), "distilled_sha256": content_hash(saved), "learned_lr": distilled.learned_lr}
     except Exception as exc:  # a failing cell must not take the grid down
         status, error = _failure(exc)
-        if status == "failed":
+        if isinstance(exc, UserError):  # its message is the whole story: one line, no type name, no traceback
+            error = str(exc)
+        elif status == "failed":
             traceback.print_exc(file=sys.stderr)
     iterations = phases.pop("_iterations", {"iterations": None, "iter_time_s": None, "flops_per_iter": None,
                                             "flops_reason": "the distillation did not finish"})
@@ -660,8 +665,11 @@ def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, s
                                                   request.memory_sample_s))
             except Exception as exc:
                 status_eval, error_eval = _failure(exc)
+                if isinstance(exc, UserError):  # one line, no type name, no traceback
+                    error_eval = str(exc)
+                else:
+                    traceback.print_exc(file=sys.stderr)
                 record.update(status=status_eval, error=error_eval)
-                traceback.print_exc(file=sys.stderr)
         record["phases"] = cell_phases
         records.append(record)
     return records

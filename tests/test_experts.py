@@ -6,8 +6,8 @@ from bench.data import load_dataset
 from bench.experts import EXPERT_RECIPES, ExpertPool, expert_recipe
 
 
-def pool(dataset, cache, recipe=None, count=2, arch="convnet[width=8]"):
-    return ExpertPool(dataset, arch, recipe or EXPERT_RECIPES["mtt"].quick(2), count, "cpu", cache)
+def pool(dataset, cache, recipe=None, count=2, arch="convnet[width=8]", device="cpu", log=None):
+    return ExpertPool(dataset, arch, recipe or EXPERT_RECIPES["mtt"].quick(2), count, device, cache, log=log)
 
 
 def test_equal_recipe_hits_changed_recipe_misses(tmp_path):
@@ -113,7 +113,8 @@ def test_a_second_process_waits_for_the_lock_then_loads(tmp_path):
     from bench.experts import _exclusive_lock
 
     digits = load_dataset("digits")
-    trainer, waiter = pool(digits, tmp_path, count=1), pool(digits, tmp_path, count=1)
+    logs = []
+    trainer, waiter = pool(digits, tmp_path, count=1), pool(digits, tmp_path, count=1, log=logs.append)
     trainer.folder.mkdir(parents=True)
     with _exclusive_lock(trainer.folder / ".lock"):  # a separate open file: flock makes the thread wait on it
         thread = threading.Thread(target=waiter.ensure)
@@ -123,3 +124,121 @@ def test_a_second_process_waits_for_the_lock_then_loads(tmp_path):
         trainer._train(0, after_epoch=lambda: None)
     thread.join(timeout=60)
     assert not thread.is_alive() and waiter.trained_now == 0
+    waits = [line for line in logs if line.startswith("waiting for")]
+    assert waits == [f"waiting for {trainer.folder / '.lock'}: another ddbench process is training these experts"]
+
+
+def test_key_follows_how_the_experts_are_trained_but_their_random_streams_do_not(tmp_path, monkeypatch):
+    """CPU threads, device (and GPU model) and torch version change the trained numbers in their last digits: each
+    trains experts of its own (another key), from the same random streams (the same seed key)."""
+    digits = load_dataset("digits")
+    base = pool(digits, tmp_path)
+    assert base.identity["trained_with"] == {"device": "cpu", "torch": str(torch.__version__),
+                                             "cpu_threads": torch.get_num_threads()}
+    variants = []
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "get_num_threads", lambda: base.identity["trained_with"]["cpu_threads"] + 1)
+        variants.append(pool(digits, tmp_path))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "__version__", "0.0.1")
+        variants.append(pool(digits, tmp_path))
+    with monkeypatch.context() as patch:  # no GPU needed: the pool only asks for the GPU's name
+        for gpu in ("NVIDIA H200", "NVIDIA A100-SXM4-80GB"):
+            patch.setattr(torch.cuda, "get_device_name", lambda device=None, gpu=gpu: gpu)
+            variants.append(pool(digits, tmp_path, device="cuda"))
+    assert variants[-1].identity["trained_with"]["gpu"] == "NVIDIA A100-SXM4-80GB"
+    assert "cpu_threads" not in variants[-1].identity["trained_with"]
+    assert len({base.key, *(variant.key for variant in variants)}) == 1 + len(variants)
+    assert {variant.seed_key for variant in variants} == {base.seed_key}
+    assert pool(digits, tmp_path).key == base.key
+
+
+def test_a_corrupted_expert_is_trained_again_to_the_same_bytes(tmp_path):
+    """An expert file zeroed in the middle (same size) does not match its checksum: ``ensure`` says so and trains
+    it again, to the same bytes (same thread count); its metadata says how it was made."""
+    import json
+
+    from safetensors import safe_open
+
+    digits = load_dataset("digits")
+    first = pool(digits, tmp_path)
+    first.ensure()
+    with safe_open(str(first.path(1)), "pt") as handle:
+        made = json.loads(handle.metadata()["ddbench_expert"])
+    assert made["expert"] == 1 and made["key"] == first.key and made["identity"]["trained_with"]["device"] == "cpu"
+    original = first.path(1).read_bytes()
+    middle = len(original) // 2
+    first.path(1).write_bytes(original[:middle] + bytes(64) + original[middle + 64:])
+    logs = []
+    again = pool(digits, tmp_path, log=logs.append)
+    again.ensure()
+    assert again.trained_now == 1
+    assert f"expert 1 in {again.folder} does not match its checksum: training it again" in logs
+    assert not any(line.startswith("waiting for") for line in logs), "a free lock is taken without waiting"
+    assert again.path(1).read_bytes() == original
+    logs.clear()
+    pool(digits, tmp_path, log=logs.append).ensure()
+    assert len(logs) == 1 and "loaded from cache" in logs[0]
+
+
+def test_an_expert_without_its_checksum_is_trained_again(tmp_path):
+    """A file with no sidecar (a cache from before checksums, or a training killed between the two files) is not
+    trusted."""
+    digits = load_dataset("digits")
+    first = pool(digits, tmp_path, count=1)
+    first.ensure()
+    first.checksum_path(0).unlink()
+    logs = []
+    again = pool(digits, tmp_path, count=1, log=logs.append)
+    again.ensure()
+    assert again.trained_now == 1 and again.checksum_path(0).is_file()
+    assert any(line.startswith(f"expert 0 in {again.folder} has no checksum") and line.endswith("training it again")
+               for line in logs)
+
+
+def test_an_expert_file_with_the_wrong_tensors_is_one_line_naming_the_file(tmp_path):
+    """A readable safetensors file whose tensors are not the architecture's (missing, extra, other shapes): a
+    one-line ``UserError`` naming the file, not torch's multi-line ``load_state_dict`` error."""
+    import pytest
+    from safetensors.torch import save_file
+
+    from bench.errors import UserError
+
+    digits = load_dataset("digits")
+    experts = pool(digits, tmp_path, count=1)
+    experts.folder.mkdir(parents=True)
+    final = {f"final/{name}": t for name, t in experts._blank_network().state_dict().items()}
+    trajectory = {f"epoch{epoch:04d}/{name}": t.detach() for epoch in range(3)
+                  for name, t in experts._blank_network().named_parameters()}
+    wrong_files = {
+        "1 missing, first final/classifier.weight": {**trajectory, **{k: v for k, v in final.items()
+                                                                      if k != "final/classifier.weight"}},
+        "1 unexpected, first final/surplus": {**trajectory, **final, "final/surplus": torch.zeros(1)},
+        r"final/classifier.bias is \[3\], expected \[10\]": {**trajectory, **final,
+                                                              "final/classifier.bias": torch.zeros(3)},
+    }
+    for problem, tensors in wrong_files.items():
+        save_file(tensors, str(experts.path(0)))
+        with pytest.raises(UserError, match=problem) as caught:
+            experts.network(0)
+        message = str(caught.value)
+        assert str(experts.path(0)) in message and "\n" not in message, message
+    save_file({**{k: v for k, v in trajectory.items() if not k.startswith("epoch0002/")}, **final}, str(experts.path(0)))
+    with pytest.raises(UserError, match="missing, first epoch0002/") as caught:
+        experts.trajectory(0)
+    assert str(experts.path(0)) in str(caught.value) and "\n" not in str(caught.value)
+    save_file({**trajectory, **final}, str(experts.path(0)))
+    assert len(experts.trajectory(0)) == 3 and experts.network(0) is not None
+
+
+def test_an_experts_file_in_the_cache_is_refused_before_any_work(tmp_path):
+    import pytest
+
+    from bench.errors import UserError
+    from bench.experts import check_cache_dir
+
+    check_cache_dir(tmp_path)
+    (tmp_path / "experts").write_text("not a folder")
+    with pytest.raises(UserError, match="is a file, not a folder") as caught:
+        check_cache_dir(tmp_path)
+    assert str(tmp_path / "experts") in str(caught.value) and "\n" not in str(caught.value)
