@@ -35,14 +35,10 @@ class Aborts(Method):
 
 
 class SleepsForAMinute(Method):
-    """Writes its process id where the test can read it, then sleeps: a cell still running when ddbench is stopped."""
+    """Sleeps: a cell still running when ddbench is stopped."""
 
     def distill(self, ctx: DistillContext) -> DistilledSet:
         ctx.start(1)
-        pid_file = os.environ.get("DDBENCH_TEST_PID_FILE")
-        if pid_file:
-            with open(pid_file, "w") as f:
-                f.write(str(os.getpid()))
         import time
 
         time.sleep(60)

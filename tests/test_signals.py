@@ -33,30 +33,35 @@ def _gone(pid: int, within_s: float) -> bool:
 
 
 @pytest.fixture
-def sleeper(tmp_path, monkeypatch):
+def sleeper():
     register_method("test_sleeper")(crashing_methods.SleepsForAMinute)
-    monkeypatch.setenv("DDBENCH_TEST_PID_FILE", str(tmp_path / "cell.pid"))
-    yield tmp_path / "cell.pid"
+    yield "test_sleeper"
     METHODS.unregister("test_sleeper")
 
 
 def test_sigterm_stops_the_running_cell_and_records_it_as_interrupted(tmp_path, sleeper, capsys):
+    import bench.runner
+
+    cell_pids: list[int] = []
+
     def terminate_once_the_cell_runs() -> None:
-        deadline = time.monotonic() + 120
-        while not sleeper.is_file() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while not bench.runner.RUNNING_CHILDREN:
+            if time.monotonic() > deadline:
+                return  # never signal later, into another test
             time.sleep(0.05)
+        cell_pids.extend(child.pid for child in list(bench.runner.RUNNING_CHILDREN))
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=terminate_once_the_cell_runs, daemon=True).start()
     results = tmp_path / "results"
-    code = main(["run", "--dataset", "digits", "--methods", "test_sleeper", "--ipc", "1", "--seeds", "0", "--quick",
+    code = main(["run", "--dataset", "digits", "--methods", sleeper, "--ipc", "1", "--seeds", "0", "--quick",
                  "--results", str(results)])
     assert code == EXIT_TERMINATED
     assert "terminated (SIGTERM)" in capsys.readouterr().err
-    assert _gone(int(sleeper.read_text()), within_s=10), "the cell's process outlived ddbench"
+    assert cell_pids and all(_gone(pid, within_s=10) for pid in cell_pids), "the cell's process outlived ddbench"
     (record,) = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
     assert record["status"] == "interrupted"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 
 def test_a_cell_ends_itself_when_its_ddbench_process_is_killed_outright(tmp_path):
