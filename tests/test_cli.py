@@ -161,6 +161,8 @@ def test_evaluate_says_what_ran_and_keeps_a_quick_set_under_the_full_protocol_ap
     from; the report gives a quick set evaluated under the full protocol a row of its own."""
     import json
 
+    from bench.distilled import content_hash
+
     code, _, err = run_cli(capsys, "distill", "--dataset", "digits", "--method", "random", "--ipc", "1",
                            "--out", str(tmp_path / "set"), "--quick")
     assert code == 0, err
@@ -169,21 +171,20 @@ def test_evaluate_says_what_ran_and_keeps_a_quick_set_under_the_full_protocol_ap
     code, out, err = run_cli(capsys, *common, "--quick")
     assert code == 0, err
     assert "[standard, quick: 2 epochs, lr 0.01]" in out
-    code, out, err = run_cli(capsys, *common, "--protocol", "soft")
+    code, out, err = run_cli(capsys, *common, "--quick", "--protocol", "soft")  # the quick teacher: a short training
     assert code == 0, err
-    assert "[soft: 2 epochs, lr 0.01]" in out
+    assert "[soft, quick: 2 epochs, lr 0.01]" in out
+    code, out, err = run_cli(capsys, *common)  # the full standard protocol on the quick set
+    assert code == 0, err
+    assert "[standard: 2 epochs, lr 0.01]" in out
     records = [json.loads(p.read_text()) for p in sorted((res / "records").glob("*.json"))]
     by_protocol = {(r["protocol"], r["protocol_quick"]): r for r in records}
-    quick_standard, full_soft = by_protocol["standard", True], by_protocol["soft", False]
-    from bench.distilled import content_hash
-
-    assert quick_standard["distilled_sha256"] == full_soft["distilled_sha256"] == content_hash(tmp_path / "set.json")
+    quick_standard, soft, full_standard = by_protocol["standard", True], by_protocol["soft", True], by_protocol["standard", False]
     assert quick_standard["quick"] and quick_standard["distilled_quick"] and quick_standard["soft_targets"] is None
-    assert full_soft["quick"] and full_soft["distilled_quick"], "a quick set makes a quick record"
-    assert full_soft["soft_targets"]["source"] == "teacher" and full_soft["soft_targets"]["expert"] == 0
-    assert full_soft["soft_targets"]["recipe"].startswith("apm") and len(full_soft["soft_targets"]["cache_key"]) == 16
-    code, _, err = run_cli(capsys, *common)  # the full standard protocol on the quick set
-    assert code == 0, err
+    assert full_standard["quick"] and full_standard["distilled_quick"], "a quick set makes a quick record"
+    assert soft["soft_targets"]["source"] == "teacher" and soft["soft_targets"]["expert"] == 0
+    assert soft["soft_targets"]["recipe"].startswith("apm") and len(soft["soft_targets"]["cache_key"]) == 16
+    assert {r["distilled_sha256"] for r in records} == {content_hash(tmp_path / "set.json")}
     code, _, err = run_cli(capsys, "report", "--results", str(res), "--out", str(tmp_path / "rep"))
     assert code == 0, err
     report = (tmp_path / "rep" / "res.md").read_text()
