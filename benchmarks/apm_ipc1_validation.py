@@ -12,6 +12,8 @@ held-out images (evaluation seeds 0, 1, 2). Random real images are the reference
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import tempfile
 
@@ -51,7 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     data = holdout_split(load_dataset(args.dataset))
     print(f"{args.dataset}: {len(data.train_labels)} training images, {len(data.test_labels)} held out for validation")
-    cache = tempfile.mkdtemp(prefix="ddbench-validation-")
+    cache = tempfile.mkdtemp(prefix="ddbench-validation-")  # the held-out split's own experts, removed at exit
+    atexit.register(shutil.rmtree, cache, True)
     seeds = [0, 1, 2]
     teacher = soft_protocol_teacher(data, "convnet", quick=True, device="cpu", cache_dir=cache)
     candidates = [("random", {})] if args.random else []

@@ -60,7 +60,9 @@ def records(results: Path) -> dict[str, dict]:
 def test_sigkill_at_random_moments_then_resume_gives_one_complete_record_per_cell(tmp_path):
     suite = tmp_path / "faults.yaml"
     suite.write_text(SUITE)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    scratch = tmp_path / "tmp"  # a killed forkserver leaves its pymp-* folder behind: here, not in the machine's /tmp
+    scratch.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(scratch))
 
     started = time.monotonic()
     run_to_the_end(ddbench(tmp_path / "clean", suite, tmp_path / "cache"), env)
