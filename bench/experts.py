@@ -334,9 +334,15 @@ def soft_protocol_teacher(
 
     Fixed by index, never chosen by test accuracy, so every method is evaluated against the same teacher.
     """
-    pool = ExpertPool(dataset, arch, expert_recipe("apm", quick), 1, device, cache_dir, log=log)
+    pool = _soft_teacher_pool(dataset, arch, quick, device, cache_dir, log)
     pool.ensure()
     return pool.network(0)
+
+
+def _soft_teacher_pool(dataset: Dataset, arch: str, quick: bool, device: torch.device | str,
+                       cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> ExpertPool:
+    """The one-expert pool of APM's recipe whose expert 0 teaches the ``soft`` protocol."""
+    return ExpertPool(dataset, arch, expert_recipe("apm", quick), 1, device, cache_dir, log=log)
 
 
 def soft_targets_source(soft_labels_stored: bool, dataset: Dataset, arch: str, quick: bool,
@@ -345,6 +351,6 @@ def soft_targets_source(soft_labels_stored: bool, dataset: Dataset, arch: str, q
     ``soft_protocol_teacher`` (which expert of which cached pool)."""
     if soft_labels_stored:
         return {"source": "the set's stored soft labels"}
-    pool = ExpertPool(dataset, arch, expert_recipe("apm", quick), 1, device, None)  # the key only: nothing is read
+    pool = _soft_teacher_pool(dataset, arch, quick, device)  # its key only: nothing is read or trained
     return {"source": "teacher", "arch": arch, "recipe": pool.recipe.name, "epochs": pool.recipe.epochs, "expert": 0,
             "cache_key": pool.key}

@@ -425,7 +425,7 @@ def _protocol_departures(group: pd.DataFrame, protocol: str, quick: bool) -> lis
 
     try:
         nominal = get_protocol(protocol).resolve(quick)
-    except Exception:  # a protocol this ddbench does not know (a newer record): nothing to compare with
+    except UserError:  # a protocol this ddbench does not know (a newer record): nothing to compare with
         return []
     real = group[(group["status"] == "ok") & group["eval_epochs_override"].isna()]
     departures: dict[str, list[str]] = {}

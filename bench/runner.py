@@ -635,9 +635,7 @@ def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, s
         extra = {"distilled_path": str(saved), "distilled_sha256": content_hash(saved), "learned_lr": distilled.learned_lr}
     except Exception as exc:  # a failing cell must not take the grid down
         status, error = _failure(exc)
-        if isinstance(exc, UserError):  # its message is the whole story: one line, no type name, no traceback
-            error = str(exc)
-        elif status == "failed":
+        if status == "failed" and not isinstance(exc, UserError):  # a UserError's one line is the whole story
             traceback.print_exc(file=sys.stderr)
     iterations = phases.pop("_iterations", {"iterations": None, "iter_time_s": None, "flops_per_iter": None,
                                             "flops_reason": "the distillation did not finish"})
@@ -665,9 +663,7 @@ def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, s
                                                   request.memory_sample_s))
             except Exception as exc:
                 status_eval, error_eval = _failure(exc)
-                if isinstance(exc, UserError):  # one line, no type name, no traceback
-                    error_eval = str(exc)
-                else:
+                if not isinstance(exc, UserError):  # a UserError's one line is the whole story
                     traceback.print_exc(file=sys.stderr)
                 record.update(status=status_eval, error=error_eval)
         record["phases"] = cell_phases
@@ -712,9 +708,7 @@ def _end_with(parent_pid: int) -> None:
             time.sleep(PARENT_WATCH_INTERVAL_S)
             try:
                 os.kill(parent_pid, 0)
-            except ProcessLookupError:
-                os._exit(EXIT_ORPHANED)
-            except PermissionError:  # a process of another user now has that number: ours is gone
+            except (ProcessLookupError, PermissionError):  # gone (or its number now another user's process)
                 os._exit(EXIT_ORPHANED)
 
     threading.Thread(target=watch, name="ddbench-parent-watch", daemon=True).start()
