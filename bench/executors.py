@@ -1,5 +1,6 @@
-"""Executors: where the cells of a planned grid run. ``runner.run`` hands an executor its cells, gets back each
-cell's records as the cell finishes, and alone writes them.
+"""Executors: where the cells of a planned grid run. ``runner.run_planned`` hands an executor the cells of one or
+more requests (a suite's) as one pool, gets back each cell's records as the cell finishes, and alone writes them.
+An executor reads how to run (``runner.RUN_SETTINGS``) from the first request; each cell runs under its own.
 
 * ``local`` (the default): this machine. Each cell runs in a fresh child process (``runner.run_cell_isolated``),
   or in this process with ``--no-isolate``, one after another. With several CUDA GPUs (and ``--device`` auto or
@@ -139,9 +140,9 @@ class LocalExecutor:
         for job in jobs:
             self.in_flight = [job]
             if self.request.isolate:
-                records = runner.run_cell_isolated(job.cell, self.request, job.archs, job.ids)
+                records = runner.run_cell_isolated(job.cell, job.request, job.archs, job.ids)
             else:
-                records = runner.run_cell(job.cell, self.request, job.archs, job.ids, self.teachers)
+                records = runner.run_cell(job.cell, job.request, job.archs, job.ids, self.teachers)
             self.in_flight = []
             yield job, records
 
@@ -154,7 +155,7 @@ class LocalExecutor:
         def on_a_free_gpu(job: CellJob) -> list[dict]:
             gpu = free.get()
             try:
-                return runner.run_cell_isolated(job.cell, self.request, job.archs, job.ids, gpu=gpu)
+                return runner.run_cell_isolated(job.cell, job.request, job.archs, job.ids, gpu=gpu)
             finally:
                 free.put(gpu)
 
@@ -165,7 +166,7 @@ class LocalExecutor:
         threads = cpu_threads_per_job(self.request.jobs)
 
         def with_a_share(job: CellJob) -> list[dict]:
-            return runner.run_cell_isolated(job.cell, self.request, job.archs, job.ids, threads=threads)
+            return runner.run_cell_isolated(job.cell, job.request, job.archs, job.ids, threads=threads)
 
         yield from self._in_threads(jobs, with_a_share, self.request.jobs, "ddbench-cpu")
 
@@ -297,11 +298,12 @@ class RayExecutor:
             return
         ray = import_ray()
         with ray_session(self.request.ray_address):
-            request, resources = self._task_settings(ray)
+            task_device, resources = self._task_settings(ray)
             remote = ray.remote(max_calls=1, max_retries=0, **resources)(_ray_cell)
             remote_part = ray.remote(max_calls=1, max_retries=0, **resources)(_ray_part)
             tasks, refused, part_tasks = {}, [], []
             for job in jobs:
+                request = replace(job.request, device=task_device)
                 task = runner.cell_task(job.cell, job.archs, job.ids)
                 try:
                     parts = job.cell.method.split(job.cell.ipc, runner.distill_generator(job.cell, request))
@@ -312,7 +314,7 @@ class RayExecutor:
                 part_tasks += part_results
                 tasks[remote.remote(request, task, *part_results)] = job
             for job, (status, error) in refused:
-                yield job, failure_records(job.cell, request, job.archs, job.ids, status, error, crash_peak_rss_mb=None)
+                yield job, failure_records(job.cell, job.request, job.archs, job.ids, status, error, crash_peak_rss_mb=None)
             self.in_flight = list(tasks.values())
             pending = list(tasks)
             try:
@@ -324,7 +326,7 @@ class RayExecutor:
                         _write_files(self.request.results_dir, files)
                     except ray.exceptions.RayError as exc:
                         status, error = _ray_failure(ray, exc)
-                        records = failure_records(job.cell, request, job.archs, job.ids, status, error,
+                        records = failure_records(job.cell, job.request, job.archs, job.ids, status, error,
                                                   crash_peak_rss_mb=None)
                     self.in_flight.remove(job)
                     yield job, records
@@ -333,12 +335,12 @@ class RayExecutor:
                     ray.cancel(task, force=True)
                 raise
 
-    def _task_settings(self, ray) -> tuple[RunRequest, dict]:
-        """The request as the tasks run it, and the resources each task asks for. ``auto`` means CUDA when the
+    def _task_settings(self, ray) -> tuple[str, dict]:
+        """The device the tasks run on, and the resources each task asks for. ``auto`` means CUDA when the
         cluster has GPUs; a task on a GPU sees only that one, so its device is ``cuda`` whatever index was asked."""
         device = self.request.device
         cuda = ray.cluster_resources().get("GPU", 0) > 0 if device == "auto" else device.startswith("cuda")
         resources = {"num_gpus": 1} if cuda else {"num_cpus": 1}
         resources.update(self.request.ray_resources)
         task_device = "cuda" if resources.get("num_gpus", 0) > 0 else "cpu"
-        return replace(self.request, device=task_device), resources
+        return task_device, resources

@@ -810,10 +810,12 @@ def failure_records(cell: Cell, request: RunRequest, archs: list[str], ids: dict
 
 @dataclass
 class CellJob:
-    """A cell for an executor: the evaluation architectures still to run, and every architecture's record id."""
+    """A cell for an executor: the request it belongs to (a suite's run holds several), the evaluation
+    architectures still to run, and every architecture's record id."""
     cell: Cell
     archs: list[str]
     ids: dict[str, str]
+    request: RunRequest
 
 
 def reject_repeated_cells(planned: list[tuple[RunRequest, list[Cell] | list[DescribedCell]]]
@@ -854,52 +856,78 @@ def _code_since(done: dict[str, dict], ids: Iterable[str], current: str | None) 
             f"--resume into a new folder) to measure this code")
 
 
+# How a run runs, which its executor reads once: the requests run as one pool of cells must share these.
+RUN_SETTINGS = ("results_dir", "executor", "ray_address", "ray_resources", "jobs", "isolate", "device", "resume")
+
+
 def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Cell] | None = None) -> list[dict]:
     """Plan (unless ``cells`` were planned already), then distil and evaluate every cell through the request's
-    executor (``bench.executors``: on this machine, each cell in its own process unless ``isolate`` is off, or on a
-    Ray cluster); this process alone writes the records, as cells finish. Returns the records written.
+    executor: ``run_planned`` of this one request."""
+    return run_planned([(request, plan(request) if cells is None else cells)], echo)
+
+
+def run_planned(planned: list[tuple[RunRequest, list[Cell]]], echo: Callable[[str], None] = print) -> list[dict]:
+    """Distil and evaluate the planned cells of one or more requests (a suite's) through one executor
+    (``bench.executors``: on this machine, each cell in its own process unless ``isolate`` is off, ``--jobs`` of
+    them or one per GPU side by side; or on a Ray cluster). The cells of all requests form one pool, so a suite's
+    option variants (one request each) run side by side too. This process alone writes the records, as cells
+    finish. Returns the records written.
 
     On Ctrl-C the records written so far stay, the cells being run get records with status ``interrupted`` (which
     ``--resume`` redoes, overwriting them: same identity, same file), and ``KeyboardInterrupt`` goes on up."""
-    cells = plan(request) if cells is None else cells
-    cell_ids = reject_repeated_cells([(request, cells)])[0]
-    check_results_dir(request.results_dir, (DISTILLED_DIR, CHECKPOINTS_DIR) if request.checkpoint_every else (DISTILLED_DIR,))
-    with writing_results(request.results_dir):
-        return _run_planned(request, echo, cells, cell_ids)
+    first = planned[0][0]
+    for request, _ in planned[1:]:
+        differing = [name for name in RUN_SETTINGS if getattr(request, name) != getattr(first, name)]
+        if differing:
+            raise ValueError(f"requests run together must share {', '.join(differing)}")
+    cell_ids = reject_repeated_cells(planned)
+    checkpoints = any(request.checkpoint_every for request, _ in planned)
+    check_results_dir(first.results_dir, (DISTILLED_DIR, CHECKPOINTS_DIR) if checkpoints else (DISTILLED_DIR,))
+    with writing_results(first.results_dir):
+        return _run_planned(planned, cell_ids, echo)
 
 
-def _run_planned(request: RunRequest, echo: Callable[[str], None], cells: list[Cell],
-                 cell_ids: list[dict[str | None, str]]) -> list[dict]:
-    if request.resume:  # a killed run may have left temporary files; a resumed one is the folder's only writer
-        remove_stale_temporaries(request.results_dir)
-    # children must see the same cache and data folders even if the environment changes under the parent
-    request = replace(request, cache_dir=str(resolve_cache_dir(request.cache_dir)),
-                      data_root=str(resolve_data_root(request.data_root)))
-    protocol = get_protocol(request.protocol)
-    done = existing_records(request.results_dir) if request.resume else {}
+def _shown_label(cell: Cell) -> str:
+    """The cell's method as the console shows it: its recipe, and a suite variant's label beside it."""
+    label = cell.label
+    if not label or label == cell.method_spec or cell.method_spec.startswith(f"{label}."):
+        return cell.method_spec
+    return f"{cell.method_spec} ({label})"
+
+
+def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[list[dict[str | None, str]]],
+                 echo: Callable[[str], None]) -> list[dict]:
+    first = planned[0][0]
+    if first.resume:  # a killed run may have left temporary files; a resumed one is the folder's only writer
+        remove_stale_temporaries(first.results_dir)
+    done = existing_records(first.results_dir) if first.resume else {}
     this_commit = environment_stamp().get("git_sha") if done else None
     jobs = []
-    for cell, ids in zip(cells, cell_ids):
-        other_data = [arch for arch in ids if ids[arch] in done and from_other_files(done[ids[arch]].get("data_fingerprint"),
-                                                                                 cell.dataset.fingerprint)]
-        if other_data:
-            echo(f"redo {cell.method_spec} ipc {cell.ipc}: its records were made from other {cell.dataset.name} files "
-                 f"than those under {request.data_root} (data fingerprint "
-                 f"{done[ids[other_data[0]]]['data_fingerprint']}, now {cell.dataset.fingerprint})")
-        archs = [arch for arch in ids if ids[arch] not in done or arch in other_data]
-        if not archs:
-            warning = _code_since(done, ids.values(), this_commit)
-            echo(f"skip {cell.method_spec} ipc {cell.ipc}: records exist (--resume){warning}")
-            continue
-        jobs.append(CellJob(cell, archs, ids))
+    for request, cells in planned:
+        # children must see the same cache and data folders even if the environment changes under the parent
+        request = replace(request, cache_dir=str(resolve_cache_dir(request.cache_dir)),
+                          data_root=str(resolve_data_root(request.data_root)))
+        for cell, ids in zip(cells, cell_ids.pop(0)):
+            other_data = [arch for arch in ids if ids[arch] in done and from_other_files(done[ids[arch]].get("data_fingerprint"),
+                                                                                     cell.dataset.fingerprint)]
+            if other_data:
+                echo(f"redo {_shown_label(cell)} ipc {cell.ipc}: its records were made from other {cell.dataset.name} "
+                     f"files than those under {request.data_root} (data fingerprint "
+                     f"{done[ids[other_data[0]]]['data_fingerprint']}, now {cell.dataset.fingerprint})")
+            archs = [arch for arch in ids if ids[arch] not in done or arch in other_data]
+            if not archs:
+                warning = _code_since(done, ids.values(), this_commit)
+                echo(f"skip {_shown_label(cell)} ipc {cell.ipc}: records exist (--resume){warning}")
+                continue
+            jobs.append(CellJob(cell, archs, ids, request))
     from bench.executors import create_executor
 
-    executor = create_executor(request)
+    executor = create_executor(first)
     finished = executor.results(jobs)  # (job, records) as cells finish
     written = []
     try:
         for job, records in finished:
-            cell = job.cell
+            cell, request = job.cell, job.request
             for record in records:
                 try:
                     path = write_record(request.results_dir, record)
@@ -915,14 +943,15 @@ def _run_planned(request: RunRequest, echo: Callable[[str], None], cells: list[C
                     summary = f"not evaluated; {record['iterations']} iterations in {record['phases']['distill']['wall_s']:.1f} s"
                 else:
                     summary = f"{record['acc_mean']:.2f} ± {record['acc_std']:.2f} (n={len(record['acc'])})"
-                how = (protocol_label(protocol.name, request.quick, record["protocol_config"]) if record["eval_arch"]
-                       else f"{protocol.name}{', quick' if request.quick else ''}")
-                echo(f"{cell.dataset.name} ipc {cell.ipc if cell.ipc is not None else 'all'} {cell.method_spec} → "
+                protocol = request.protocol
+                how = (protocol_label(protocol, request.quick, record["protocol_config"]) if record["eval_arch"]
+                       else f"{protocol}{', quick' if request.quick else ''}")
+                echo(f"{cell.dataset.name} ipc {cell.ipc if cell.ipc is not None else 'all'} {_shown_label(cell)} → "
                      f"{record['eval_arch'] or 'no evaluation'} [{how}]: {summary}  ({path})")
     except KeyboardInterrupt:  # the records written so far stay; unfinished cells' say so, and --resume redoes them
         finished.close()  # the executor stops what still runs
         for job in executor.in_flight:
-            for record in failure_records(job.cell, request, job.archs, job.ids, "interrupted", INTERRUPTED_ERROR):
-                write_record(request.results_dir, record)
+            for record in failure_records(job.cell, job.request, job.archs, job.ids, "interrupted", INTERRUPTED_ERROR):
+                write_record(job.request.results_dir, record)
         raise
     return written

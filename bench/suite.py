@@ -368,17 +368,14 @@ def describe_suite_cells(suite: Suite, requests: list) -> list[str]:
 def run_suite(suite: Suite, results_dir: Path, quick: bool = False, only: dict[str, set[str]] | None = None,
               echo=print, **run_options: object) -> list[dict]:
     """Plan every request of the suite first (so a bad name, missing data or an unwritable results folder fails
-    before any work), then run them."""
-    from bench.runner import plan, run
-    from bench.store import DISTILLED_DIR, check_results_dir, writing_results
+    before any work), then run all their cells as one pool (``runner.run_planned``): with ``--jobs``, several GPUs
+    or Ray, cells of different requests — a suite's option variants — run side by side."""
+    from bench.runner import plan, run_planned
+    from bench.store import DISTILLED_DIR, check_results_dir
 
     requests = suite_requests(suite, results_dir, quick, only, **run_options)
     describe_suite_cells(suite, requests)  # also refuses two cells that are one, before any data is read
     planned = [(request, plan(request)) for request in requests]
     check_results_dir(results_dir, (DISTILLED_DIR,))
     echo(f"suite {suite.name} v{suite.version}: {sum(len(cells) for _, cells in planned)} cells → {results_dir}")
-    written = []
-    with writing_results(results_dir):  # held from the first request to the last
-        for request, cells in planned:
-            written += run(request, echo, cells)
-    return written
+    return run_planned(planned, echo)

@@ -1,13 +1,16 @@
-"""Methods that fail on purpose, for the isolation tests. Not registered on import: the tests register them for
-their own duration (a child process unpickles them from this module by name)."""
+"""Methods that misbehave on purpose, for the isolation and scheduling tests. Not registered on import: the tests
+register them for their own duration (a child process unpickles them from this module by name)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from bench.distilled import DistilledSet
-from methods.base import DistillContext, Method
+from methods.base import DistillContext, Method, MethodConfig
 
 
 class RunsOutOfMemory(Method):
@@ -39,7 +42,32 @@ class SleepsForAMinute(Method):
 
     def distill(self, ctx: DistillContext) -> DistilledSet:
         ctx.start(1)
-        import time
-
         time.sleep(60)
         raise AssertionError("should have been stopped")
+
+
+@dataclass
+class RendezvousConfig(MethodConfig):
+    folder: str = ""  # where the cells leave their marks
+    mark: str = "a"  # this cell's
+    partners: int = 2  # how many marks make a meeting
+
+
+class WaitsForItsPartners(Method):
+    """Leaves a mark in ``folder`` and waits (up to 60 s) for ``partners`` marks there: it finishes only when that
+    many cells run at the same time. Then it is ``random``."""
+
+    Config = RendezvousConfig
+
+    def distill(self, ctx: DistillContext) -> DistilledSet:
+        ctx.start(1)
+        folder = Path(self.config.folder)
+        (folder / self.config.mark).touch()
+        deadline = time.monotonic() + 60
+        while len(list(folder.iterdir())) < self.config.partners:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.config.mark} waited 60 s alone: its partners did not run beside it")
+            time.sleep(0.05)
+        images, labels = ctx.real_init()
+        ctx.report(0)
+        return DistilledSet(images, labels)

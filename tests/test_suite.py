@@ -173,6 +173,38 @@ grids:
                      echo=lambda line: None) == []
 
 
+def test_a_suites_option_variants_run_side_by_side_under_jobs(tmp_path):
+    """Each option variant is a request of its own; their cells still form one pool, so with --jobs 2 the two
+    variants run at the same time (each waits up to 60 s for the other, and fails alone)."""
+    import crashing_methods
+    from bench.registry import METHODS, register_method
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    path = _write(tmp_path, f"""\
+name: side_by_side
+version: 1
+quick: true
+defaults: {{seeds: [0], eval_archs: [convnet]}}
+grids:
+  - datasets: [digits]
+    ipc: [1]
+    methods:
+      - {{method: test_rendezvous, label: first, options: {{folder: '{marks}', mark: a}}}}
+      - {{method: test_rendezvous, label: second, options: {{folder: '{marks}', mark: b}}}}
+""")
+    register_method("test_rendezvous")(crashing_methods.WaitsForItsPartners)
+    try:
+        lines: list[str] = []
+        written = run_suite(load_suite(str(path)), tmp_path / "results", jobs=2, eval_epochs=2, echo=lines.append)
+    finally:
+        METHODS.unregister("test_rendezvous")
+    assert sorted((r["label"], r["status"]) for r in written) == [("first", "ok"), ("second", "ok")], written
+    assert all(r["cells_side_by_side"] == 2 for r in written)
+    assert sorted(line.split(" → ")[0] for line in lines if line.startswith("digits")) == [
+        "digits ipc 1 test_rendezvous (first)", "digits ipc 1 test_rendezvous (second)"]
+
+
 def test_imagenet_suite_without_data_names_the_files(tmp_path, capsys):
     code = main(["run", "--suite", "imagenet", "--quick", "--data-root", str(tmp_path), "--results", str(tmp_path / "r")])
     assert code == 2
