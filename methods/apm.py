@@ -308,8 +308,9 @@ def image_step(
         t = teacher(u)
         for student in students:
             gap = F.l1_loss(student(u), t)
-            (-weight * gap).backward(retain_graph=True)
+            (-weight * gap).backward(retain_graph=True)  # retains the teacher's graph, and this student's while `gap` lives
             disagreement += weight * gap.detach().double()
+            del gap  # so the next student's forward runs with one student graph held, not two
         cross_entropy = F.cross_entropy(t, labels[part].to(device))
         (weight * ce * cross_entropy).backward()
         class_term += weight * cross_entropy.detach().double()

@@ -58,6 +58,47 @@ def test_image_step_gradient_is_that_of_the_objective_on_the_batch():
         assert torch.allclose(got, expected, rtol=1e-10, atol=1e-13), segment
 
 
+class _SavedBytes:
+    """Counts the bytes autograd holds saved for backward (live now, and the most at once) while installed."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def __enter__(self):
+        counter = self
+
+        class Held:
+            def __init__(self, tensor):
+                self.tensor, self.size = tensor.detach(), tensor.numel() * tensor.element_size()  # no cycle via grad_fn
+                counter.live += self.size
+                counter.peak = max(counter.peak, counter.live)
+
+            def __del__(self):
+                counter.live -= self.size
+
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.tensor)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+@pytest.mark.parametrize("students", [1, 2, 5])
+def test_image_step_holds_one_teacher_graph_and_one_student_graph(students):
+    """Peak memory of the image step (what autograd keeps for backward) is one teacher graph and one student graph
+    of a segment, whatever K. Each student's graph used to live on through the next forward pass (of the next
+    student, or of the next segment's teacher), so three graphs were held at once."""
+    images = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    teacher, *rest = tiny_networks(1 + students)
+    with _SavedBytes() as one_graph:  # a network's graph on a 3-image segment, as the step builds it
+        torch.nn.functional.l1_loss(teacher(images[:3].requires_grad_(True)), torch.zeros(3, 10, dtype=torch.float64))
+    with _SavedBytes() as step:
+        gradient(3, images, torch.arange(6), torch.arange(6), teacher, rest)
+    assert step.live == 0  # every graph freed at the end
+    assert 1.9 * one_graph.peak < step.peak < 2.1 * one_graph.peak
+
+
 def test_image_step_is_ce_minus_disagreement():
     images = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     labels = torch.tensor([1, 2, 3])
