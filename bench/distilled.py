@@ -29,7 +29,8 @@ from bench.errors import UserError
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle")  # what torch.save and pickle files are usually called
 PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a legacy pickle's PROTO opcode
 TRANSFORM_KINDS = (transform_kind(zca=False), transform_kind(zca=True))
-PROTOCOL_OVERRIDE_KEYS = ("lr", "epochs", "quick_epochs")  # what runner.protocol_for reads from a set's overrides
+PROTOCOL_OVERRIDE_KEYS = ("lr", "epochs", "quick_epochs", "loss")  # what runner.protocol_for reads from a set's overrides
+PROTOCOL_LOSSES = ("ce", "l1", "kl")  # the losses a protocol can train with (bench.evaluate.Protocol.loss)
 
 
 @dataclass
@@ -167,7 +168,9 @@ def check_metadata(meta: dict, meta_path: Path) -> None:
                                 f"a protocol's overrides are {', '.join(PROTOCOL_OVERRIDE_KEYS)}")
             if key == "lr" and not _is_positive_number(value):
                 raise refuse(f"protocol_overrides.{protocol}.lr", value, "a finite number above 0")
-            if key != "lr" and value is not None and not (_is_integer(value) and value >= 1):
+            if key == "loss" and value not in PROTOCOL_LOSSES:
+                raise refuse(f"protocol_overrides.{protocol}.loss", value, f"one of {', '.join(PROTOCOL_LOSSES)}")
+            if key not in ("lr", "loss") and value is not None and not (_is_integer(value) and value >= 1):
                 raise refuse(f"protocol_overrides.{protocol}.{key}", value, "an integer of at least 1 (or null)")
 
 

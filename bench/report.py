@@ -418,8 +418,9 @@ def _record_notes(cells: list[Measured]) -> list[str]:
 
 
 def _protocol_departures(group: pd.DataFrame, protocol: str, quick: bool) -> list[str]:
-    """A note naming the rows whose networks trained with another lr or number of epochs than the protocol's own
-    (a learned lr that MTT's and TESLA's sets carry, a method's own epochs such as full's), so that no table hides
+    """A note naming the rows whose networks trained with another lr, number of epochs or loss than the protocol's
+    own (a learned lr that MTT's and TESLA's sets carry, a method's own epochs such as full's, TESLA's loss for its
+    soft labels), so that no table hides
     a change of its evaluation behind the protocol's name. Smoke tests (--eval-epochs) have their own note."""
     from bench.evaluate import get_protocol
 
@@ -434,15 +435,19 @@ def _protocol_departures(group: pd.DataFrame, protocol: str, quick: bool) -> lis
                       if not math.isclose(float(lr), nominal.lr)})
         epochs = sorted({int(e) for e in records.get("protocol_epochs", pd.Series(dtype=float)).dropna()
                          if int(e) != nominal.epochs})
+        losses = sorted({str(loss) for loss in records.get("protocol_loss", pd.Series(dtype=object)).dropna()
+                         if loss != nominal.loss})
         learned = records.get("learned_lr", pd.Series(dtype=float)).notna().any()
         said = ([f"lr {' / '.join(f'{lr:.3g}' for lr in lrs)}" + (" (learned, carried by its sets)" if learned else "")]
-                if lrs else []) + ([f"{' / '.join(map(str, epochs))} epochs"] if epochs else [])
+                if lrs else []) + ([f"{' / '.join(map(str, epochs))} epochs"] if epochs else []) + (
+                [f"loss {' / '.join(losses)} (asked for by its sets)"] if losses else [])
         if said:
             departures[label] = said
     if not departures:
         return []
     rows = "; ".join(f"{label}: {', '.join(said)}" for label, said in departures.items())
-    return [f"Trained otherwise than the protocol's lr {nominal.lr:g} for {nominal.epochs} epochs: {rows}."]
+    return [f"Trained otherwise than the protocol's lr {nominal.lr:g} for {nominal.epochs} epochs with loss "
+            f"{nominal.loss}: {rows}."]
 
 
 def _records_for(group: pd.DataFrame, label: str, dataset: str, ipc: int | None) -> pd.DataFrame:

@@ -275,7 +275,8 @@ def protocol_for(protocol: Protocol, distilled: DistilledSet | None, quick: bool
     """The protocol as it runs for this set.
 
     A method may hand over settings for a protocol in ``metadata["protocol_overrides"][name]`` — APM gives the
-    ``soft`` protocol its recipe's ``lr`` and ``epochs`` (Table A9) — and a learned lr (MTT) replaces the lr of
+    ``soft`` protocol its recipe's ``lr`` and ``epochs`` (Table A9), TESLA its ``loss`` (cross-entropy on the
+    softmax of its soft labels, as its official evaluation trains) — and a learned lr (MTT) replaces the lr of
     protocols that accept one. Under ``quick`` the quick epochs stand, unless the method hands over
     ``quick_epochs`` (``full``: the whole training set needs fewer passes than a few images). ``epochs`` (a smoke
     test's ``--eval-epochs``) overrides them all.
@@ -288,6 +289,8 @@ def protocol_for(protocol: Protocol, distilled: DistilledSet | None, quick: bool
     resolved = protocol.resolve(quick, None if "lr" in handed else distilled.learned_lr)
     if "lr" in handed:
         resolved = replace(resolved, lr=float(handed["lr"]))
+    if "loss" in handed:
+        resolved = replace(resolved, loss=str(handed["loss"]))
     handed_epochs = handed.get("quick_epochs") if quick else handed.get("epochs")
     if handed_epochs is not None:
         resolved = replace(resolved, epochs=int(handed_epochs), decay_epoch=int(handed_epochs) // 2 + 1)

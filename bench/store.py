@@ -294,7 +294,7 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
                 row[f"{phase}_{key}"] = value
         for key, value in (record.get("iter_time_s") or {}).items():
             row[f"iter_time_s_{key}"] = value
-        for key in ("lr", "epochs"):  # what the evaluation ran, which a set's learned lr or recipe may change
+        for key in ("lr", "epochs", "loss"):  # what the evaluation ran, which a set's learned lr or recipe may change
             row[f"protocol_{key}"] = (record.get("protocol_config") or {}).get(key)
         rows.append(row)
     return pd.DataFrame(rows)

@@ -12,14 +12,19 @@ changes:
    carried back through the step with the Hessian-vector product v ← v − α (∂g_i/∂θ_i)ᵀ v. The gradient
    equals MTT's to float precision (``tests/test_mtt_tesla.py`` checks it in float64).
 2. **Soft labels.** The students train with cross-entropy against the softmax of an expert's logits on the
-   synthetic images instead of one-hot labels; the logits are stored on the distilled set as ``soft_labels``
-   (the ``soft`` protocol uses them; the ``standard`` protocol still trains on the hard labels).
+   synthetic images instead of one-hot labels; the logits are stored on the distilled set as ``soft_labels``.
+   The ``soft`` protocol evaluates such a set as TESLA's ``evaluate_synset`` does: cross-entropy against the
+   softmax of those logits (the protocol's KL loss at temperature 1, which has the same gradient) at the learned
+   lr; the ``standard`` protocol still trains on the hard labels.
 
 Deviations from the official code, on purpose:
 
 * Exact gradient. The official second pass back-propagates dL/dθ_N = 2(θ_N − θ*)/‖θ_0 − θ*‖² straight into
   each step's batch, i.e. it drops the terms by which a batch also changes the later steps' gradients (the
-  Hessian-vector products above); its image gradient is therefore not MTT's. This implementation keeps them.
+  Hessian-vector products above), and takes α's gradient with the summed step gradients held fixed; its image
+  and α gradients are therefore not MTT's. This implementation keeps those terms, as TESLA's paper states its
+  gradient (``notes/methods.md`` §6). The dropped terms are of order α per step, so the two gradients part as
+  α and N grow, and ddbench's TESLA may land away from the published numbers there.
   Memory: it stores N detached parameter vectors (TESLA stores N detached gradients — the same size) and never
   more than one step's activations.
 * Soft labels are assigned once, from the *initial* (real) synthetic images, by expert 0 (a fixed index, never
@@ -50,8 +55,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from bench.distilled import DistilledSet
 from bench.errors import UserError
 from bench.registry import register_method
+from methods.base import DistillContext
 from methods.mtt import MTT, FlatParams, GradientFn, MTTConfig, Trajectories, constant_memory_gradient
 
 
@@ -75,6 +82,13 @@ class TESLA(MTT):
     }
     quick = MTT.quick  # the CPU-sized copy; soft labels as the recipe says
     smoke = dict(MTT.smoke, soft_labels=True)  # the conformance test exercises the soft-label path
+
+    def distill(self, ctx: DistillContext) -> DistilledSet:
+        """MTT's distillation; a set with soft labels asks the ``soft`` protocol for TESLA's evaluation loss."""
+        distilled = super().distill(ctx)
+        if distilled.soft_labels is not None:
+            distilled.metadata.setdefault("protocol_overrides", {})["soft"] = {"loss": "kl"}
+        return distilled
 
     def student_targets(  # type: ignore[override]
         self, cfg: TESLAConfig, model: nn.Module, layout: FlatParams, trajectories: Trajectories, images: Tensor,

@@ -151,6 +151,7 @@ def test_float_and_bool_labels_are_refused(capsys, tmp_path, dtype):
     ({"protocol_overrides": {"standard": 300}}, "'protocol_overrides.standard' must be an object of settings"),
     ({"protocol_overrides": {"standard": {"epoch": 300}}}, "unknown key 'protocol_overrides.standard.epoch'"),
     ({"protocol_overrides": {"soft": {"lr": "abc"}}}, "'protocol_overrides.soft.lr' must be a finite number above 0"),
+    ({"protocol_overrides": {"soft": {"loss": "mse"}}}, "'protocol_overrides.soft.loss' must be one of ce, l1, kl"),
     ({"protocol_overrides": {"standard": {"quick_epochs": 2.5}}},
      "'protocol_overrides.standard.quick_epochs' must be an integer of at least 1"),
 ])
@@ -161,7 +162,7 @@ def test_metadata_of_the_wrong_type_names_the_key_and_the_file(capsys, tmp_path,
 
 def test_metadata_as_ddbench_writes_it_passes(tmp_path):
     meta = dict(VALID_META, quick=True, ipc=None, learned_lr=0.01, distill_arch="convnet", data_fingerprint="ab12",
-                protocol_overrides={"soft": {"lr": 0.01, "epochs": 500}, "standard": {"quick_epochs": 50}},
+                protocol_overrides={"soft": {"lr": 0.01, "epochs": 500, "loss": "kl"}, "standard": {"quick_epochs": 50}},
                 transform={"kind": "zca", "eps": 0.1, "fitted_on": "train", "fingerprint": "11e56851eedef89d"})
     loaded = DistilledSet.load(_write_set(tmp_path, meta=meta))
     assert loaded.learned_lr == 0.01 and loaded.metadata["protocol_overrides"] == meta["protocol_overrides"]

@@ -145,4 +145,8 @@ def test_tesla_soft_labels_are_the_experts_logits(digits):
     initial, _ = context(digits).real_init()  # the same draw as the distillation's initial images
     with torch.no_grad():
         assert torch.allclose(out.soft_labels, expert(initial), atol=1e-5)
-    assert smoke("tesla", soft_labels=False).distill(context(digits)).soft_labels is None
+    # evaluated as TESLA's code evaluates: cross-entropy on their softmax (KL at temperature 1), at the learned lr
+    soft = protocol_for(get_protocol("soft"), out, quick=True)
+    assert (soft.loss, soft.temperature, soft.lr) == ("kl", 1.0, out.learned_lr)
+    hard = smoke("tesla", soft_labels=False).distill(context(digits))
+    assert hard.soft_labels is None and protocol_for(get_protocol("soft"), hard, quick=True).loss == "l1"

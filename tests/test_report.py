@@ -699,16 +699,20 @@ def test_published_cost_columns_carry_the_direction_mark(tmp_path):
     assert header[-3:] == ["published GPU peak (GB) ↓", "published s/iteration ↓", "source"]
 
 
-def test_rows_trained_with_another_lr_or_epochs_are_named_and_missing_sets_are_said(tmp_path):
-    """A learned lr (MTT's) or a method's own epochs change the evaluation: the table names them; a record whose
-    distilled set is gone says why its images are not drawn."""
+def test_rows_trained_with_another_lr_epochs_or_loss_are_named_and_missing_sets_are_said(tmp_path):
+    """A learned lr (MTT's), a method's own epochs or a set's own loss (TESLA's) change the evaluation: the table
+    names them; a record whose distilled set is gone says why its images are not drawn."""
     learned = dict(make_record("mtt", 1, [80.0, 81.0, 82.0], quick=True, distilled_path="gone/mnist_ipc1_mtt.json"),
-                   learned_lr=0.00633, protocol_config={"lr": 0.00633, "epochs": 300})
-    plain = dict(make_record("dc", 1, [70.0, 71.0, 72.0], quick=True), protocol_config={"lr": 0.01, "epochs": 300})
-    for record in (learned, plain):
+                   learned_lr=0.00633, protocol_config={"lr": 0.00633, "epochs": 300, "loss": "ce"})
+    plain = dict(make_record("dc", 1, [70.0, 71.0, 72.0], quick=True),
+                 protocol_config={"lr": 0.01, "epochs": 300, "loss": "ce"})
+    own_loss = dict(make_record("tesla", 1, [75.0, 76.0, 77.0], quick=True),
+                    protocol_config={"lr": 0.01, "epochs": 300, "loss": "kl"})
+    for record in (learned, plain, own_loss):
         write_record(tmp_path / "res", record)
     write_reports(tmp_path / "res", tmp_path / "out", name="quick")
     text = (tmp_path / "out" / "quick.md").read_text()
-    assert "Trained otherwise than the protocol's lr 0.01 for 300 epochs: mtt: lr 0.00633 (learned, carried by its sets)." in text
+    assert ("Trained otherwise than the protocol's lr 0.01 for 300 epochs with loss ce: mtt: lr 0.00633 (learned, "
+            "carried by its sets); tesla: loss kl (asked for by its sets).") in text
     assert "dc:" not in text.split("Trained otherwise")[1].splitlines()[0]
     assert "The images of 1 distilled set are not drawn: its file was not found (e.g. gone/mnist_ipc1_mtt.json)" in text
