@@ -82,12 +82,13 @@ class Protocol:
         resolved = replace(self, epochs=self.quick_epochs if quick else self.epochs)
         if learned_lr is not None and self.accepts_learned_lr:
             resolved = replace(resolved, lr=float(learned_lr))
-        if resolved.decay_epoch is None:
-            resolved = replace(resolved, decay_epoch=resolved.epochs // 2 + 1)
         unknown = set(overrides) - set(asdict(self))
         if unknown:
             raise UserError(f"unknown protocol option(s) {sorted(unknown)} for protocol '{self.name}'")
-        return replace(resolved, **overrides)  # type: ignore[arg-type]
+        resolved = replace(resolved, **overrides)  # type: ignore[arg-type]
+        if resolved.decay_epoch is None:  # after the overrides: an epochs override moves the decay with it
+            resolved = replace(resolved, decay_epoch=resolved.epochs // 2 + 1)
+        return resolved
 
     def as_record(self) -> dict:
         return asdict(self)

@@ -495,7 +495,9 @@ def _accuracy_title(arch: str, protocol: str, quick: bool, seeds: set[int | None
 
 
 STD_NOTE = ("± is the standard deviation over seeds with ddof 0 (the population std, numpy's np.std, as the "
-            "papers' code computes it).")
+            "papers' code computes it): over the evaluation networks trained on one distilled set (the cell's "
+            "distillation seed). Papers' std often spans several distilled sets as well (DC and DSA: 5 sets × 20 "
+            "networks), so it may be larger than ours for the same spread of networks.")
 NOT_RUN_NOTE = (f"{NOT_RUN}: a cell the suite plans that has no record yet (listed under “Cells of the suite "
                 "without a record”); never bold, not ranked.")
 
@@ -563,7 +565,8 @@ def published_table(group: pd.DataFrame, arch: str, protocol: str, quick: bool, 
         return None
     title = f"Ours beside published numbers, evaluated on {arch}, protocol {protocol}"
     notes = ["difference = ours − published, in percentage points; published numbers are as the source reports "
-             "them (ConvNet; std blank where the source gives none)."]
+             "them (ConvNet; std blank where the source gives none), evaluated as the source did: where that "
+             "differs from this protocol, the source's entry below says how.", STD_NOTE]
     if any(m.smoke_epochs is not None for m in measured):
         notes.append(f"A smoke test's figure ({SMOKE_MARK}) gets no difference: it says nothing about a reproduction.")
     notes += _record_notes(measured)

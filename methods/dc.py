@@ -30,7 +30,9 @@ Deviations from the official code, on purpose:
 
 * randomness (network init, real batches, noise init, augmentation) flows from the harness's generator; the
   official code reseeds the global RNG from the clock for every siamese draw;
-* exactly ``iterations`` outer iterations (the official loop runs ``Iteration + 1``);
+* exactly ``iterations`` outer iterations, then the set is returned. The official loop runs ``Iteration + 1``,
+  but scores its set at ``it == Iteration``, before that last update: the same set it reports (only its saved
+  file has one update more);
 * the distance is only differentiated for the parameters it uses (≥ 2-D): the official code also takes the
   gradient of the biases and norm weights and then gives them distance 0 — the same loss and image gradient;
 * the image step back-propagates into the images only (the official ``loss.backward()`` also fills the
@@ -80,8 +82,9 @@ class DCConfig(MethodConfig):
 def layer_distance(grad_real: Tensor, grad_syn: Tensor) -> Tensor:
     """DC's distance between the gradients of one parameter: Σ over output channels of 1 − cos.
 
-    Both are reshaped to (shape[0], −1) — conv (out, in·kh·kw), linear (out, in), a 3-D layer-norm weight
-    (C, h·w) — and the cosine of each row pair has 1e-6 added to the product of the norms. 1-D gradients
+    Both are reshaped to (shape[0], −1) — conv (out, in·kh·kw), linear (out, in); the official code's 3-D
+    ``LayerNorm([C, h, w])`` weight would be (C, h·w), but ddbench's layer-norm ConvNet (``GroupNorm(1, C)``) has
+    1-D norm weights, so under the norm ablation DC matches one term fewer per layer — and the cosine of each row pair has 1e-6 added to the product of the norms. 1-D gradients
     (biases, norm weights) give 0, as in the official ``distance_wb``.
     """
     if grad_real.dim() <= 1:

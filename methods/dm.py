@@ -22,7 +22,8 @@ Recipes: lr_img 1 for ipc 1/10/50 (and CIFAR-100 up to 125), 10 for CIFAR-10 ipc
 
 Deviations from the official code, on purpose: randomness (networks, real batches, augmentation) flows from
 the harness's generator (the official code reseeds the global RNG from the clock for every siamese draw);
-exactly ``iterations`` updates (the official loop runs ``Iteration + 1``); the real embeddings are computed
+exactly ``iterations`` updates (the official loop runs ``Iteration + 1`` but scores its set at ``it == Iteration``,
+before the last one: the same set); the real embeddings are computed
 under ``no_grad`` (the official code detaches them afterwards — the same values).
 """
 

@@ -34,6 +34,9 @@ def test_protocols_are_named_and_versioned():
     assert (standard.version, standard.epochs, standard.lr, standard.momentum, standard.weight_decay, standard.batch_size) == (1, 1000, 0.01, 0.9, 5e-4, 256)
     assert standard.resolve(quick=True).epochs == standard.quick_epochs < standard.epochs
     assert standard.resolve(quick=False, learned_lr=0.03).lr == 0.03
+    assert standard.resolve(quick=False).decay_epoch == 501
+    assert standard.resolve(quick=False, epochs=40).decay_epoch == 21  # the decay follows an epochs override
+    assert standard.resolve(quick=False, epochs=40, decay_epoch=30).decay_epoch == 30
 
 
 def test_same_seed_same_accuracy_on_cpu(digits):

@@ -133,6 +133,8 @@ def test_published_value_and_source_beside_matching_cells(report):
     assert by_key["full", "all"][4:6] == ["99.6", "DC paper (quoted)"]
     assert not any(key[0].startswith("apm") for key in by_key)  # variants are not the published method
     assert "**DC readme**" in text  # the sources section explains every cited key
+    dc_readme = next(line for line in text.splitlines() if line.startswith("- **DC readme**"))
+    assert "300 epochs without augmentation" in dc_readme  # and how a source evaluated, where not as we do
     resnet = [title for title in markdown_tables(text) if "published" in title and "resnet18_cifar" in title]
     assert not resnet  # a published ConvNet number is never put beside another architecture
 
