@@ -256,7 +256,8 @@ def _distill(args: argparse.Namespace) -> None:
     request = RunRequest(dataset=args.dataset, methods=[args.method], ipcs=[args.ipc], eval_archs=[],
                          seeds=[0], results_dir=Path("."), distill_arch=args.arch, quick=args.quick,
                          data_root=args.data_root, device=args.device, distill_seed=args.seed,
-                         cache_dir=args.cache_dir, method_options={args.method: _options(args.set)})
+                         cache_dir=args.cache_dir, method_options={args.method: _options(args.set)},
+                         isolate=False)  # distilled here, in this process: its data is loaded on the device
     (cell,) = plan(request)
     out = Path(args.out)
     if out.is_dir():

@@ -222,6 +222,16 @@ class Dataset:
         )
         return moved
 
+    def description(self) -> "Dataset":
+        """This dataset without its images: name, transform, fingerprint, class names and image shape, which is all
+        a process that plans cells and writes their records needs while the cells run in processes of their own
+        (each loads the data itself). Its tensors are new and empty, so the loaded ones can be freed."""
+        def empty(tensor: Tensor) -> Tensor:
+            return torch.empty((0, *tensor.shape[1:]), dtype=tensor.dtype)
+
+        return Dataset(self.info, empty(self.train_images), empty(self.train_labels), empty(self.test_images),
+                       empty(self.test_labels), self.class_names, self.transform, None, self.fingerprint)
+
 
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
     """``--data-root`` if given, else ``$DDBENCH_DATA``, else ``./data``."""

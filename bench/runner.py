@@ -209,21 +209,34 @@ def resolved_methods(request: RunRequest, spec: str) -> list[tuple[str, int | No
     return cells
 
 
-def plan(request: RunRequest) -> list[Cell]:
-    """Validate the whole request and return its cells; raises ``UserError`` before anything is written."""
+def cells_run_elsewhere(request: RunRequest) -> bool:
+    """Whether the request's cells run in processes of their own (``isolate``, or Ray tasks), each loading its data:
+    then this process needs the data only to plan, on the CPU, and keeps only its description."""
+    return request.isolate or request.executor != "local"
+
+
+def plan(request: RunRequest, loaded: dict | None = None) -> list[Cell]:
+    """Validate the whole request and return its cells; raises ``UserError`` before anything is written.
+
+    ``loaded`` (a dict the caller keeps while it plans several requests, a suite's) shares each dataset loaded
+    here between requests, so that a suite's requests on one dataset hold one copy of it, not one each."""
     specs = check_request(request)
     if request.executor == "local":  # a Ray task uses the cache folder of the node it runs on
         check_cache_dir(request.cache_dir)
+    loaded = {} if loaded is None else loaded
     datasets: dict[bool, Dataset] = {}
-    # the ray executor's tasks load their own data on their own device: here it only describes the cells
-    device = resolve_device(request.device) if request.executor == "local" else torch.device("cpu")
+    # cells that run elsewhere load their own data on their own device: here it only describes them
+    device = torch.device("cpu") if cells_run_elsewhere(request) else resolve_device(request.device)
     cells = []
     for spec in specs:
         for resolved_spec, ipc in resolved_methods(request, spec):
             method = create_method(resolved_spec, quick=request.quick, **request.method_options.get(spec, {}))
             zca = works_in_zca_space(method)
             if zca not in datasets:
-                datasets[zca] = load_dataset(request.dataset, request.data_root, zca=zca, device=device)
+                key = (request.dataset, str(resolve_data_root(request.data_root)), zca, str(device))
+                if key not in loaded:
+                    loaded[key] = load_dataset(request.dataset, request.data_root, zca=zca, device=device)
+                datasets[zca] = loaded[key]
             dataset = datasets[zca]
             smallest = min(dataset.class_counts())
             for wanted in request.ipcs:
@@ -866,7 +879,7 @@ RUN_SETTINGS = ("results_dir", "executor", "ray_address", "ray_resources", "jobs
 def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Cell] | None = None) -> list[dict]:
     """Plan (unless ``cells`` were planned already), then distil and evaluate every cell through the request's
     executor: ``run_planned`` of this one request."""
-    return run_planned([(request, plan(request) if cells is None else cells)], echo)
+    return run_planned([(request, plan(request) if cells is None else cells)], echo)  # the list is run_planned's
 
 
 def run_planned(planned: list[tuple[RunRequest, list[Cell]]], echo: Callable[[str], None] = print) -> list[dict]:
@@ -883,11 +896,25 @@ def run_planned(planned: list[tuple[RunRequest, list[Cell]]], echo: Callable[[st
         differing = [name for name in RUN_SETTINGS if getattr(request, name) != getattr(first, name)]
         if differing:
             raise ValueError(f"requests run together must share {', '.join(differing)}")
+    if cells_run_elsewhere(first):
+        _keep_descriptions_only(planned)
     cell_ids = reject_repeated_cells(planned)
     checkpoints = any(request.checkpoint_every for request, _ in planned)
     check_results_dir(first.results_dir, (DISTILLED_DIR, CHECKPOINTS_DIR) if checkpoints else (DISTILLED_DIR,))
     with writing_results(first.results_dir):
         return _run_planned(planned, cell_ids, echo)
+
+
+def _keep_descriptions_only(planned: list[tuple[RunRequest, list[Cell]]]) -> None:
+    """Give the planned cells their datasets' descriptions in place of the datasets (in the caller's list, so the
+    loaded copies can be freed): cells that run in processes of their own load their data there, and a parent
+    holding its copy beside theirs doubles the memory — ImageNet-1K 64×64 is about 63 GB in float32."""
+    described: dict[int, tuple[Dataset, Dataset]] = {}  # id → (the dataset, held so its id stays its own; description)
+    for index, (request, cells) in enumerate(planned):
+        for cell in cells:
+            if id(cell.dataset) not in described:
+                described[id(cell.dataset)] = (cell.dataset, cell.dataset.description())
+        planned[index] = (request, [replace(cell, dataset=described[id(cell.dataset)][1]) for cell in cells])
 
 
 def _shown_label(cell: Cell) -> str:

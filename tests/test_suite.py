@@ -205,6 +205,41 @@ grids:
         "digits ipc 1 test_rendezvous (first)", "digits ipc 1 test_rendezvous (second)"]
 
 
+def test_a_suite_loads_each_dataset_once_and_lets_go_of_it_while_its_cells_run(tmp_path, monkeypatch):
+    """A suite's requests on one dataset share one loaded copy while they are planned (ImageNet-1K 64×64 is about
+    63 GB in float32, and the imagenet suite has five requests); cells that run in processes of their own load
+    their own copies, so this process keeps only the dataset's description (no images) while they run."""
+    import bench.runner
+    from bench.runner import plan, run_planned
+    from bench.suite import _plan_all
+
+    loads = []
+    real_load = bench.runner.load_dataset
+    monkeypatch.setattr(bench.runner, "load_dataset", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    path = _write(tmp_path, """\
+name: two_protocols
+version: 1
+quick: true
+defaults: {seeds: [0], eval_archs: [convnet]}
+grids:
+  - {datasets: [digits], ipc: [1], protocols: [standard, soft], methods: [random]}
+""")
+    requests = suite_requests(load_suite(str(path)), tmp_path / "results", eval_epochs=2)
+    planned = _plan_all(requests)
+    assert len(requests) == 2 and len(loads) == 1
+    assert planned[0][1][0].dataset is planned[1][1][0].dataset
+    assert planned[0][1][0].dataset.train_images.device.type == "cpu"  # cells load their own, on their device
+
+    single = [(requests[0], plan(requests[0]))]
+    assert single[0][1][0].dataset.train_images.numel() > 0
+    (record,) = run_planned(single, echo=lambda line: None)
+    assert record["status"] == "ok" and record["data_fingerprint"] == planned[0][1][0].dataset.fingerprint
+    kept = single[0][1][0].dataset
+    assert kept.train_images.numel() == 0 and kept.test_images.numel() == 0 and kept.image_shape == (1, 8, 8)
+    assert (kept.name, kept.transform, kept.fingerprint) == ("digits", planned[0][1][0].dataset.transform,
+                                                              planned[0][1][0].dataset.fingerprint)
+
+
 def test_imagenet_suite_without_data_names_the_files(tmp_path, capsys):
     code = main(["run", "--suite", "imagenet", "--quick", "--data-root", str(tmp_path), "--results", str(tmp_path / "r")])
     assert code == 2
