@@ -34,6 +34,7 @@ from bench.errors import DataFilesMissing, UserError
 from bench.registry import Registry
 
 DATA_ROOT_ENV = "DDBENCH_DATA"
+MEMORY_CHECK_ENV = "DDBENCH_SKIP_MEMORY_CHECK"  # set (to anything) to load a dataset the check says will not fit
 ZCA_EPS = 0.1
 
 
@@ -247,6 +248,51 @@ def _to_unit_float(images: Tensor) -> Tensor:
     return images.float()
 
 
+def available_host_memory() -> int | None:
+    """Bytes the kernel can hand out without swapping (``MemAvailable`` of ``/proc/meminfo``); None where the
+    system does not say (not Linux)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def check_fits_in_memory(name: str, raw: RawSplits, zca: bool, device: torch.device) -> None:
+    """A ``UserError`` before the transform when the dataset will not fit: its float32 copy of both splits (made
+    from uint8 files), ZCA's float64 fit and whitened copy where asked, on a machine with less memory available —
+    instead of the kernel's out-of-memory killer minutes later. On a CUDA device, the float32 splits must also fit
+    in the device's free memory. Approximate (transient copies are counted, small ones are not); skipped with
+    ``DDBENCH_SKIP_MEMORY_CHECK`` set."""
+    if os.environ.get(MEMORY_CHECK_ENV):
+        return
+    images = (raw.train_images, raw.test_images)
+    float32_bytes = sum(split.numel() for split in images) * 4
+    needed = sum(split.numel() * 4 for split in images if split.dtype != torch.float32)  # the float copy
+    if zca:  # the fit's float64 copy and its centred copy, then the whitened float32 splits
+        needed += 4 * raw.train_images.numel() * 4 + float32_bytes
+    shape = "×".join(map(str, raw.train_images.shape[1:]))
+    what = (f"{raw.train_images.shape[0]:,} + {raw.test_images.shape[0]:,} images of {shape} as float32"
+            f"{', with the ZCA fit' if zca else ''}")
+    advice = f"use a machine with more memory, or set {MEMORY_CHECK_ENV}=1 to try anyway"
+    available = available_host_memory()
+    if available is not None and needed > available:
+        raise UserError(f"dataset '{name}' needs about {_gib(needed)} of memory to load ({what}); this machine has "
+                        f"{_gib(available)} available: {advice}")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if float32_bytes > free:
+            raise UserError(f"dataset '{name}' needs about {_gib(float32_bytes)} on {device} ({what}); it has "
+                            f"{_gib(free)} free: {advice}")
+
+
 def transform_kind(zca: bool) -> str:
     """The name a dataset's transform goes by in metadata and records: ``zca`` or ``mean_std``."""
     return "zca" if zca else "mean_std"
@@ -267,6 +313,7 @@ def load_dataset(
         detail = "data root is a file, not a folder" if root.exists() else "data root does not exist"
         raise DataFilesMissing(name, root, list(info.expected_files), detail=detail)
     raw = info.loader(root, resolution)
+    check_fits_in_memory(name, raw, zca, torch.device(device))
     fingerprint = raw.fingerprint()
     train = _to_unit_float(raw.train_images)
     test = _to_unit_float(raw.test_images)

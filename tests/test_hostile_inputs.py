@@ -352,3 +352,42 @@ def test_ctrl_c_keeps_written_records_marks_the_cell_and_resume_redoes_only_it(c
     assert sorted((r["ipc"], r["status"]) for r in second.values()) == [(1, "ok"), (2, "ok")]
     ok_first = [name for name, r in first.items() if r["status"] == "ok"]
     assert all(second[name] == first[name] for name in ok_first), "the kept record must not be rewritten"
+
+
+def test_a_dataset_that_will_not_fit_in_memory_is_refused_before_it_is_loaded(capsys, tmp_path, monkeypatch):
+    """A dataset whose float32 copy exceeds the memory available is one line, exit 2, nothing written — not the
+    out-of-memory killer minutes later; the line says how much it needs and has, and how to try anyway."""
+    import bench.data
+    from test_data_loaders import write_mnist
+
+    write_mnist(tmp_path / "data")  # uint8 files: 20 + 10 images of 28×28, 94,080 bytes as float32
+    monkeypatch.setattr(bench.data, "available_host_memory", lambda: 20_000)
+    argv = _with(RUN, "--dataset", "mnist") + ["--data-root", str(tmp_path / "data"), "--results", str(tmp_path / "res")]
+    _assert_rejected(capsys, tmp_path, argv,
+                     "dataset 'mnist' needs about 0.1 MiB of memory to load (20 + 10 images of 1×28×28 as float32); "
+                     "this machine has 0.0 MiB available: use a machine with more memory, or set "
+                     "DDBENCH_SKIP_MEMORY_CHECK=1 to try anyway")
+    monkeypatch.setenv(bench.data.MEMORY_CHECK_ENV, "1")
+    assert bench.data.load_dataset("mnist", tmp_path / "data").train_images.shape == (20, 1, 28, 28)
+    monkeypatch.delenv(bench.data.MEMORY_CHECK_ENV)
+    monkeypatch.setattr(bench.data, "available_host_memory", lambda: 200_000)  # enough for the float copy only
+    raw = bench.data.get_dataset_info("mnist").loader(tmp_path / "data", None)
+    bench.data.check_fits_in_memory("mnist", raw, False, torch.device("cpu"))
+    with pytest.raises(bench.data.UserError, match="with the ZCA fit"):  # ZCA's float64 fit counts too
+        bench.data.check_fits_in_memory("mnist", raw, True, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
+def test_a_dataset_larger_than_the_gpus_free_memory_is_refused(monkeypatch):
+    import bench.data
+
+    monkeypatch.setattr(bench.data, "available_host_memory", lambda: None)  # the host check says nothing here
+    free, _ = torch.cuda.mem_get_info(torch.device("cuda"))
+    count = free // (3 * 64 * 64 * 4) + 1  # one image more than fits as float32
+    huge = torch.zeros((), dtype=torch.float32).expand(count, 3, 64, 64)  # no memory behind it
+    raw = bench.data.RawSplits(huge, torch.zeros(count, dtype=torch.long), huge[:1], torch.zeros(1, dtype=torch.long), [])
+    with pytest.raises(bench.data.UserError, match="on cuda"):
+        bench.data.check_fits_in_memory("imagenet64", raw, False, torch.device("cuda"))
+    bench.data.check_fits_in_memory("imagenet64", bench.data.RawSplits(huge[:10], raw.train_labels[:10], huge[:1],
+                                                                        raw.test_labels, []), False, torch.device("cuda"))
