@@ -629,6 +629,15 @@ def _base_record(cell: Cell, request: RunRequest, arch: str, ids: dict[str, str]
                                     request.seeds))
 
 
+def dataset_resident(dataset: Dataset) -> dict:
+    """``dataset_resident_mb``: the MB the cell's dataset (both splits as transformed) holds for the whole cell on
+    ``dataset_device`` — inside every phase's memory peaks on that device, GPU or CPU: what to subtract from a peak
+    to compare a method's own memory with a paper's that kept its data elsewhere."""
+    tensors = (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels)
+    size = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    return {"dataset_resident_mb": round(size / 2**20, 1), "dataset_device": dataset.device.type}
+
+
 def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str],
              teachers: dict[str, torch.nn.Module] | None = None,
              parts: list[tuple[DistilledSet, dict]] | None = None) -> list[dict]:
@@ -660,7 +669,8 @@ def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, s
     for arch in archs:
         resolved = protocol_for(protocol, distilled, request.quick, request.eval_epochs)
         record = dict(_base_record(cell, request, arch, ids, protocol), status=status, error=error, env=env,
-                      process_peak_rss_mb=None, **extra, **iterations, **evaluation_fields(arch, protocol, resolved, request.seeds))
+                      process_peak_rss_mb=None, **dataset_resident(cell.dataset), **extra,
+                      **iterations, **evaluation_fields(arch, protocol, resolved, request.seeds))
         cell_phases = {name: dict(figures) for name, figures in phases.items()}
         if resolved.targets == "soft" and distilled is not None and arch is not None:
             record["soft_targets"] = soft_targets_source(distilled.soft_labels is not None, cell.dataset,

@@ -21,6 +21,7 @@ which ``env``'s git stamp does not cover), and the costs:
   training) — and ``flop_window_s``, the wall
   time of the FLOP-counting window, whose excess over ``per_period × median`` is what counting cost),
   ``flops_per_iter`` (or ``flops_reason``), ``flops_per_eval_epoch``;
+* ``dataset_resident_mb`` and ``dataset_device``: the dataset the cell held throughout (inside its peaks there);
 * ``process_peak_rss_mb`` (``ru_maxrss`` of the cell's own process when ``isolated``), ``crash_peak_rss_mb``
   (the largest RSS the parent saw of a cell whose process died);
 * ``env``: the environment stamp (``bench.measure.environment_stamp``).
