@@ -822,13 +822,14 @@ LATEX_REPLACEMENTS = {
     "~": r"\~{}", "^": r"\^{}", "<": r"$<$", ">": r"$>$", "|": r"$|$", "±": r"$\pm$", "↑": r"$\uparrow$",
     "↓": r"$\downarrow$", "−": r"$-$", "–": "--", "—": "---", "×": r"$\times$", "≈": r"$\approx$",
     "…": r"\ldots{}", "·": r"$\cdot$", "“": "``", "”": "''", "‘": "`", "’": "'", "†": r"$^\dagger$",
+    "/": r"/\allowbreak{}",  # a long path may break after a slash instead of running off the page
 }
 
 
 def latex_escape(text: str) -> str:
     """Text → LaTeX that pdflatex compiles with no extra package or font (nothing from the TS1 text-companion
     fonts): specials escaped, known symbols as math, any other non-ASCII character as its closest ASCII form
-    (or ``?``); ``--`` stays two hyphens (``--eval-epochs``), not an en dash."""
+    (or ``?``); ``--`` stays two hyphens (``--eval-epochs``), not an en dash; a slash may end a line."""
     out = []
     text = str(text)
     for i, char in enumerate(text):

@@ -272,6 +272,22 @@ def test_latex_report_compiles(report, tmp_path):
                             cwd=tmp_path / "out", capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-3000:]
     assert (tmp_path / "out" / "unit_suite.pdf").stat().st_size > 0
+    log = (tmp_path / "out" / "unit_suite.log").read_text(errors="replace")
+    assert not re.findall(r"Overfull \\hbox \(.*\) in paragraph", log), "text runs off the page"
+
+
+def test_a_long_path_in_the_latex_report_breaks_at_its_slashes(tmp_path):
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex not installed")
+    gone = "results/cpu/2026-12-01-amd-epyc/parallel_quick/distilled/digits_ipc1_apm.digits_ipc1_0c3e0fdb81eb.json"
+    write_record(tmp_path / "res", make_record("dc", 1, [91.0, 91.5, 92.0], distilled_path=gone))
+    write_reports(tmp_path / "res", tmp_path / "out", name="long")
+    assert "/\\allowbreak{}distilled/\\allowbreak{}" in (tmp_path / "out" / "long.tex").read_text()
+    result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "long.tex"],
+                            cwd=tmp_path / "out", capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:]
+    log = (tmp_path / "out" / "long.log").read_text(errors="replace")
+    assert not re.findall(r"Overfull \\hbox \(.*\) in paragraph", log), "text runs off the page"
 
 
 def test_rows_without_a_label_are_told_apart_by_their_config(tmp_path):
