@@ -497,13 +497,28 @@ def _idx_loader(dataset: str, folder: str, class_names: tuple[str, ...]) -> Load
 # CIFAR-10 and CIFAR-100: python pickles ---------------------------------------------------------------------
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR's python pickles hold a dict of numpy arrays, lists and strings: numpy's array reconstruction is all
+    they import. Anything else a file names is refused — plain ``pickle.load`` would import and call whatever a
+    tampered file asks for, and so run its code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR file never does; not loaded")
+        return super().find_class(module, name)
+
+
 def _unpickle(src: _Source, folder: Path, name: str, keys: tuple[str, ...]) -> dict:
     """One CIFAR pickle (a dict whose keys may be str or bytes), checked to hold ``keys``."""
     path = folder / name
     if not path.is_file():
         raise src.fail(f"{path.relative_to(src.root)} is missing")
     with src.reading(name), open(path, "rb") as f:
-        obj = pickle.load(f, encoding="latin1")
+        obj = _CifarUnpickler(f, encoding="latin1").load()
     if not isinstance(obj, dict):
         raise src.fail(f"{name} holds a {type(obj).__name__}, expected a dict")
     obj = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}

@@ -223,6 +223,36 @@ def test_cifar100_loads_bytes_keys(tmp_path):
     assert ds.num_classes == 100 and ds.class_counts() == [1] * 100
 
 
+class _RunsCode:
+    """What a tampered pickle does: call a function of the file's choice on load (here a harmless one)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_cifar_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    write_cifar10(tmp_path)
+    marker = tmp_path / "ran"
+    write_pickle(tmp_path / "cifar-10-batches-py/data_batch_3", dict(cifar_batch(list(range(10)), 3),
+                                                                     batch_label=_RunsCode(marker)))
+    with pytest.raises(DataFilesMissing, match=r"data_batch_3 could not be read \(UnpicklingError: it asks for "):
+        load_dataset("cifar10", tmp_path)
+    assert not marker.exists()
+
+
+def test_cifar_pickles_written_by_python_2_numpy_load(tmp_path):
+    """The published files name numpy.core.multiarray (this numpy's pickles name numpy._core.multiarray)."""
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py/data_batch_1"
+    path.write_bytes(path.read_bytes().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    assert b"numpy.core.multiarray\n_reconstruct" in path.read_bytes()
+    raw = get_dataset_info("cifar10").loader(tmp_path, None)
+    assert torch.equal(raw.train_images[0], torch.from_numpy(PATTERN.reshape(3, 32, 32)))
+
+
 def test_cifar_missing_file(tmp_path):
     write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py/test_batch").unlink()
