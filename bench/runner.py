@@ -886,6 +886,25 @@ def _code_since(done: dict[str, dict], ids: Iterable[str], current: str | None) 
 RUN_SETTINGS = ("results_dir", "executor", "ray_address", "ray_resources", "jobs", "isolate", "device", "resume")
 
 
+def _threads_since(done: dict[str, dict], ids: Iterable[str], threads: int | None) -> str:
+    """A warning for a skipped CPU cell whose records were made with another number of torch threads per cell than
+    this run gives its cells (``threads``; None: not known here, or not a CPU run): CPU sums then differ in their
+    last digits, and so can the numbers ``--resume`` keeps beside the ones this run makes."""
+    if threads is None:
+        return ""
+    kept = set()
+    for identity in ids:
+        record = done.get(identity) or {}
+        env = record.get("env") or {}
+        on_cpu = record.get("dataset_device") == "cpu" or (record.get("dataset_device") is None and not env.get("gpu_name"))
+        if on_cpu and isinstance(env.get("cpu_threads"), int) and env["cpu_threads"] != threads:
+            kept.add(env["cpu_threads"])
+    if not kept:
+        return ""
+    return (f"; WARNING: made with {' / '.join(map(str, sorted(kept)))} torch threads per cell, this run gives {threads}: "
+            f"CPU results can differ in their last digits between thread counts")
+
+
 def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Cell] | None = None) -> list[dict]:
     """Plan (unless ``cells`` were planned already), then distil and evaluate every cell through the request's
     executor: ``run_planned`` of this one request."""
@@ -935,6 +954,15 @@ def _shown_label(cell: Cell) -> str:
     return f"{cell.method_spec} ({label})"
 
 
+def _threads_per_cell(request: RunRequest) -> int | None:
+    """The torch threads each cell of a local CPU run gets (None for a GPU or Ray run)."""
+    from bench.executors import cpu_threads_per_job
+
+    if request.executor != "local" or resolve_device(request.device).type != "cpu":
+        return None
+    return cpu_threads_per_job(request.jobs) if request.jobs > 1 else torch.get_num_threads()
+
+
 def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[list[dict[str | None, str]]],
                  echo: Callable[[str], None]) -> list[dict]:
     first = planned[0][0]
@@ -942,6 +970,7 @@ def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[li
         remove_stale_temporaries(first.results_dir)
     done = existing_records(first.results_dir) if first.resume else {}
     this_commit = environment_stamp().get("git_sha") if done else None
+    threads = _threads_per_cell(first) if done else None
     jobs = []
     for request, cells in planned:
         # children must see the same cache and data folders even if the environment changes under the parent
@@ -956,7 +985,7 @@ def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[li
                      f"{done[ids[other_data[0]]]['data_fingerprint']}, now {cell.dataset.fingerprint})")
             archs = [arch for arch in ids if ids[arch] not in done or arch in other_data]
             if not archs:
-                warning = _code_since(done, ids.values(), this_commit)
+                warning = _code_since(done, ids.values(), this_commit) + _threads_since(done, ids.values(), threads)
                 echo(f"skip {_shown_label(cell)} ipc {cell.ipc}: records exist (--resume){warning}")
                 continue
             jobs.append(CellJob(cell, archs, ids, request))

@@ -186,6 +186,26 @@ def test_resume_warns_when_the_records_it_keeps_came_from_other_code(tmp_path, m
                      "delete them (or run without --resume into a new folder) to measure this code"]
 
 
+def test_resume_warns_when_the_cpu_records_it_keeps_had_another_thread_count(tmp_path, monkeypatch):
+    """CPU sums differ in their last digits between thread counts: --resume keeps such records, and says so."""
+    import torch
+
+    import bench.runner
+
+    real_stamp = bench.runner.environment_stamp
+    other = torch.get_num_threads() + 5
+    monkeypatch.setattr(bench.runner, "environment_stamp", lambda: dict(real_stamp(), cpu_threads=other))
+    request = _request(tmp_path, ["random"], isolate=False, eval_epochs=2)
+    (record,) = run(request, echo=lambda _: None)
+    assert record["env"]["cpu_threads"] == other and record["dataset_device"] == "cpu"
+    monkeypatch.setattr(bench.runner, "environment_stamp", real_stamp)
+    lines: list[str] = []
+    run(replace(request, resume=True), echo=lines.append)
+    assert lines == [f"skip random ipc 1: records exist (--resume); WARNING: made with {other} torch threads per cell, "
+                     f"this run gives {torch.get_num_threads()}: CPU results can differ in their last digits between "
+                     f"thread counts"]
+
+
 def test_resume_redoes_a_cell_whose_record_came_from_other_data_files(tmp_path):
     """Another copy of the dataset under the same name (a subset, random pixels) must not pass for this one."""
     request = _request(tmp_path, ["random"], isolate=False, eval_epochs=2)
