@@ -251,14 +251,9 @@ def _to_unit_float(images: Tensor) -> Tensor:
 def available_host_memory() -> int | None:
     """Bytes the kernel can hand out without swapping (``MemAvailable`` of ``/proc/meminfo``); None where the
     system does not say (not Linux)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    from bench.measure import proc_kib_field
+
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def _gib(size: float) -> str:

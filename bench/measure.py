@@ -136,16 +136,22 @@ def _note_process_peak(num_bytes: int | None) -> None:
     _PEAK_BEFORE_RESETS = max(_PEAK_BEFORE_RESETS, num_bytes or 0)
 
 
-def _rss_high_water_mark() -> int | None:
-    """VmHWM of this process in bytes: the kernel's exact peak RSS since the last reset."""
+def proc_kib_field(path: str, field: str) -> int | None:
+    """A ``field: N kB`` line of a Linux ``/proc`` file (``/proc/self/status``, ``/proc/meminfo``) in bytes; None
+    where the file or the field is missing (not Linux)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _rss_high_water_mark() -> int | None:
+    """VmHWM of this process in bytes: the kernel's exact peak RSS since the last reset."""
+    return proc_kib_field("/proc/self/status", "VmHWM")
 
 
 class MemorySampler:
