@@ -972,11 +972,11 @@ def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[li
     this_commit = environment_stamp().get("git_sha") if done else None
     threads = _threads_per_cell(first) if done else None
     jobs = []
-    for request, cells in planned:
+    for (request, cells), request_ids in zip(planned, cell_ids):
         # children must see the same cache and data folders even if the environment changes under the parent
         request = replace(request, cache_dir=str(resolve_cache_dir(request.cache_dir)),
                           data_root=str(resolve_data_root(request.data_root)))
-        for cell, ids in zip(cells, cell_ids.pop(0)):
+        for cell, ids in zip(cells, request_ids):
             other_data = [arch for arch in ids if ids[arch] in done and from_other_files(done[ids[arch]].get("data_fingerprint"),
                                                                                      cell.dataset.fingerprint)]
             if other_data:
