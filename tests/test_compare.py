@@ -471,6 +471,24 @@ def test_speed_factor_leaves_out_evaluations_of_another_engine(tmp_path):
     assert comparison.speed_factor == pytest.approx(1.5) and comparison.speed_left_out == 2
 
 
+def test_process_peak_is_compared_only_between_evaluations_of_the_same_engine(tmp_path):
+    """The process peak spans the evaluation: seeds trained at once hold their activations at once, so a rise
+    from the sequential to the batched engine says nothing about the code (the quick baseline's full cell: +13 %)."""
+    records = baseline_records()
+    for record in records:
+        record["eval_engine"] = {"path": "sequential", "reason": "off"}
+    baseline = write_folder(tmp_path / "baseline", records)
+
+    def batched_dm_and_grown_mtt(record):
+        record["process_peak_rss_mb"] *= 1.3 if record["method"] in ("dm", "mtt") else 1.0
+        record["eval_engine"] = {"path": "batched" if record["method"] == "dm" else "sequential"}
+
+    comparison = compare_results(baseline, current_folder(tmp_path, batched_dm_and_grown_mtt))
+    assert regressed(comparison) == {("mtt", 1, "process_peak_rss_mb ↓"), ("mtt", 10, "process_peak_rss_mb ↓")}
+    dm = [c for c in comparison.changes if c.cell.label == "dm" and c.metric == "process_peak_rss_mb ↓"]
+    assert len(dm) == 2 and all(c.threshold.startswith("not compared: evaluated otherwise") for c in dm)
+
+
 def test_only_with_a_typo_or_a_seed_is_an_error_naming_the_nearest(baseline, tmp_path):
     current = current_folder(tmp_path)
     with pytest.raises(UserError, match="no baseline cell has method 'randon'; did you mean 'random'"):
