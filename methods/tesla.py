@@ -43,7 +43,7 @@ Deviations from the official code, on purpose:
 Recipes: MTT's table, with the settings of the official TESLA readme where it gives a command — CIFAR-10 ipc 1
 (max_start_epoch 5, no ZCA), CIFAR-100 ipc 50 (as MTT's), ImageNet-1K ipc 1 (64×64, ``--distill-arch
 convnetd4``: syn_steps 10, expert_epochs 3, max_start_epoch 10, batch_syn 100, lr_img 1e4, lr_lr 1e-4, soft
-labels). Other rows reuse MTT's values unverified against TESLA's paper (its tables could not be consulted here).
+labels; 50 experts of 50 epochs, its readme's buffer command). Other rows reuse MTT's values unverified against TESLA's paper (its tables could not be consulted here).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class TESLA(MTT):
         **MTT.recipes,
         "cifar10_ipc1": dict(MTT.recipes["cifar10_ipc1"], max_start_epoch=5, zca=False),
         "imagenet_ipc1": dict(syn_steps=10, expert_epochs=3, max_start_epoch=10, batch_syn=100, zca=False,
-                                lr_img=1e4, lr_lr=1e-4, lr_teacher=0.01, soft_labels=True),
+                                lr_img=1e4, lr_lr=1e-4, lr_teacher=0.01, soft_labels=True, num_experts=50),
     }
     quick = MTT.quick  # the CPU-sized copy; soft labels as the recipe says
     smoke = dict(MTT.smoke, soft_labels=True)  # the conformance test exercises the soft-label path
