@@ -273,8 +273,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from bench.distilled import DistilledSet, content_hash
     from bench.evaluate import check_compatible, get_protocol, protocol_label
     from bench.measure import environment_stamp
-    from bench.runner import (NOT_DISTILLED_HERE, _check_arch_runs, measured_evaluation, protocol_for, reject_repeats,
-                              resolve_device)
+    from bench.runner import (NOT_DISTILLED_HERE, _check_arch_runs, dataset_resident, measured_evaluation,
+                              protocol_for, reject_repeats, resolve_device)
     from bench.errors import UserError
     from bench.experts import check_cache_dir, soft_targets_source
     from bench.store import check_results_dir, set_fields, stable_hash, write_record
@@ -331,7 +331,7 @@ def _evaluate(args: argparse.Namespace) -> None:
             write_record(args.results, dict(
                 set_fields(meta), data_fingerprint=dataset.fingerprint,  # the data these numbers come from
                 label=label, record_id=stable_hash(identity), suite=None, env=env, isolated=False,
-                cells_side_by_side=1,
+                cells_side_by_side=1, **dataset_resident(dataset),
                 eval_epochs_override=args.eval_epochs, soft_targets=soft_targets,
                 # quick if any part was: the set's recipe (distilled_quick) or this evaluation's protocol (protocol_quick)
                 quick=bool(args.quick or meta.get("quick")), protocol_quick=args.quick,
