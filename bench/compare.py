@@ -96,6 +96,7 @@ class CellKey(NamedTuple):
     quick: bool
     eval_epochs: int | None = None  # a smoke test's --eval-epochs (the record's eval_epochs_override); None: real
     protocol_epochs: int | None = None  # the epochs the protocol trained (protocol_config); None: not recorded
+    distill_seed: int = 0  # which distilled set (a suite may distil a cell with several seeds)
 
     def __str__(self) -> str:
         ipc = "all" if self.ipc is None else self.ipc
@@ -104,13 +105,14 @@ class CellKey(NamedTuple):
             epochs = f", smoke test: {self.eval_epochs} eval epochs"
         else:
             epochs = "" if self.protocol_epochs is None else f", {self.protocol_epochs} epochs"
+        seed = f", distill seed {self.distill_seed}" if self.distill_seed else ""
         return (f"{self.dataset} ipc{ipc} {self.label} ({self.distill_arch}→{self.eval_arch}, {self.protocol}{quick}"
-                f"{epochs})")
+                f"{epochs}{seed})")
 
     def sort_key(self) -> tuple:
         return (self.dataset, self.label, -1 if self.ipc is None else self.ipc, self.distill_arch, self.eval_arch,
                 self.protocol, self.quick, -1 if self.eval_epochs is None else self.eval_epochs,
-                -1 if self.protocol_epochs is None else self.protocol_epochs)
+                -1 if self.protocol_epochs is None else self.protocol_epochs, self.distill_seed)
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ def record_label(record: dict) -> str:
 def cell_key(record: dict) -> CellKey:
     return CellKey(record.get("dataset"), record_label(record), record.get("ipc"), record.get("distill_arch"),
                    record.get("eval_arch"), record.get("protocol"), bool(record.get("quick")),
-                   record.get("eval_epochs_override"), _protocol_epochs(record))
+                   record.get("eval_epochs_override"), _protocol_epochs(record), int(record.get("distill_seed") or 0))
 
 
 def _protocol_epochs(record: dict) -> int | None:

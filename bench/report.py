@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -66,7 +67,8 @@ NOT_RUN = "not run"  # the status of a suite's planned cell without a record (a 
 COLUMNS = ("suite", "label", "recipe", "ipc", "distill_arch", "eval_arch", "protocol", "quick", "seeds", "acc",
            "acc_mean", "acc_std", "status", "error", "flops_per_iter", "distilled_path", "transform",
            "distill_wall_s", "distill_cpu_peak_rss_mb", "distill_gpu_nvml_peak_mb",
-           "distill_gpu_torch_allocated_peak_mb", "distill_gpu_reason", "iter_time_s_median", "eval_epochs_override")
+           "distill_gpu_torch_allocated_peak_mb", "distill_gpu_reason", "iter_time_s_median", "eval_epochs_override",
+           "distill_seed", "config_hash")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,18 +256,25 @@ def planned_cells(suite: Suite, quick_flags: list[bool], results_dir: str | os.P
                                "recipe": cell.method.recipe, "config": dict(cell.method.resolved_config),
                                "dataset": request.dataset, "ipc": cell.ipc, "distill_arch": request.distill_arch,
                                "eval_arch": eval_arch, "protocol": request.protocol, "quick": request.quick,
-                               "seeds": list(request.seeds), "acc": [], "status": NOT_RUN, "device": None}
+                               "seeds": list(request.seeds), "acc": [], "status": NOT_RUN, "device": None,
+                               "distill_seed": request.distill_seed}
                         cells.setdefault(suite_cell_key(row), row)
     return pd.DataFrame(list(cells.values()), columns=[*COLUMNS, "method", "dataset", "config", "device",
                                                        "base_label"])
 
 
+def _distill_seed(value: object) -> int:
+    """A record's distillation seed (0 where an older record does not say)."""
+    return 0 if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
+
+
 def suite_cell_key(record: pd.Series | dict) -> tuple:
     """What makes a record one of a suite's planned cells: (label, dataset, ipc, evaluation architecture,
-    protocol, quick flag) — not the config, so that a record written before a recipe changed still counts."""
+    protocol, quick flag, distillation seed) — not the config, so that a record written before a recipe changed
+    still counts."""
     arch = record["eval_arch"]
     return (record["base_label"], record["dataset"], _ipc(record["ipc"]), arch if isinstance(arch, str) else None,
-            record["protocol"], bool(record["quick"]))
+            record["protocol"], bool(record["quick"]), _distill_seed(record.get("distill_seed")))
 
 
 def suite_coverage(suite: Suite, frame: pd.DataFrame, left_out: Counter,
@@ -368,6 +377,7 @@ class Measured(NamedTuple):
     smoke_epochs: int | None = None  # the --eval-epochs of the smoke record shown; None for a real result
     smoke_hidden: int = 0  # smoke records left out because the cell has a real one
     superseded: int = 0  # other records of the cell left out: older ones, or failed ones beside a success
+    sets: int = 1  # distilled sets whose evaluations the figure pools (one per distillation seed)
 
     def shown(self, show_n: bool = False) -> str:
         """The cell's text, with its number of seeds when asked and the smoke mark when it is a smoke test's."""
@@ -385,15 +395,31 @@ def _measured(records: pd.DataFrame) -> Measured:
     hidden = 0 if smoke.all() else int(smoke.sum())
     smoke_epochs = _smoke_epochs(records["eval_epochs_override"].iloc[-1]) if smoke.all() else None
     records = records[~smoke] if hidden else records
+    placeholder = records["status"] == NOT_RUN  # a planned distillation seed without a record, beside real ones
+    records = records[~placeholder] if not placeholder.all() else records
     ok = records[records["status"] == "ok"]
     if ok.empty:
         return Measured(", ".join(sorted(set(records["status"]))), None, None, smoke_epochs, hidden)
     row = ok.iloc[-1]
-    n = _n_seeds(row)
     smoke_epochs = _smoke_epochs(row["eval_epochs_override"])
-    mean = float(row["acc_mean"])
-    return Measured(_fmt_acc(row["acc_mean"], row["acc_std"] if n > 1 else None),
-                    None if smoke_epochs is not None else mean, n, smoke_epochs, hidden, len(records) - 1)
+    pooled = _one_per_distilled_set(ok, row)
+    if len(pooled) == 1:
+        n, mean, std = _n_seeds(row), float(row["acc_mean"]), row["acc_std"]
+    else:  # several distilled sets of one config: mean and std over all their networks, as the papers' tables
+        accs = [float(a) for _, record in pooled.iterrows() for a in record["acc"]]
+        n, mean, std = len(accs), statistics.fmean(accs), statistics.pstdev(accs)  # ddof 0, as np.std
+    return Measured(_fmt_acc(mean, std if n > 1 else None), None if smoke_epochs is not None else mean, n,
+                    smoke_epochs, hidden, len(records) - len(pooled), len(pooled))
+
+
+def _one_per_distilled_set(ok: pd.DataFrame, newest: pd.Series) -> pd.DataFrame:
+    """The newest successful record of each distillation seed among those of ``newest``'s config (its
+    ``config_hash``; records without one stand alone): the distilled sets a cell's figure pools."""
+    if "distill_seed" not in ok or "config_hash" not in ok or not isinstance(newest.get("acc"), list) or \
+            pd.isna(newest.get("config_hash")):
+        return ok.iloc[[-1]]
+    same = ok[(ok["config_hash"] == newest["config_hash"]) & ok["acc"].map(lambda acc: isinstance(acc, list) and bool(acc))]
+    return same.groupby(same["distill_seed"].fillna(-1), sort=True).tail(1)
 
 
 def _record_notes(cells: list[Measured]) -> list[str]:
@@ -410,6 +436,12 @@ def _record_notes(cells: list[Measured]) -> list[str]:
     if hidden:
         notes.append(f"{hidden} smoke-test record{'' if hidden == 1 else 's'} (--eval-epochs) left out: where a cell "
                      "has a real result as well, only the real one is shown.")
+    pooled = [m.sets for m in cells if m.sets > 1]
+    if pooled:
+        notes.append(f"{len(pooled)} cell{'' if len(pooled) == 1 else 's'} here pool{'s' if len(pooled) == 1 else ''} "
+                     f"the evaluations of {' / '.join(map(str, sorted(set(pooled))))} distilled sets (one per "
+                     "distillation seed, the newest record of each): mean ± std over all their networks, n counts "
+                     "them, as the papers' tables do over experiments × networks.")
     superseded = [m.superseded for m in cells if m.superseded]
     if superseded:
         notes.append(f"{len(superseded)} cell{'' if len(superseded) == 1 else 's'} here had more than one record "
@@ -792,10 +824,13 @@ def missing_section(coverage: SuiteCoverage) -> Section | None:
         return None
     section = Section(MISSING_HEADING, text=[
         f"Cells that suite {suite.name} (version {suite.version}, {suite.path.name}) plans and that no record of "
-        f"the suite is of, matched by label, dataset, ipc, evaluation architecture, protocol and quick flag: "
+        f"the suite is of, matched by label, dataset, ipc, evaluation architecture, protocol, quick flag and "
+        f"distillation seed: "
         f"ddbench run --suite {suite.name} --resume runs them (with --quick, the quick ones)."])
     for quick, group in missing.groupby("quick", sort=True):
-        rows = [[Cell(cell["label"]), Cell(cell["dataset"]), Cell(_ipc_text(cell["ipc"])),
+        rows = [[Cell(cell["label"] + (f" (distill seed {_distill_seed(cell['distill_seed'])})"
+                                       if _distill_seed(cell["distill_seed"]) else "")),
+                 Cell(cell["dataset"]), Cell(_ipc_text(cell["ipc"])),
                  Cell(cell["eval_arch"] if isinstance(cell["eval_arch"], str) else f"{NOT_MEASURED} (costs only)"),
                  Cell(cell["protocol"])] for _, cell in group.iterrows()]
         title = f"{len(rows)} planned cell(s) with no record" + (" — QUICK: reduced CPU recipes" if quick else "")

@@ -1015,7 +1015,8 @@ def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[li
                 protocol = request.protocol
                 how = (protocol_label(protocol, request.quick, record["protocol_config"]) if record["eval_arch"]
                        else f"{protocol}{', quick' if request.quick else ''}")
-                echo(f"{cell.dataset.name} ipc {cell.ipc if cell.ipc is not None else 'all'} {_shown_label(cell)} → "
+                seed = f" (distill seed {request.distill_seed})" if request.distill_seed else ""
+                echo(f"{cell.dataset.name} ipc {cell.ipc if cell.ipc is not None else 'all'} {_shown_label(cell)}{seed} → "
                      f"{record['eval_arch'] or 'no evaluation'} [{how}]: {summary}  ({path})")
     except KeyboardInterrupt:  # the records written so far stay; unfinished cells' say so, and --resume redoes them
         finished.close()  # the executor stops what still runs

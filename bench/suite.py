@@ -15,7 +15,9 @@ entry either ``name[.recipe]`` or a mapping with options and a row label::
           - {method: apm, label: apm-seg100, options: {segment: 100}}
           - mtt
 
-A grid (or the defaults) may also set ``batch_seeds: auto | on | off`` — whether evaluations train their seeds
+A grid (or the defaults) may set ``distill_seed`` to a list (``[0, 1, 2, 3, 4]``): each cell is then distilled
+once per seed, as the papers' tables average over several distilled sets, and reports pool the sets' evaluations.
+It may also set ``batch_seeds: auto | on | off`` — whether evaluations train their seeds
 at once (``bench.evaluate.choose_eval_engine``); it changes no record's identity, and ``ddbench run
 --batch-seeds`` overrides it.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import product
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -53,7 +56,9 @@ _SETTING_KEYS = {
     "eval_archs": _LIST_OF_STR,
     "protocols": _LIST_OF_STR,
     "seeds": _LIST_OF_INT,
-    "distill_seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "distill_seed": (lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (
+        isinstance(v, list) and bool(v) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        and len(set(v)) == len(v)), "an integer or a list of distinct integers"),
     "evaluate": (lambda v: isinstance(v, bool), "true or false"),
     # YAML reads a bare on / off as true / false: both spellings are accepted
     "batch_seeds": (lambda v: v in ("auto", "on", "off") or isinstance(v, bool), "auto, on or off"),
@@ -82,7 +87,7 @@ class Grid:
     eval_archs: list[str]
     protocols: list[str]
     seeds: list[int]
-    distill_seed: int
+    distill_seed: int | list[int]  # one distilled set per cell, or one per seed of the list (reports pool them)
     evaluate: bool
     batch_seeds: str = "auto"  # how evaluations train their seeds: auto / on / off (bench.evaluate)
 
@@ -263,7 +268,8 @@ def reject_unknown_only_values(only: dict[str, set[str]], present: dict[str, set
 
 def suite_requests(suite: Suite, results_dir: Path, quick: bool = False, only: dict[str, set[str]] | None = None,
                    **run_options: object) -> list:
-    """One ``RunRequest`` per grid × dataset × protocol × (plain methods | each method with options).
+    """One ``RunRequest`` per grid × dataset × protocol × distillation seed × (plain methods | each method with
+    options).
 
     ``run_options`` go to every request; a ``batch_seeds`` among them overrides the grids' own."""
     from bench.registry import split_method_spec
@@ -281,21 +287,20 @@ def suite_requests(suite: Suite, results_dir: Path, quick: bool = False, only: d
         if not (entries and ipcs and protocols and datasets and (seeds or not grid.evaluate)):
             continue
         batches = [[m for m in entries if not m.options]] + [[m] for m in entries if m.options]
-        for dataset in datasets:
-            for protocol in protocols:
-                for batch in batches:
-                    if not batch:
-                        continue
-                    requests.append(RunRequest(
-                        dataset=dataset, methods=[m.spec for m in batch], ipcs=ipcs,
-                        eval_archs=list(grid.eval_archs) if grid.evaluate else [],
-                        seeds=seeds,
-                        results_dir=results_dir, protocol=protocol, distill_arch=grid.distill_arch,
-                        quick=quick or suite.quick, distill_seed=grid.distill_seed, suite=suite.name,
-                        method_options={m.spec: m.options for m in batch if m.options},
-                        method_labels={m.spec: m.label for m in batch},
-                        **{"batch_seeds": grid.batch_seeds, **run_options},
-                    ))
+        distill_seeds = grid.distill_seed if isinstance(grid.distill_seed, list) else [grid.distill_seed]
+        for dataset, protocol, distill_seed, batch in product(datasets, protocols, distill_seeds, batches):
+            if not batch:
+                continue
+            requests.append(RunRequest(
+                dataset=dataset, methods=[m.spec for m in batch], ipcs=ipcs,
+                eval_archs=list(grid.eval_archs) if grid.evaluate else [],
+                seeds=seeds,
+                results_dir=results_dir, protocol=protocol, distill_arch=grid.distill_arch,
+                quick=quick or suite.quick, distill_seed=distill_seed, suite=suite.name,
+                method_options={m.spec: m.options for m in batch if m.options},
+                method_labels={m.spec: m.label for m in batch},
+                **{"batch_seeds": grid.batch_seeds, **run_options},
+            ))
     if not requests:
         shown = " ".join(f"--only {k}={','.join(sorted(v))}" for k, v in only.items())
         raise UserError(f"no cell of suite '{suite.name}' matches {shown}")
@@ -344,7 +349,8 @@ def describe_cells(requests: list) -> list[str]:
                           if request.eval_archs else "not evaluated (costs only)")
             lines.append(f"{request.dataset} ipc {cell.ipc if cell.ipc is not None else 'all'} {cell.label}"
                          f"{f' ({cell.method_spec})' if cell.method_spec != cell.label else ''} [{request.protocol}"
-                         f"{', quick' if request.quick else ''}] distil {request.distill_arch}; {evaluation}")
+                         f"{', quick' if request.quick else ''}] distil {request.distill_arch}"
+                         f"{f' (distill seed {request.distill_seed})' if request.distill_seed else ''}; {evaluation}")
         described.append((request, cells))
     reject_repeated_cells(described)
     return lines

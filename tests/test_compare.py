@@ -507,3 +507,27 @@ def test_cells_made_from_other_data_files_are_noted(tmp_path, capsys):
     other = write_folder(tmp_path / "other", [dict(r, data_fingerprint="bbbb") for r in baseline_records()])
     notes = [n for n in compare_results(base, other).notes if "data_fingerprint" in n]
     assert len(notes) == 1 and notes[0].startswith(f"{len(baseline_records())} matched cells (")
+
+
+def test_each_distilled_set_is_compared_with_the_same_seeds(tmp_path):
+    """A cell distilled with several seeds has one record per seed on each side: set k pairs with set k."""
+    records = []
+    for seed in (0, 1):
+        for record in baseline_records():
+            record.update(distill_seed=seed, record_id=f"{record['record_id']}-{seed}")
+            records.append(record)
+    baseline = write_folder(tmp_path / "baseline", records)
+
+    def lower_seed_1_of_dm(record):
+        if record["method"] == "dm" and record["ipc"] == 1 and record["distill_seed"] == 1:
+            record["acc"] = [a - 5 for a in record["acc"]]
+            record["acc_mean"] -= 5
+
+    current = copy.deepcopy(records)
+    for record in current:
+        lower_seed_1_of_dm(record)
+    comparison = compare_results(baseline, write_folder(tmp_path / "current", current))
+    assert len(comparison.regressions) == 1
+    (change,) = comparison.regressions
+    assert change.cell.distill_seed == 1 and "distill seed 1" in str(change.cell)
+    assert "12 cells compared" in format_comparison(comparison)

@@ -290,6 +290,32 @@ def test_a_long_path_in_the_latex_report_breaks_at_its_slashes(tmp_path):
     assert not re.findall(r"Overfull \\hbox \(.*\) in paragraph", log), "text runs off the page"
 
 
+def test_a_cell_distilled_with_several_seeds_pools_the_sets_networks(tmp_path):
+    """Papers average over several distilled sets (DC: 5 sets × 20 networks); a cell with records of several
+    distillation seeds (a suite's distill_seed list) shows the mean and std over all their networks — the newest
+    record of each seed, of the newest record's config only."""
+    def record(seed, acc, config_hash="same", label="dm", stamp=0):
+        made = make_record("dm", 1, acc, label=label)
+        made.update(distill_seed=seed, config_hash=config_hash, record_id=f"dm-{seed}-{config_hash}-{stamp}",
+                    written_at=f"2026-12-01T10:00:0{stamp}+00:00")
+        return made
+
+    paths = [write_record(tmp_path / "res", made) for made in (
+        record(0, [10.0, 10.0, 10.0], stamp=0),  # superseded by the next record of seed 0
+        record(0, [60.0, 62.0, 64.0], stamp=1), record(1, [70.0, 72.0, 74.0], stamp=2),
+        record(2, [80.0, 82.0, 84.0], stamp=3), record(3, [0.0, 0.0, 0.0], config_hash="other", stamp=4))]
+    # the newest record (seed 3) is of another config: it is shown alone, never pooled with the others
+    write_reports(tmp_path / "res", tmp_path / "out", name="alone")
+    assert accuracy_rows((tmp_path / "out" / "alone.md").read_text())[1]["dm"] == ["**0.0 ± 0.0**"]
+    paths[-1].unlink()
+    write_reports(tmp_path / "res", tmp_path / "out", name="pooled")
+    text = (tmp_path / "out" / "pooled.md").read_text()
+    pooled = [60.0, 62.0, 64.0, 70.0, 72.0, 74.0, 80.0, 82.0, 84.0]
+    assert accuracy_rows(text)[1]["dm"] == [f"**{np.mean(pooled):.1f} ± {np.std(pooled):.1f}**"]
+    assert "1 cell here pools the evaluations of 3 distilled sets (one per distillation seed" in text
+    assert "(1 more)" in text  # seed 0's older record
+
+
 def test_rows_without_a_label_are_told_apart_by_their_config(tmp_path):
     for ipc, segment, acc in ((10, 100, 90.0), (10, 500, 92.0), (1, 100, 70.0)):
         record = make_record("apm", ipc, [acc] * 3, config={"segment": segment, "checkpoints": 5})
@@ -734,3 +760,21 @@ def test_rows_trained_with_another_lr_epochs_or_loss_are_named_and_missing_sets_
             "carried by its sets); tesla: loss kl (asked for by its sets).") in text
     assert "dc:" not in text.split("Trained otherwise")[1].splitlines()[0]
     assert "The images of 1 distilled set are not drawn: its file was not found (e.g. gone/mnist_ipc1_mtt.json)" in text
+
+
+def test_a_suite_with_several_distillation_seeds_reports_each_seeds_missing_set(tmp_path):
+    from bench.suite import load_suite
+
+    suite_file = tmp_path / "seeds.yaml"
+    suite_file.write_text("name: seeds\nversion: 1\nquick: true\ndefaults: {seeds: [0, 1, 2], distill_seed: [0, 1]}\n"
+                          "grids:\n  - {datasets: [digits], ipc: [1], methods: [random]}\n")
+    results = tmp_path / "res"
+    write_record(results, dict(suite_record("seeds", "random", 1, [70.0, 71.0, 72.0], dataset="digits", quick=True),
+                               distill_seed=0))
+    write_reports(results, tmp_path / "out", suite=load_suite(str(suite_file)))
+    text = (tmp_path / "out" / "seeds.md").read_text()
+    assert "1 of the suite's 2 cells have no record yet" in text
+    assert accuracy_rows(text, "convnet")[1]["random"] == ["**71.0 ± 0.8**"]  # seed 0's set alone, no placeholder
+    assert "more than one record" not in text and "pool" not in text
+    header, *rows = find_table(text, "planned cell(s) with no record")
+    assert rows == [["random (distill seed 1)", "digits", "1", "convnet", "standard"]]

@@ -95,6 +95,9 @@ grids:
     (GOOD.replace("ipc: [1]", "ipc: 1"), r"grids\[0\].ipc: must be a list of integers"),
     (GOOD.replace("ipc: [1]", "ipc: [0]"), "ipc must be at least 1"),
     (GOOD.replace("seeds: [0]", "seeds: zero"), "defaults.seeds: must be a list of integers"),
+    (GOOD.replace("seeds: [0]", "seeds: [0], distill_seed: [0, 0]"),
+     "defaults.distill_seed: must be an integer or a list of distinct integers"),
+    (GOOD.replace("seeds: [0]", "seeds: [0], distill_seed: []"), "distill_seed: must be an integer or a list"),
     (GOOD.replace("methods: [random]", "methods: []"), "methods: must be a non-empty list"),
     (GOOD.replace("methods: [random]", "methods: [{method: apm, colour: 1}]"), "unknown key 'colour'"),
     (GOOD.replace("methods: [random]", "methods: [{method: apm, label: ../../etc}]"), "must be a plain name"),
@@ -138,6 +141,15 @@ def test_validate_refuses_two_grids_that_share_a_cell_as_run_does(tmp_path, caps
         in err and len(err.strip().splitlines()) == 1
     assert main(["validate", "--suite", str(_write(tmp_path, shared.replace("ipc: [1, 10]", "ipc: [10]")))]) == 0
     assert "3 cells, every name resolves" in capsys.readouterr().out
+
+
+def test_a_list_of_distillation_seeds_distils_each_cell_once_per_seed(tmp_path):
+    path = _write(tmp_path, GOOD.replace("seeds: [0]", "seeds: [0], distill_seed: [0, 3]"))
+    requests = suite_requests(load_suite(str(path)), tmp_path)
+    assert [r.distill_seed for r in requests] == [0, 3]
+    assert describe_cells(requests) == [
+        "digits ipc 1 random [standard, quick] distil convnet; evaluate convnet × seeds 0",
+        "digits ipc 1 random [standard, quick] distil convnet (distill seed 3); evaluate convnet × seeds 0"]
 
 
 def test_suite_runs_with_labels_and_cost_only_cells(tmp_path):
