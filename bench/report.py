@@ -528,8 +528,9 @@ def _accuracy_title(arch: str, protocol: str, quick: bool, seeds: set[int | None
 
 STD_NOTE = ("± is the standard deviation over seeds with ddof 0 (the population std, numpy's np.std, as the "
             "papers' code computes it): over the evaluation networks trained on one distilled set (the cell's "
-            "distillation seed). Papers' std often spans several distilled sets as well (DC and DSA: 5 sets × 20 "
-            "networks), so it may be larger than ours for the same spread of networks.")
+            "distillation seed), unless a note says a cell pools several. Papers' std often spans several distilled "
+            "sets (DC and DSA: 5 sets × 20 networks; a suite's distill_seed list does the same), so it may be larger "
+            "than a single set's.")
 NOT_RUN_NOTE = (f"{NOT_RUN}: a cell the suite plans that has no record yet (listed under “Cells of the suite "
                 "without a record”); never bold, not ranked.")
 

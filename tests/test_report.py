@@ -775,6 +775,6 @@ def test_a_suite_with_several_distillation_seeds_reports_each_seeds_missing_set(
     text = (tmp_path / "out" / "seeds.md").read_text()
     assert "1 of the suite's 2 cells have no record yet" in text
     assert accuracy_rows(text, "convnet")[1]["random"] == ["**71.0 ± 0.8**"]  # seed 0's set alone, no placeholder
-    assert "more than one record" not in text and "pool" not in text
+    assert "more than one record" not in text and "here pool" not in text
     header, *rows = find_table(text, "planned cell(s) with no record")
     assert rows == [["random (distill seed 1)", "digits", "1", "convnet", "standard"]]
