@@ -174,9 +174,14 @@ class LocalExecutor:
         """``run_one(job)`` for every job on ``workers`` threads, each waiting on a cell's child process; (job,
         records) as each finishes."""
         runner._child_context()  # the forkserver, set up once before the threads start children from it
+
+        def started(job: CellJob) -> list[dict]:
+            self.in_flight.append(job)  # only cells that started: a queued one was never run, and gets no record
+            return run_one(job)
+
+        self.in_flight = []  # before any thread starts appending to it
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
-        futures = {pool.submit(run_one, job): job for job in jobs}
-        self.in_flight = list(jobs)
+        futures = {pool.submit(started, job): job for job in jobs}
         try:
             for future in as_completed(futures):
                 job = futures[future]

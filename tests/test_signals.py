@@ -64,6 +64,29 @@ def test_sigterm_stops_the_running_cell_and_records_it_as_interrupted(tmp_path, 
     assert record["status"] == "interrupted"
 
 
+def test_cells_still_queued_when_stopped_get_no_record(tmp_path, sleeper, capsys):
+    """--jobs 2 and three cells: the two running are recorded as interrupted; the third never started, so it has
+    no record (a report shows it as not run, and --resume runs it), not an 'interrupted' one."""
+    import bench.runner
+
+    def terminate_once_two_cells_run() -> None:
+        deadline = time.monotonic() + 60
+        while len(bench.runner.RUNNING_CHILDREN) < 2:
+            if time.monotonic() > deadline:
+                return  # never signal later, into another test
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_two_cells_run, daemon=True).start()
+    results = tmp_path / "results"
+    code = main(["run", "--dataset", "digits", "--methods", sleeper, "--ipc", "1,2,3", "--seeds", "0", "--quick",
+                 "--jobs", "2", "--results", str(results)])
+    assert code == EXIT_TERMINATED
+    records = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
+    assert sorted(r["status"] for r in records) == ["interrupted", "interrupted"]
+    assert sorted(r["ipc"] for r in records) == [1, 2]
+
+
 def test_a_cell_ends_itself_when_its_ddbench_process_is_killed_outright(tmp_path):
     """SIGKILL leaves ddbench no chance to stop its cells; the cell watches for its parent and ends."""
     parent_code = (
