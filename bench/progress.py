@@ -5,8 +5,14 @@ of cells run in child processes hold the log lines alone."""
 from __future__ import annotations
 
 import sys
+import threading
 
 from tqdm.auto import tqdm
+
+# tqdm's default lock holds a multiprocessing semaphore; a cell's process that is stopped (Ctrl-C, SIGTERM) cannot
+# release it, and Python's resource tracker then warns of "leaked semaphore objects" at exit. Bars are written by
+# one process each (cells report through their parent), so a thread lock is all they need.
+tqdm.set_lock(threading.RLock())
 
 
 def progress_bar(desc: str, total: int | None = None) -> tqdm:

@@ -102,3 +102,40 @@ def test_a_cell_ends_itself_when_its_ddbench_process_is_killed_outright(tmp_path
     parent.kill()
     parent.wait()  # reaped: its number is free, as a dead ddbench's is
     assert _gone(cell_pid, within_s=10), "the orphaned cell went on running"
+
+
+def _descendants(pid: int) -> int:
+    """How many processes descend from ``pid`` (read from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    count, frontier = 0, {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        count += len(frontier)
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_ctrl_c_on_cells_side_by_side_prints_its_one_line_and_no_resource_warning(tmp_path):
+    """Stopped cells cannot release a multiprocessing semaphore; tqdm's default lock held one in each, and Python's
+    resource tracker then warned of 'leaked semaphore objects' after ddbench's own line."""
+    suite = tmp_path / "long.yaml"
+    suite.write_text("name: long\nversion: 1\nquick: true\ndefaults: {seeds: [0]}\ngrids:\n  - datasets: [digits]\n"
+                     "    ipc: [1, 2]\n    methods: [{method: dm, label: dm-long, options: {iterations: 1000000}}]\n")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite), "--jobs", "2", "--results", str(tmp_path / "res")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 90
+    while _descendants(run.pid) < 3 and time.monotonic() < deadline:  # the forkserver and two cells
+        time.sleep(0.2)
+    assert _descendants(run.pid) >= 3, "the two cells never started"
+    time.sleep(2)  # into their distillations, past the imports
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert "interrupted (Ctrl-C)" in err and "leaked semaphore" not in err and "Traceback" not in err, err
