@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,12 +58,20 @@ def records(results: Path) -> dict[str, dict]:
     return found
 
 
+@pytest.fixture
+def scratch():
+    """A killed forkserver leaves its pymp-* folder behind: the runs' TMPDIR, removed after the test. A short path
+    of its own, not under tmp_path: the forkserver's socket lives there, and a Unix socket's path may not exceed
+    107 bytes (under pytest's numbered, per-worker folders it did, once the counter reached three digits)."""
+    folder = tempfile.mkdtemp(prefix="ddb-", dir="/tmp")
+    yield Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_gives_one_complete_record_per_cell(tmp_path):
+def test_sigkill_at_random_moments_then_resume_gives_one_complete_record_per_cell(tmp_path, scratch):
     suite = tmp_path / "faults.yaml"
     suite.write_text(SUITE)
-    scratch = tmp_path / "tmp"  # a killed forkserver leaves its pymp-* folder behind: here, not in the machine's /tmp
-    scratch.mkdir()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(scratch))
 
     started = time.monotonic()
