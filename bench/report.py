@@ -415,11 +415,10 @@ def _measured(records: pd.DataFrame) -> Measured:
 def _one_per_distilled_set(ok: pd.DataFrame, newest: pd.Series) -> pd.DataFrame:
     """The newest successful record of each distillation seed among those of ``newest``'s config (its
     ``config_hash``; records without one stand alone): the distilled sets a cell's figure pools."""
-    if "distill_seed" not in ok or "config_hash" not in ok or not isinstance(newest.get("acc"), list) or \
-            pd.isna(newest.get("config_hash")):
+    if pd.isna(newest["config_hash"]):
         return ok.iloc[[-1]]
-    same = ok[(ok["config_hash"] == newest["config_hash"]) & ok["acc"].map(lambda acc: isinstance(acc, list) and bool(acc))]
-    return same.groupby(same["distill_seed"].fillna(-1), sort=True).tail(1)
+    same = ok[ok["config_hash"] == newest["config_hash"]]
+    return same.groupby(same["distill_seed"].map(_distill_seed), sort=True).tail(1)
 
 
 def _record_notes(cells: list[Measured]) -> list[str]:

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from itertools import product
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -87,7 +87,7 @@ class Grid:
     eval_archs: list[str]
     protocols: list[str]
     seeds: list[int]
-    distill_seed: int | list[int]  # one distilled set per cell, or one per seed of the list (reports pool them)
+    distill_seeds: list[int]  # the YAML's distill_seed as a list: one distilled set per cell and seed (reports pool them)
     evaluate: bool
     batch_seeds: str = "auto"  # how evaluations train their seeds: auto / on / off (bench.evaluate)
 
@@ -214,6 +214,8 @@ def load_suite(name_or_file: str) -> Suite:
         settings = {**DEFAULT_SETTINGS, **defaults, **{k: v for k, v in grid.items() if k in _SETTING_KEYS}}
         if isinstance(settings["batch_seeds"], bool):
             settings["batch_seeds"] = "on" if settings["batch_seeds"] else "off"
+        seed = settings.pop("distill_seed")
+        settings["distill_seeds"] = list(seed) if isinstance(seed, list) else [seed]
         for key in ("datasets", "ipc"):
             if not grid[key]:
                 raise _fail(path, f"{where}.{key}", "must not be empty")
@@ -287,8 +289,7 @@ def suite_requests(suite: Suite, results_dir: Path, quick: bool = False, only: d
         if not (entries and ipcs and protocols and datasets and (seeds or not grid.evaluate)):
             continue
         batches = [[m for m in entries if not m.options]] + [[m] for m in entries if m.options]
-        distill_seeds = grid.distill_seed if isinstance(grid.distill_seed, list) else [grid.distill_seed]
-        for dataset, protocol, distill_seed, batch in product(datasets, protocols, distill_seeds, batches):
+        for dataset, protocol, distill_seed, batch in product(datasets, protocols, grid.distill_seeds, batches):
             if not batch:
                 continue
             requests.append(RunRequest(
