@@ -35,6 +35,9 @@ from bench.registry import Registry
 
 DATA_ROOT_ENV = "DDBENCH_DATA"
 MEMORY_CHECK_ENV = "DDBENCH_SKIP_MEMORY_CHECK"  # set (to anything) to load a dataset the check says will not fit
+DATASET_ON_ENV = "DDBENCH_DATASET_ON"  # where a GPU cell keeps its dataset: auto (default), host or device
+DATASET_ON_CHOICES = ("auto", "host", "device")
+DEVICE_SHARE = 0.25  # auto: a dataset larger than this share of the GPU's memory stays in host memory
 ZCA_EPS = 0.1
 
 
@@ -163,6 +166,7 @@ class Dataset:
     transform: dict
     zca: ZCA | None = None
     fingerprint: str | None = None  # ``RawSplits.fingerprint`` of the files it was loaded from; None if built by hand
+    compute_device: torch.device | None = None  # where its users compute, when the tensors live elsewhere (host)
     _class_indices: list[Tensor] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -192,6 +196,13 @@ class Dataset:
 
     @property
     def device(self) -> torch.device:
+        """Where the dataset's users compute: the images ``sample_class`` and ``images_of_class`` hand out are here."""
+        return self.compute_device if self.compute_device is not None else self.train_images.device
+
+    @property
+    def storage_device(self) -> torch.device:
+        """Where the splits live: ``device``, or the host for a dataset too large to keep on the GPU
+        (``dataset_storage``); whoever reads whole splits moves what it needs, batch by batch."""
         return self.train_images.device
 
     def class_indices(self, c: int) -> Tensor:
@@ -201,13 +212,14 @@ class Dataset:
         return [len(ix) for ix in self._class_indices]
 
     def images_of_class(self, c: int) -> Tensor:
-        return self.train_images[self._class_indices[c].to(self.device)]
+        """Every training image of class ``c``, on ``device``."""
+        return self.train_images[self._class_indices[c]].to(self.device)
 
     def sample_class(self, c: int, n: int, generator: torch.Generator) -> Tensor:
-        """``n`` distinct training images of class ``c``, drawn with ``generator`` (on the CPU)."""
+        """``n`` distinct training images of class ``c``, drawn with ``generator`` (on the CPU), on ``device``."""
         ix = self._class_indices[c]
         pick = torch.randperm(len(ix), generator=generator)[:n]
-        return self.train_images[ix[pick].to(self.device)]
+        return self.train_images[ix[pick.to(ix.device)]].to(self.device)
 
     def to(self, device: torch.device | str) -> "Dataset":
         moved = Dataset(
@@ -288,6 +300,28 @@ def check_fits_in_memory(name: str, raw: RawSplits, zca: bool, device: torch.dev
                             f"{_gib(free)} free: {advice}")
 
 
+def dataset_on() -> str:
+    """``DDBENCH_DATASET_ON`` (``auto`` when unset), checked."""
+    choice = os.environ.get(DATASET_ON_ENV, "auto") or "auto"
+    if choice not in DATASET_ON_CHOICES:
+        raise UserError(f"{DATASET_ON_ENV}={choice!r}: use one of {', '.join(DATASET_ON_CHOICES)}")
+    return choice
+
+
+def dataset_storage(nbytes: int, device: torch.device) -> torch.device:
+    """Where a dataset of ``nbytes`` (both splits, float32) lives for a cell computing on ``device``: on the device,
+    except on a GPU where ``DDBENCH_DATASET_ON`` says ``host``, or says ``auto`` (the default) and the dataset
+    would take more than ``DEVICE_SHARE`` of the GPU's memory (ImageNet-1K 64×64, ~63 GB; TESLA's official code,
+    too, reads ImageNet through a host-side ``Dataset``). A GPU-held dataset sits inside every GPU peak a cell
+    records; one held on the host is read batch by batch."""
+    choice = dataset_on()
+    if device.type != "cuda" or choice == "device":
+        return device
+    if choice == "host" or nbytes > DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory:
+        return torch.device("cpu")
+    return device
+
+
 def transform_kind(zca: bool) -> str:
     """The name a dataset's transform goes by in metadata and records: ``zca`` or ``mean_std``."""
     return "zca" if zca else "mean_std"
@@ -301,14 +335,18 @@ def load_dataset(
     resolution: int | None = None,
     device: torch.device | str = "cpu",
 ) -> Dataset:
-    """Load dataset ``name`` and apply its transform (mean/std, or ZCA fitted on the training split)."""
+    """Load dataset ``name`` and apply its transform (mean/std, or ZCA fitted on the training split), for users
+    computing on ``device`` (its splits there, or on the host: ``dataset_storage``)."""
     info = get_dataset_info(name)
+    dataset_on()  # a mistyped choice fails before minutes of reading
     root = resolve_data_root(data_root)
     if info.needs_root and not root.is_dir():
         detail = "data root is a file, not a folder" if root.exists() else "data root does not exist"
         raise DataFilesMissing(name, root, list(info.expected_files), detail=detail)
     raw = info.loader(root, resolution)
-    check_fits_in_memory(name, raw, zca, torch.device(device))
+    device = torch.device(device)
+    storage = dataset_storage(sum(split.numel() * 4 for split in (raw.train_images, raw.test_images)), device)
+    check_fits_in_memory(name, raw, zca, storage)
     fingerprint = raw.fingerprint()
     train = _to_unit_float(raw.train_images)
     test = _to_unit_float(raw.test_images)
@@ -336,14 +374,15 @@ def load_dataset(
 
     return Dataset(
         info=info,
-        train_images=train.contiguous().to(device),
-        train_labels=raw.train_labels.long().to(device),
-        test_images=test.contiguous().to(device),
-        test_labels=raw.test_labels.long().to(device),
+        train_images=train.contiguous().to(storage),
+        train_labels=raw.train_labels.long().to(storage),
+        test_images=test.contiguous().to(storage),
+        test_labels=raw.test_labels.long().to(storage),
         class_names=list(raw.class_names),
         transform=transform,
         zca=zca_transform,
         fingerprint=fingerprint,
+        compute_device=None if storage == device else device,
     )
 
 

@@ -154,6 +154,7 @@ class _Steps:
     gradient)."""
 
     optimizer: torch.optim.SGD
+    device: torch.device  # where the networks compute
 
     def tensors(self, inputs: list[Tensor], targets: list[Tensor]) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -179,6 +180,7 @@ class _OneNetworkSteps(_Steps):
     def __init__(self, model: nn.Module, protocol: Protocol):
         self.model, self.protocol = model, protocol
         self.optimizer = _optimizer(model.parameters(), protocol)
+        self.device = _device_of(model, torch.device("cpu"))
 
     def tensors(self, inputs: list[Tensor], targets: list[Tensor]) -> tuple[Tensor, Tensor]:
         return inputs[0], targets[0]
@@ -195,6 +197,7 @@ class _StackedSteps(_Steps):
     def __init__(self, stack: SeedStack, protocol: Protocol):
         self.stack, self.protocol = stack, protocol
         self.optimizer = _optimizer(stack.parameters, protocol)
+        self.device = stack.parameters[0].device
 
     def tensors(self, inputs: list[Tensor], targets: list[Tensor]) -> tuple[Tensor, Tensor]:
         return torch.stack(inputs), torch.stack(targets)
@@ -232,7 +235,7 @@ class _CudaGraphSteps:
     WARMUP_STEPS = 3
 
     def __init__(self, steps: _Steps):
-        self.steps, self.optimizer = steps, steps.optimizer
+        self.steps, self.optimizer, self.device = steps, steps.optimizer, steps.device
         self.captured: dict[tuple, _CapturedStep] = {}
         self.eager_steps: dict[tuple, int] = {}
         self.side_stream = torch.cuda.Stream()
@@ -300,6 +303,21 @@ def _draw_inputs(images: Tensor, batches: list[Tensor], generators: list[torch.G
     return augment.augment_each(inputs, generators)
 
 
+def held_elsewhere(images: Tensor, device: torch.device) -> bool:
+    """Whether a training set lives on another device than the networks that train on it (a dataset too large for
+    the GPU, held in host memory): the loop then moves each step's batches to the networks (``_staged_step``)."""
+    return images.device != device
+
+
+def _staged_step(images: Tensor, targets: Tensor, batches: list[Tensor],
+                 device: torch.device) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """One step's images and targets gathered where they live and moved to ``device``, with the batches re-indexed
+    into them: the step then sees exactly the inputs it would see were the whole set on the device."""
+    joined = torch.cat(batches)
+    local = torch.arange(len(joined), device=device).split([len(batch) for batch in batches])
+    return images[joined].to(device), targets[joined.to(targets.device)].to(device), list(local)
+
+
 def _train(
     steps: _Steps | _CudaGraphSteps,
     images: Tensor,
@@ -316,14 +334,20 @@ def _train(
     each network, in order.
     """
     decay_epoch = protocol.epochs // 2 + 1 if protocol.decay_epoch is None else protocol.decay_epoch
-    n, count = images.shape[0], len(generators)
+    n, count, device = images.shape[0], len(generators), steps.device
+    staged = held_elsewhere(images, device)
+    if staged and isinstance(steps, _CudaGraphSteps):
+        raise ValueError("CUDA graphs read the training set where it lives: it must be on the networks' device")
 
     def one_epoch() -> Tensor:
         orders = [torch.randperm(n, generator=generator).to(images.device, non_blocking=True) for generator in generators]
-        totals, seen = torch.zeros(count, dtype=torch.float64, device=images.device), 0
+        totals, seen = torch.zeros(count, dtype=torch.float64, device=device), 0
         for start in range(0, n, protocol.batch_size):
             batches = [order[start : start + protocol.batch_size] for order in orders]
-            step_losses = steps.train_step(images, targets, batches, generators, augment)
+            if staged:
+                step_losses = steps.train_step(*_staged_step(images, targets, batches, device), generators, augment)
+            else:
+                step_losses = steps.train_step(images, targets, batches, generators, augment)
             totals += step_losses.to(torch.float64) * len(batches[0])
             seen += len(batches[0])
         return totals / seen
@@ -336,7 +360,7 @@ def _train(
     counter = innermost_flop_counter()
     epoch_flops = 0
     epoch_losses = torch.full((count,), float("nan"), dtype=torch.float64)
-    with global_rng_seeded_from(generators[0], images.device):  # a stack draws nothing in its forward
+    with global_rng_seeded_from(generators[0], device):  # a stack draws nothing in its forward
         for epoch in range(protocol.epochs):
             if epoch == decay_epoch:
                 for group in steps.optimizer.param_groups:
@@ -398,34 +422,46 @@ def train_networks_batched(
     return losses
 
 
+def _device_of(model: nn.Module, default: torch.device) -> torch.device:
+    """Where ``model`` computes: its first parameter's (or buffer's) device; ``default`` for a model without either."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return default
+
+
 @torch.no_grad()
 def logits_of(model: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
-    """The model's logits on ``images`` in eval mode, batch by batch, without augmentation."""
+    """The model's logits on ``images`` in eval mode, batch by batch, without augmentation, on the model's device
+    (``images`` may be held elsewhere: each batch is moved there)."""
     model.eval()
-    return torch.cat([model(chunk) for chunk in images.split(batch_size)])
+    device = _device_of(model, images.device)
+    return torch.cat([model(chunk.to(device)) for chunk in images.split(batch_size)])
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy in percent on (images, labels), in eval mode."""
+    """Top-1 accuracy in percent on (images, labels), in eval mode; batches move to the model's device."""
     model.eval()
+    device = _device_of(model, images.device)
     correct = 0
     for start in range(0, images.shape[0], batch_size):
-        logits = model(images[start : start + batch_size])
-        correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
+        logits = model(images[start : start + batch_size].to(device))
+        correct += int((logits.argmax(1) == labels[start : start + batch_size].to(device)).sum())
     return 100.0 * correct / images.shape[0]
 
 
 @torch.no_grad()
 def stacked_accuracies(stack: SeedStack, images: Tensor, labels: Tensor, batch_size: int = 512) -> list[float]:
     """Top-1 accuracy in percent of every network of ``stack`` on (images, labels), in eval mode. Chunks hold
-    ``batch_size // S`` images, so the stacked activations take about as much memory as ``accuracy``'s."""
+    ``batch_size // S`` images, so the stacked activations take about as much memory as ``accuracy``'s; they move
+    to the stack's device."""
     stack.eval()
+    device = stack.parameters[0].device
     chunk = max(1, batch_size // stack.size)
-    correct = torch.zeros(stack.size, dtype=torch.long, device=images.device)
+    correct = torch.zeros(stack.size, dtype=torch.long, device=device)
     for start in range(0, images.shape[0], chunk):
-        logits = stack.logits(images[start : start + chunk], shared=True)
-        correct += (logits.argmax(2) == labels[start : start + chunk]).sum(1)
+        logits = stack.logits(images[start : start + chunk].to(device), shared=True)
+        correct += (logits.argmax(2) == labels[start : start + chunk].to(device)).sum(1)
     return [100.0 * hits / images.shape[0] for hits in correct.tolist()]
 
 
@@ -671,7 +707,7 @@ def choose_eval_engine(
     if batch_seeds not in BATCH_SEEDS_CHOICES:
         raise UserError(f"batch_seeds must be one of {', '.join(BATCH_SEEDS_CHOICES)}, got {batch_seeds!r}")
     log = log or _stderr
-    device = images.device
+    device = _device_of(models[0], images.device)
     engine = _choose_path(batch_seeds, eval_arch, models, images, targets, protocol, augment, cache_dir, log)
     if engine["path"] == "batched":
         engine["batched_forward"] = forward_kind(models[0])
@@ -692,6 +728,8 @@ def _choose_path(batch_seeds: str, eval_arch: str, models: list[nn.Module], imag
     if has_batchnorm_statistics(models[0]):
         _log_once(log, f"evaluation of {eval_arch}: seeds trained one at a time: {BATCHNORM_REASON}")
         return {"path": "sequential", "reason": BATCHNORM_REASON}
+    if held_elsewhere(images, _device_of(models[0], images.device)):
+        return {"path": "sequential", "reason": f"a set held on the {images.device.type}, read batch by batch"}
     n = images.shape[0]
     key = calibration_key(images.device, eval_arch, tuple(images.shape[1:]), n, len(models), protocol.batch_size)
     if batch_seeds == "auto":
@@ -757,7 +795,9 @@ def evaluate_distilled(
     """
     check_compatible(distilled, dataset)
     device = torch.device(device)
-    images = distilled.images.to(device)
+    # a set as large as a dataset held on the host (the `full` method's) is trained on from there, batch by batch
+    on_host = dataset.storage_device != device and distilled.images.numel() >= dataset.train_images.numel()
+    images = distilled.images.to("cpu" if on_host else device)
     if protocol.targets == "hard":
         targets = distilled.labels.to(device)
     elif teacher is not None:
@@ -771,7 +811,7 @@ def evaluate_distilled(
     models = [create_network(eval_arch, dataset.num_classes, dataset.channels, dataset.resolution, generator).to(device)
               for generator in generators]
     engine = choose_eval_engine(batch_seeds, eval_arch, models, images, targets, protocol, augment, cache_dir, log)
-    test_images, test_labels = dataset.test_images.to(device), dataset.test_labels.to(device)
+    test_images, test_labels = dataset.test_images, dataset.test_labels  # moved batch by batch if held elsewhere
     if engine["path"] == "batched":
         stack = SeedStack(models).train()
         steps: _Steps | _CudaGraphSteps = _StackedSteps(stack, protocol)

@@ -68,7 +68,7 @@ COLUMNS = ("suite", "label", "recipe", "ipc", "distill_arch", "eval_arch", "prot
            "acc_mean", "acc_std", "status", "error", "flops_per_iter", "distilled_path", "transform",
            "distill_wall_s", "distill_cpu_peak_rss_mb", "distill_gpu_nvml_peak_mb",
            "distill_gpu_torch_allocated_peak_mb", "distill_gpu_reason", "iter_time_s_median", "eval_epochs_override",
-           "distill_seed", "config_hash")
+           "distill_seed", "config_hash", "dataset_resident_mb", "dataset_device")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -769,6 +769,9 @@ def cost_section(frame: pd.DataFrame, published: Published) -> Section | None:
                    f"CPU peak RSS (MB) {d}", f"s/iteration {d}", f"distill time (s) {d}", f"FLOPs/iteration {d}"]
         columns = "llll" + "r" * 6
         notes = [f"[{n}] GPU figures not measured: {reason}." for reason, n in reasons.items()]
+        held = _datasets_held(group)
+        if held:
+            notes.append(f"The peaks include the dataset each cell held throughout, on the device named: {held}.")
         if any(pub_rows):
             headers += [f"published GPU peak (GB) {d}", f"published s/iteration {d}", "source"]
             columns += "rrl"
@@ -778,6 +781,16 @@ def cost_section(frame: pd.DataFrame, published: Published) -> Section | None:
         title = "Distillation costs" + (" — QUICK: reduced CPU recipes" if quick else "")
         section.tables.append(Table(title, headers, rows, notes, latex_columns=columns))
     return section
+
+
+def _datasets_held(group: pd.DataFrame) -> str:
+    """``cifar10 703.1 MB on the GPU; imagenet64 63,466.1 MB on the CPU`` — each dataset of the table as its records
+    say it was held (``dataset_resident_mb``, ``dataset_device``); records from before those fields name none."""
+    where = {"cuda": "the GPU", "cpu": "the CPU"}
+    held = {(r["dataset"], float(r["dataset_resident_mb"]), where.get(r["dataset_device"], r["dataset_device"]))
+            for _, r in group.iterrows()
+            if isinstance(r["dataset_device"], str) and pd.notna(r["dataset_resident_mb"])}
+    return "; ".join(f"{name} {mb:,.1f} MB on {device}" for name, mb, device in sorted(held))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -632,10 +632,12 @@ def _base_record(cell: Cell, request: RunRequest, arch: str, ids: dict[str, str]
 def dataset_resident(dataset: Dataset) -> dict:
     """``dataset_resident_mb``: the MB the cell's dataset (both splits as transformed) holds for the whole cell on
     ``dataset_device`` — inside every phase's memory peaks on that device, GPU or CPU: what to subtract from a peak
-    to compare a method's own memory with a paper's that kept its data elsewhere."""
+    to compare a method's own memory with a paper's that kept its data elsewhere. ``compute_device``: where the
+    cell computed; a GPU cell keeps a dataset too large for the GPU on the host (``bench.data.dataset_storage``)."""
     tensors = (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels)
     size = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-    return {"dataset_resident_mb": round(size / 2**20, 1), "dataset_device": dataset.device.type}
+    return {"dataset_resident_mb": round(size / 2**20, 1), "dataset_device": dataset.storage_device.type,
+            "compute_device": dataset.device.type}
 
 
 def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str],
@@ -896,7 +898,8 @@ def _threads_since(done: dict[str, dict], ids: Iterable[str], threads: int | Non
     for identity in ids:
         record = done.get(identity) or {}
         env = record.get("env") or {}
-        on_cpu = record.get("dataset_device") == "cpu" or (record.get("dataset_device") is None and not env.get("gpu_name"))
+        device = record.get("compute_device", record.get("dataset_device"))  # older records: the data's device
+        on_cpu = device == "cpu" or (device is None and not env.get("gpu_name"))
         if on_cpu and isinstance(env.get("cpu_threads"), int) and env["cpu_threads"] != threads:
             kept.add(env["cpu_threads"])
     if not kept:

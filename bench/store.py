@@ -22,6 +22,7 @@ which ``env``'s git stamp does not cover), and the costs:
   time of the FLOP-counting window, whose excess over ``per_period × median`` is what counting cost),
   ``flops_per_iter`` (or ``flops_reason``), ``flops_per_eval_epoch``;
 * ``dataset_resident_mb`` and ``dataset_device``: the dataset the cell held throughout (inside its peaks there);
+  ``compute_device``: where the cell computed (a GPU cell holds a dataset too large for the GPU on the host);
 * ``process_peak_rss_mb`` (``ru_maxrss`` of the cell's own process when ``isolated``), ``crash_peak_rss_mb``
   (the largest RSS the parent saw of a cell whose process died);
 * ``env``: the environment stamp (``bench.measure.environment_stamp``).

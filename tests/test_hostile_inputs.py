@@ -377,6 +377,12 @@ def test_a_dataset_that_will_not_fit_in_memory_is_refused_before_it_is_loaded(ca
         bench.data.check_fits_in_memory("mnist", raw, True, torch.device("cpu"))
 
 
+def test_a_mistyped_dataset_placement_is_refused(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("DDBENCH_DATASET_ON", "gpu")
+    _assert_rejected(capsys, tmp_path, RUN + ["--results", str(tmp_path / "res")],
+                     "DDBENCH_DATASET_ON='gpu': use one of auto, host, device")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
 def test_a_dataset_larger_than_the_gpus_free_memory_is_refused(monkeypatch):

@@ -54,7 +54,7 @@ def test_every_run_record_carries_phases_iterations_flops_and_env(tmp_path):
         assert record["flops_per_eval_epoch"] > 0
         # digits as float32: (1437 + 360) images of 8×8 and their int64 labels
         assert record["dataset_resident_mb"] == round((1797 * 64 * 4 + 1797 * 8) / 2**20, 1)
-        assert record["dataset_device"] == "cpu"
+        assert record["dataset_device"] == record["compute_device"] == "cpu"
     apm_record = next(r for r in load_records(tmp_path / "results") if r["method"] == "apm")
     assert apm_record["iterations"] == 12
     # 12 iterations = 4 periods of 3 (mid_gap + 1): warm-up, the FLOP window, then 2 whole periods timed

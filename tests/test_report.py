@@ -151,6 +151,20 @@ def test_cost_table_shows_dash_with_reason_for_missing_gpu_figures(report):
     dc = next(row for row in rows if row[0] == "dc" and row[2] == "1")
     assert dc[header.index("CPU peak RSS (MB) ↓")] == "500"
     assert dc[header.index("s/iteration ↓")] == "0.500" and dc[header.index("FLOPs/iteration ↓")] == "2.5 G"
+    assert "The peaks include the dataset" not in text  # these records do not say where their data was
+
+
+def test_cost_table_says_where_each_cells_dataset_was_held(tmp_path):
+    """A peak includes the dataset its cell held throughout; the table says how large it was and on which device."""
+    results = tmp_path / "results"
+    for method, mb, device in (("dc", 52.3, "cuda"), ("dm", 52.3, "cuda"), ("random", 63466.1, "cpu")):
+        record = make_record(method, 1, [90.0, 90.0, 90.0])
+        record |= {"dataset": "cifar10" if device == "cuda" else "imagenet64", "dataset_resident_mb": mb,
+                   "dataset_device": device}
+        write_record(results, record)
+    text = Path(write_reports(results, tmp_path / "out")[0]).read_text()
+    assert ("The peaks include the dataset each cell held throughout, on the device named: cifar10 52.3 MB on the "
+            "GPU; imagenet64 63,466.1 MB on the CPU.") in text
 
 
 def test_published_cost_figures_beside_matching_sets(tmp_path):
