@@ -744,6 +744,7 @@ def _end_with(parent_pid: int) -> None:
 
 def _cell_child(connection, request: RunRequest, task: CellTask, parent_pid: int | None = None) -> None:
     """Entry point of a cell's child process: run the cell and send its records (or the error) to the parent."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the forkserver's is bench.cell_server's
     if parent_pid is not None:
         _end_with(parent_pid)
     try:
@@ -780,10 +781,25 @@ def _child_context():
         methods_loaded = list(dict.fromkeys(type(m).__module__ for m in map(get_method_class, list_methods())))
         if "forkserver" in multiprocessing.get_all_start_methods():
             _CHILD_CONTEXT = multiprocessing.get_context("forkserver")
-            _CHILD_CONTEXT.set_forkserver_preload(["bench.runner", *methods_loaded])
+            _CHILD_CONTEXT.set_forkserver_preload(["bench.cell_server", "bench.runner", *methods_loaded])
+            _start_forkserver()
         else:
             _CHILD_CONTEXT = multiprocessing.get_context("spawn")
     return _CHILD_CONTEXT
+
+
+def _start_forkserver() -> None:
+    """Start the forkserver with SIGINT blocked, as it inherits, until ``bench.cell_server`` handles it there (as
+    CPython starts its resource tracker): a Ctrl-C in the server's start-up then ends it quietly. The resource
+    tracker is started first: starting it unblocks SIGINT (and ignores it itself)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str],

@@ -139,3 +139,43 @@ def test_ctrl_c_on_cells_side_by_side_prints_its_one_line_and_no_resource_warnin
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130, err
     assert "interrupted (Ctrl-C)" in err and "leaked semaphore" not in err and "Traceback" not in err, err
+
+
+def _forkserver_below(pid: int) -> int | None:
+    """The pid of a multiprocessing forkserver descending from ``pid``, if one runs (read from /proc)."""
+    parents, commands = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            commands[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        for child in frontier:
+            if b"forkserver" in commands.get(child, b""):
+                return child
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_ctrl_c_while_the_forkserver_starts_prints_only_ddbenchs_line(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group. The forkserver ignores it once it serves, but it used
+    to take it while importing torch (its first seconds) and print a KeyboardInterrupt traceback under ddbench's
+    line; it now starts with Ctrl-C ignored."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", "--dataset", "digits", "--methods", "random", "--ipc", "1",
+         "--seeds", "0", "--quick", "--results", str(tmp_path / "res")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    while _forkserver_below(run.pid) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server = _forkserver_below(run.pid)
+    assert server is not None, "no forkserver started"
+    os.killpg(run.pid, signal.SIGINT)  # at once: the server is still importing torch
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert "interrupted (Ctrl-C)" in err and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert _gone(server, within_s=10), "the forkserver outlived ddbench"
