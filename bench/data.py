@@ -200,6 +200,11 @@ class Dataset:
         return self.compute_device if self.compute_device is not None else self.train_images.device
 
     @property
+    def held_apart(self) -> bool:
+        """Whether the splits live apart from where their users compute (on the host, for a GPU cell)."""
+        return self.compute_device is not None
+
+    @property
     def storage_device(self) -> torch.device:
         """Where the splits live: ``device``, or the host for a dataset too large to keep on the GPU
         (``dataset_storage``); whoever reads whole splits moves what it needs, batch by batch."""

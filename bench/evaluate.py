@@ -796,7 +796,7 @@ def evaluate_distilled(
     check_compatible(distilled, dataset)
     device = torch.device(device)
     # a set as large as a dataset held on the host (the `full` method's) is trained on from there, batch by batch
-    on_host = dataset.storage_device != device and distilled.images.numel() >= dataset.train_images.numel()
+    on_host = dataset.held_apart and distilled.images.numel() >= dataset.train_images.numel()
     images = distilled.images.to("cpu" if on_host else device)
     if protocol.targets == "hard":
         targets = distilled.labels.to(device)

@@ -112,6 +112,7 @@ def test_a_dataset_held_apart_hands_its_users_images_on_their_device(monkeypatch
     held_apart = load_dataset("digits", device="meta")
     beside = load_dataset("digits")
     assert held_apart.storage_device.type == "cpu" and held_apart.device.type == "meta"
+    assert held_apart.held_apart and not beside.held_apart
     assert dataset_resident(held_apart) | {"dataset_resident_mb": 0} == {
         "dataset_resident_mb": 0, "dataset_device": "cpu", "compute_device": "meta"}
     assert dataset_resident(beside)["dataset_device"] == dataset_resident(beside)["compute_device"] == "cpu"
