@@ -73,7 +73,9 @@ def _options(pairs: list[str] | None) -> dict:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the reduced CPU recipes and the quick protocol (flagged in every record)")
     parser.add_argument("--data-root", default=None, help="folder holding the datasets (default: $DDBENCH_DATA or ./data)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:1 … (default: cuda if available); on a GPU, a dataset over a quarter of "
+                             "its memory stays in host memory ($DDBENCH_DATASET_ON: auto, host or device)")
     parser.add_argument("--cache-dir", default=None, help="expert cache (default: $DDBENCH_CACHE or ~/.cache/ddbench)")
 
 
