@@ -39,7 +39,7 @@ class MethodConfig:
 
 @dataclass
 class DistillContext:
-    dataset: Dataset  # real training data on `device`, indexed by class
+    dataset: Dataset  # real training data by class; samples come on `device` (the splits may be on the host)
     ipc: int
     arch: str  # the distillation architecture (a timm name or spec)
     generator: torch.Generator
