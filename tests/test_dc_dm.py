@@ -1,6 +1,7 @@
 """DC, DSA and DM: the layer-wise gradient distance by hand, gradients reaching the synthetic images, siamese
 augmentation (one parameter draw shared by the real and the synthetic batch of a class step), the loops."""
 
+import copy
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from bench.errors import UserError
 from bench.models import embed
 from bench.registry import create_method, get_method_class
 from methods.base import DistillContext
-from methods.dc import batchnorm_layers, freeze_batchnorm, gradient_distance, initial_images, layer_distance
+from methods.dc import BN_IMAGES_PER_CLASS, batchnorm_layers, freeze_batchnorm, gradient_distance, initial_images, layer_distance
 
 IPC = 2
 EPS = 1e-6
@@ -31,11 +32,6 @@ def smoke_method(name, **overrides):
     return create_method(name, quick=True, **{**get_method_class(name).smoke, **overrides})
 
 
-def cosine(u, v):
-    dot = sum(a * b for a, b in zip(u, v))
-    return dot / (math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(b * b for b in v)) + EPS)
-
-
 # -- the distance ------------------------------------------------------------------------------------------------
 
 
@@ -47,8 +43,10 @@ def test_layer_distance_linear_by_hand():
     expected = (1 - 0.0 / (1 * 1 + EPS)) + (1 - 2.0 / (math.sqrt(2) * math.sqrt(2) + EPS))
     assert float(layer_distance(real, syn)) == pytest.approx(expected, abs=1e-7)
     assert expected == pytest.approx(1.0, abs=1e-5)
-    # Per output channel, not per input column (the transposed reading gives another number).
-    columns = sum(1 - cosine(real[:, j].tolist(), syn[:, j].tolist()) for j in range(2))
+    # Per output channel, not per input column: the transposed reading (three rows, the last zero in both) gives
+    # another number.
+    columns = float(layer_distance(real.T.contiguous(), syn.T.contiguous()))
+    assert columns == pytest.approx(1.586, abs=1e-3)
     assert float(layer_distance(real, syn)) != pytest.approx(columns, abs=1e-3)
 
 
@@ -210,12 +208,22 @@ def test_dsa_inner_training_augments_and_dc_does_not(digits, monkeypatch):
 
 
 def test_dc_freezes_batchnorm_statistics_on_real_data(digits):
+    """The running statistics are those of one forward pass, in training mode, of BN_IMAGES_PER_CLASS real images
+    of every class drawn with the context's generator (replayed here on a twin network); then they are frozen."""
     ctx = context(digits, arch="convnet_bn")
     net = ctx.make_network()
+    twin = copy.deepcopy(net)
+    replay = torch.Generator().set_state(ctx.generator.get_state())
     layers = batchnorm_layers(net)
     assert layers and all(layer.training for layer in layers)
     freeze_batchnorm(net, ctx)
     assert not any(layer.training for layer in layers)
     assert any(float(layer.running_mean.abs().sum()) > 0 for layer in layers)
+    real = torch.cat([digits.sample_class(c, BN_IMAGES_PER_CLASS, replay) for c in range(digits.num_classes)])
+    with torch.no_grad():
+        twin.train()(real)
+    for frozen, replayed in zip(layers, batchnorm_layers(twin)):
+        assert torch.equal(frozen.running_mean, replayed.running_mean)
+        assert torch.equal(frozen.running_var, replayed.running_var)
     out = smoke_method("dc", iterations=1).distill(context(digits, arch="convnet_bn"))
     assert torch.isfinite(out.images).all()

@@ -89,7 +89,7 @@ def test_sigkill_at_random_moments_then_resume_gives_one_complete_record_per_cel
         os.killpg(runner.pid, signal.SIGKILL)
         runner.wait()
         killed_with.append(len(records(tmp_path / "faulty")) if (tmp_path / "faulty" / "records").is_dir() else 0)
-    assert killed_with[-1] < CELLS or killed_with[0] < CELLS, killed_with  # some kills landed mid-grid
+    assert any(0 < count < CELLS for count in killed_with), killed_with  # some kills landed mid-grid
 
     run_to_the_end(ddbench(tmp_path / "faulty", suite, tmp_path / "cache"), env)
     resumed = records(tmp_path / "faulty")

@@ -45,7 +45,9 @@ def test_phase_sees_a_real_allocation():
     assert process_peak_rss_mb() >= phases["alloc"]["cpu_peak_rss_mb"] - 1
 
 
-def test_phase_that_raises_is_still_measured_and_leaves_no_thread():
+def test_phase_that_raises_is_still_measured():
+    """(Its sampler on this process reads the kernel's peak and runs no thread; a sampler's thread stopping when the
+    body raises is the next test's.)"""
     phases: dict = {}
     with pytest.raises(ValueError, match="boom"), phase(phases, "broken"):
         time.sleep(0.02)
@@ -53,17 +55,37 @@ def test_phase_that_raises_is_still_measured_and_leaves_no_thread():
     figures = phases["broken"]
     assert figures["wall_s"] >= 0.02
     assert figures["cpu_peak_rss_mb"] > 0
-    assert sampler_threads() == []
 
 
-def test_sampler_context_manager_stops_when_the_body_raises():
-    sampler = MemorySampler()
+@pytest.fixture
+def other_process():
+    """A process other than this one: a sampler watching it samples from a thread (its own process on Linux reads
+    the kernel's high-water mark instead, with no thread to stop)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield child.pid
+    child.kill()
+    child.wait()
+
+
+def test_sampler_context_manager_stops_when_the_body_raises(other_process):
+    sampler = MemorySampler(pid=other_process)
     with pytest.raises(KeyError), sampler:
+        assert len(sampler_threads()) == 1  # an AssertionError would escape pytest.raises(KeyError)
         raise KeyError("x")
     assert sampler_threads() == []
     first = sampler.stop()
     assert sampler.stop() == first  # idempotent
-    assert first["cpu_peak_rss_mb"] > 0
+    assert first["cpu_peak_rss_mb"] > 0 and first["cpu_peak_source"] == "sampled"
+
+
+def test_a_sampling_shorter_than_the_interval_still_has_a_peak(other_process):
+    sampler = MemorySampler(interval_s=10.0, pid=other_process).start()
+    assert len(sampler_threads()) == 1
+    started = time.perf_counter()
+    figures = sampler.stop()
+    assert time.perf_counter() - started < 1.0  # stop() wakes the thread: it does not wait out the interval
+    assert figures["cpu_peak_rss_mb"] > 0 and figures["cpu_peak_source"] == "sampled"
+    assert sampler_threads() == []
 
 
 def test_a_phase_shorter_than_the_interval_still_has_a_peak():
@@ -71,7 +93,7 @@ def test_a_phase_shorter_than_the_interval_still_has_a_peak():
     with phase(phases, "blink", interval_s=10.0):
         pass
     assert phases["blink"]["cpu_peak_rss_mb"] > 0
-    assert phases["blink"]["wall_s"] < 1.0  # stop() does not wait out the interval
+    assert phases["blink"]["wall_s"] < 1.0
 
 
 def test_gpu_fields_on_cpu_are_null_with_a_reason_never_zero():

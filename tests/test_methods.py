@@ -65,9 +65,25 @@ def test_herding_order_keeps_the_running_mean_close():
     assert herded < random_pick
 
 
+def test_herding_order_by_hand():
+    """Mean 0.64. Step 1: 1.0, the point nearest the mean. Step 2: the point x with (1.0 + x)/2 nearest 0.64 is
+    -0.6 (0.2, off by 0.44), not 1.2 (1.1, off by 0.46), though 1.2 is nearer the mean itself. Step 3: 1.2
+    ((0.4 + 1.2)/3 = 0.53), step 4: 3.0 ((1.6 + 3.0)/4 = 1.15 against (1.6 - 1.4)/4 = 0.05), then -1.4. Picking the
+    points nearest the mean would give 0, 1, 2, 4, 3."""
+    features = torch.tensor([[1.0], [1.2], [-0.6], [3.0], [-1.4]])
+    assert herding_order(features, 5) == [0, 2, 1, 3, 4]
+    assert herding_order(features, 2) == [0, 2]
+
+
 def test_herding_distills_real_images():
-    out = create_method("herding", quick=True, embed_epochs=2).distill(context(2))
+    ctx = context(2)
+    out = create_method("herding", quick=True, embed_epochs=2).distill(ctx)
     assert out.images.shape == (20, 1, 8, 8) and out.labels.tolist() == [c for c in range(10) for _ in range(2)]
+    train = ctx.dataset.train_images.reshape(len(ctx.dataset.train_images), -1)
+    for image, label in zip(out.images, out.labels):
+        match = (train == image.reshape(1, -1)).all(dim=1).nonzero().flatten()
+        assert len(match) >= 1 and int(ctx.dataset.train_labels[match[0]]) == int(label)
+    assert len({tuple(image.flatten().tolist()) for image in out.images}) == 20  # no image picked twice
 
 
 def test_report_detects_nan():
