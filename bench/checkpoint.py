@@ -91,7 +91,7 @@ class Checkpointer:
             tensors = load_file(str(tensor_path))
             state = _decode(meta["state"], tensors)
             iteration = int(meta["iteration"])
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError, RecursionError) as exc:
             self.log(f"ignoring the checkpoint in {self.folder}: {exc}; starting from scratch")
             return None
         self.last = iteration

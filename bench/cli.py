@@ -59,14 +59,18 @@ def _options(pairs: list[str] | None) -> dict:
     """``key=value`` pairs, values parsed as YAML scalars (``0.1``, ``true``, ``cifar``)."""
     import yaml
 
+    from bench.errors import UserError
+
     options = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            from bench.errors import UserError
-
             raise UserError(f"--set expects key=value, got '{pair}'")
-        options[key.strip()] = yaml.safe_load(value)
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise UserError(f"--set {key.strip()}: '{value}' is not a YAML value ({problem})") from None
     return options
 
 
@@ -475,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from bench.errors import UserError
+    from bench.errors import Diverged, UserError
 
     try:
         code = {"ls": lambda: _ls(args.what), "distill": lambda: _distill(args), "evaluate": lambda: _evaluate(args),
@@ -484,6 +488,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     except UserError as exc:
         print(f"ddbench: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Diverged as exc:  # `distill` (a `run` records it as the cell's status): its recipe, not ddbench, failed
+        print(f"ddbench: the distillation diverged ({exc}); nothing was saved", file=sys.stderr)
+        return EXIT_CELLS_FAILED
     except KeyboardInterrupt as exc:
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
         print(f"ddbench: {how}; the records written so far are kept, and --resume redoes the rest", file=sys.stderr)

@@ -357,6 +357,9 @@ def load_dataset(
     test = _to_unit_float(raw.test_images)
     if train.ndim != 4 or test.ndim != 4 or train.shape[1:] != test.shape[1:]:
         raise UserError(f"dataset '{name}': loader returned images of shapes {train.shape} and {test.shape}")
+    for split, images in (("training", train), ("test", test)):
+        if len(images) == 0:
+            raise DataFilesMissing(name, root, list(info.expected_files), detail=f"the {split} split holds no images")
     for split, labels in (("train", raw.train_labels), ("test", raw.test_labels)):
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
             raise DataFilesMissing(name, root, list(info.expected_files),

@@ -79,7 +79,7 @@ class DistilledSet:
             raise UserError(f"distilled set not found: expected {' and '.join(missing)}")
         try:
             meta = json.loads(meta_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON's, and huge ints
             if _is_pickle(meta_path):
                 raise UserError(_pickle_refusal(meta_path)) from None
             raise UserError(f"distilled set metadata {meta_path} is not readable JSON ({_first_line(exc)}); "

@@ -228,7 +228,7 @@ class ExpertPool:
         try:
             expected = json.loads(sidecar.read_text())["sha256"]
             actual = file_sha256(self.path(index))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             return f"has an unreadable checksum ({sidecar.name}: {exc})"
         return None if actual == expected else "does not match its checksum"
 

@@ -204,7 +204,9 @@ def method_origin(name: str) -> dict | None:
 
 def split_method_spec(spec: str) -> tuple[str, str | None]:
     """``"apm.cifar10_ipc50"`` → ``("apm", "cifar10_ipc50")``; ``"random"`` → ``("random", None)``."""
-    name, _, recipe = spec.partition(".")
+    name, dot, recipe = spec.partition(".")
+    if dot and not recipe:
+        raise UserError(f"method '{spec}': a recipe name must follow the '.' ('{name}' alone for the default recipe)")
     return name, (recipe or None)
 
 

@@ -221,8 +221,6 @@ def plan(request: RunRequest, loaded: dict | None = None) -> list[Cell]:
     ``loaded`` (a dict the caller keeps while it plans several requests, a suite's) shares each dataset loaded
     here between requests, so that a suite's requests on one dataset hold one copy of it, not one each."""
     specs = check_request(request)
-    if request.executor == "local":  # a Ray task uses the cache folder of the node it runs on
-        check_cache_dir(request.cache_dir)
     loaded = {} if loaded is None else loaded
     datasets: dict[bool, Dataset] = {}
     # cells that run elsewhere load their own data on their own device: here it only describes them
@@ -254,6 +252,8 @@ def plan(request: RunRequest, loaded: dict | None = None) -> list[Cell]:
                     cell.method.check_network(networks[request.distill_arch])
                 except UserError as exc:
                     raise UserError(f"{cell.method_spec} cannot distil with '{request.distill_arch}': {exc}") from None
+    if request.executor == "local":  # last, as it creates the folder; a Ray task uses its node's cache folder
+        check_cache_dir(request.cache_dir)
     return cells
 
 

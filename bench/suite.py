@@ -30,6 +30,7 @@ options by method name).
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -139,10 +140,18 @@ def _method_entry(path: Path, where: str, entry: object) -> MethodEntry:
     if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
         raise _fail(path, f"{where}.options", "must be a mapping of option names to values")
     if label is None:
-        label = spec + "".join(f"[{k}={v}]" for k, v in sorted(options.items()))
-    if not isinstance(label, str) or not label or "/" in label or ".." in label:
-        raise _fail(path, f"{where}.label", "must be a plain name (no '/' or '..')")
+        label = spec + "".join(f"[{k}={_label_value(v)}]" for k, v in sorted(options.items()))
+    if not isinstance(label, str) or not label or "/" in label or ".." in label or not label.isprintable():
+        raise _fail(path, f"{where}.label", "must be a plain name (no '/', '..' or control characters)")
     return MethodEntry(spec, label, dict(options))
+
+
+def _label_value(value: object) -> str:
+    """An option's value in a default label: as written for a scalar, shortened for a list or mapping (YAML aliases
+    can make a few hundred bytes of suite into a value whose full text would not fit in memory)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return str(value)
+    return reprlib.repr(value)
 
 
 def _check_settings(path: Path, where: str, mapping: dict, allowed: dict) -> None:
@@ -169,6 +178,8 @@ def load_suite(name_or_file: str) -> Suite:
         raise UserError(f"{path}: not valid YAML{where}: {problem}{hint}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read: {exc}") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a suite: nested too deeply to read") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a suite is a mapping with keys {', '.join(sorted(_SUITE_KEYS))}")
     unknown = set(raw) - _SUITE_KEYS

@@ -21,6 +21,15 @@ class RunsOutOfMemory(Method):
         raise MemoryError("simulated: could not allocate 40 GiB")
 
 
+class Diverges(Method):
+    """Reports a NaN loss at its first iteration, as a distillation with an absurd learning rate does."""
+
+    def distill(self, ctx: DistillContext) -> DistilledSet:
+        ctx.start(1)
+        ctx.report(0, loss=float("nan"))
+        raise AssertionError("unreachable: report raises Diverged")
+
+
 class KilledByTheKernel(Method):
     """Dies the way the out-of-memory killer ends a process: SIGKILL, no exception, no goodbye."""
 

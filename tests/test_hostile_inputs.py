@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,6 +105,27 @@ def _cache_is_a_file(tmp: Path) -> list[str]:
 def _cache_under_a_file(tmp: Path) -> list[str]:
     (tmp / "file").write_text("not a folder")
     return RUN + ["--cache-dir", str(tmp / "file" / "cache"), "--results", str(tmp / "res")]
+
+
+def _json_nested_too_deep(tmp: Path) -> list[str]:
+    path = _saved_set(tmp)
+    path.write_text("[" * 100_000 + "]" * 100_000)  # json.loads: RecursionError, not JSONDecodeError
+    return ["evaluate", str(path), "--quick", "--results", str(tmp / "res")]
+
+
+def _json_with_a_huge_integer(tmp: Path) -> list[str]:
+    path = _saved_set(tmp)
+    path.write_text('{"ipc": ' + "9" * 5000 + "}")  # json.loads: a plain ValueError (int digits limit)
+    return ["evaluate", str(path), "--quick", "--results", str(tmp / "res")]
+
+
+def _empty_mnist_test_split(tmp: Path) -> list[str]:
+    from test_data_loaders import idx_bytes, write_mnist
+
+    write_mnist(tmp / "data")
+    (tmp / "data" / "MNIST/raw/t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((0, 28, 28), np.uint8), 2051))
+    (tmp / "data" / "MNIST/raw/t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(0, np.uint8), 2049))
+    return _with(RUN, "--dataset", "mnist") + ["--data-root", str(tmp / "data"), "--results", str(tmp / "res")]
 
 
 # (argv given a fresh tmp folder, a phrase the error must contain); results always go under the tmp folder
@@ -229,6 +251,24 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
                                               "--results", str(t / "res")], "--no-evaluate is for a grid"),
     "data root without the files": (lambda t: _with(RUN, "--dataset", "mnist") + [
         "--data-root", str(t / "empty"), "--results", str(t / "res")], "MNIST/raw/train-images-idx3-ubyte"),
+    "dataset files with an empty split": (_empty_mnist_test_split, "the test split holds no images"),
+    "distilled .json nested too deep": (_json_nested_too_deep, "is not readable JSON"),
+    "distilled .json with a huge integer": (_json_with_a_huge_integer, "is not readable JSON"),
+    "--set value that is not YAML": (lambda t: _with(DISTILL, "--method", "dm") + [
+        "--out", str(t / "s"), "--set", "iterations=[unclosed"], "--set iterations: '[unclosed' is not a YAML value"),
+    "--set value with a python tag": (lambda t: _with(DISTILL, "--method", "dm") + [
+        "--out", str(t / "s"), "--set", "iterations=!!python/name:os.system"], "is not a YAML value"),
+    "a '.' without a recipe": (lambda t: _with(RUN, "--methods", "random.") + ["--results", str(t / "res")],
+                               "a recipe name must follow the '.'"),
+    "suite nested too deeply": (lambda t: ["validate", "--suite", _suite(t, "version: 1\ngrids: " + "[" * 100_000
+                                                                          + "]" * 100_000 + "\n")],
+                                "nested too deeply"),
+    "suite: a newline in a label": (lambda t: ["run", "--suite", _suite(t, SUITE.replace(
+        "methods: [random]", 'methods: [{method: random, label: "a\\nb"}]')), "--results", str(t / "res")],
+        "no '/', '..' or control characters"),
+    "ipc above the smallest class, with a new cache folder": (
+        lambda t: _with(RUN, "--ipc", "150") + ["--cache-dir", str(t / "new-cache"), "--results", str(t / "res")],
+        "ipc 150 is larger than the smallest class of digits"),
 }
 
 
@@ -375,6 +415,19 @@ def test_a_dataset_that_will_not_fit_in_memory_is_refused_before_it_is_loaded(ca
     bench.data.check_fits_in_memory("mnist", raw, False, torch.device("cpu"))
     with pytest.raises(bench.data.UserError, match="with the ZCA fit"):  # ZCA's float64 fit counts too
         bench.data.check_fits_in_memory("mnist", raw, True, torch.device("cpu"))
+
+
+def test_a_distillation_that_diverges_is_one_line_and_saves_nothing(capsys, tmp_path):
+    register_method("test_diverges")(crashing_methods.Diverges)
+    try:
+        before = _tree(tmp_path)
+        code = main(_with(DISTILL, "--method", "test_diverges") + ["--out", str(tmp_path / "set")])
+    finally:
+        METHODS.unregister("test_diverges")
+    _, err = capsys.readouterr()
+    assert code == 3 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err == "ddbench: the distillation diverged (non-finite loss at iteration 0); nothing was saved\n"
+    assert _tree(tmp_path) == before
 
 
 def test_a_mistyped_dataset_placement_is_refused(capsys, tmp_path, monkeypatch):
