@@ -151,7 +151,7 @@ def _label_value(value: object) -> str:
     can make a few hundred bytes of suite into a value whose full text would not fit in memory)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return str(value)
-    return reprlib.repr(value)
+    return reprlib.repr(value).replace("...", "…")  # a label may not hold '..'
 
 
 def _check_settings(path: Path, where: str, mapping: dict, allowed: dict) -> None:

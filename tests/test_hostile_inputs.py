@@ -128,6 +128,16 @@ def _empty_mnist_test_split(tmp: Path) -> list[str]:
     return _with(RUN, "--dataset", "mnist") + ["--data-root", str(tmp / "data"), "--results", str(tmp / "res")]
 
 
+def _alias_bomb(tmp: Path) -> list[str]:
+    """Under 1 kB of YAML whose options, written out, would be 10⁸ items: the suite's default label for the method
+    used to write them out (a GB and more) before the unknown option was reported."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    options = "".join(f"\n          {level}" for level in levels)
+    text = SUITE.replace("methods: [random]", f"methods:\n      - method: random\n        options:{options}")
+    return ["validate", "--suite", _suite(tmp, text)]
+
+
 # (argv given a fresh tmp folder, a phrase the error must contain); results always go under the tmp folder
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "unknown method": (lambda t: _with(RUN, "--methods", "randm") + ["--results", str(t / "res")],
@@ -260,6 +270,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         "--out", str(t / "s"), "--set", "iterations=!!python/name:os.system"], "is not a YAML value"),
     "a '.' without a recipe": (lambda t: _with(RUN, "--methods", "random.") + ["--results", str(t / "res")],
                                "a recipe name must follow the '.'"),
+    "suite: a YAML alias bomb in a method's options": (_alias_bomb, "unknown method 'random' option 'a0'"),
     "suite nested too deeply": (lambda t: ["validate", "--suite", _suite(t, "version: 1\ngrids: " + "[" * 100_000
                                                                           + "]" * 100_000 + "\n")],
                                 "nested too deeply"),
