@@ -43,6 +43,9 @@ Cells rather than metrics
     A baseline cell missing from the current folder is a regression ("missing"), and so is one that was ok and is
     not any more ("now failed: <error>"); a cell that failed before and is ok now is an improvement. Cells only in
     the current folder are listed as new, which is not a failure.
+    A record file on either side that ``store.load_records`` cannot take (not readable JSON, or a field of the
+    wrong type such as a NaN or infinite accuracy: ``store.record_problem``) stops the check with one line naming
+    it: skipped, its cell would only look missing or new, and a NaN accuracy would compare as no regression.
 """
 
 from __future__ import annotations
@@ -199,10 +202,13 @@ class Comparison:
 
 
 def record_label(record: dict) -> str:
-    """A record's row label: its own ``label``, else ``method.recipe``, else ``method``."""
+    """A record's row label: its own ``label``, else ``method.recipe``, else ``method``; ``unnamed`` (as in a
+    report) for a record that names neither (``ddbench evaluate`` of a set made elsewhere writes a null method,
+    though with a label)."""
     if record.get("label"):
         return record["label"]
-    return f"{record['method']}.{record['recipe']}" if record.get("recipe") else record["method"]
+    method = record.get("method") or "unnamed"
+    return f"{method}.{record['recipe']}" if record.get("recipe") else method
 
 
 def cell_key(record: dict) -> CellKey:

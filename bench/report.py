@@ -29,7 +29,9 @@ protocol, quick flag). The placeholders reach only the accuracy tables: costs, f
 records. Without a suite every record in the folder is reported, and nothing is planned.
 
 Every file is written atomically (temporary file + rename), and nothing is written (no folder created either)
-when there are no records to report.
+when there are no records to report; a report that fails part-way removes the folders it created while they are
+still empty (no empty ``figures/`` is left behind). A malformed record file is left out with a line on stderr
+(``store.load_records``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import os
 import statistics
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -331,6 +335,11 @@ def _fmt_signed(value: float) -> str:
 
 def _is_missing(value: object) -> bool:
     return value is None or (isinstance(value, float) and pd.isna(value))
+
+
+def _text_or_dash(value: object) -> str:
+    """A text column's value, or "–" where a record has none (None, or the NaN pandas puts in its place)."""
+    return value if isinstance(value, str) and value else NOT_MEASURED
 
 
 def _fmt_number(value: object, digits: int = 0) -> str:
@@ -755,7 +764,7 @@ def cost_section(frame: pd.DataFrame, published: Published) -> Section | None:
                     for _, r in group.iterrows()]
         rows = []
         for (_, r), pub in zip(group.iterrows(), pub_rows):
-            row = [Cell(r["label"]), Cell(r["dataset"]), Cell(_ipc_text(r["ipc"])), Cell(r["device"] or NOT_MEASURED),
+            row = [Cell(r["label"]), Cell(r["dataset"]), Cell(_ipc_text(r["ipc"])), Cell(_text_or_dash(r["device"])),
                    _gpu_cell(r["distill_gpu_nvml_peak_mb"], r["distill_gpu_reason"], reasons),
                    _gpu_cell(r["distill_gpu_torch_allocated_peak_mb"], r["distill_gpu_reason"], reasons),
                    Cell(_fmt_number(r["distill_cpu_peak_rss_mb"])), Cell(_fmt_seconds(r["iter_time_s_median"])),
@@ -1020,25 +1029,45 @@ def write_reports(results_dir: str | os.PathLike, out_dir: str | os.PathLike, na
     out = Path(out_dir)
     frame, coverage = report_frame(results_dir, suite)
     name = name or (suite.name if suite else Path(results_dir).resolve().name)
-    check_writable_folder(out, "report folder", "pass --out with a folder you can write the report to",
-                          inside="figures")
-    published = load_published()
-    with_planned = with_not_run_cells(frame, coverage)
-    sections = [s for s in (accuracy_section(with_planned, published), cross_architecture_section(with_planned),
-                            cost_section(frame, published), failure_section(frame),
-                            missing_section(coverage) if coverage else None) if s is not None]
-    sets = distilled_sets(frame)
-    figures = write_figures(frame, sets, _label_order(frame["label"]), out / "figures", name, Path(results_dir))
-    intro = report_intro(frame, results_dir, coverage)
-    unseen = sets_without_files(sets, Path(results_dir))
-    if unseen:  # e.g. records committed to git without their sets (which are data, and are not)
-        intro.append(f"The images of {len(unseen)} distilled set{'' if len(unseen) == 1 else 's'} are not drawn: "
-                     f"{'its file was' if len(unseen) == 1 else 'their files were'} not found (e.g. {unseen[0]}); "
-                     "restore the sets or rerun their cells to draw them.")
-    sources = _sources_used(sections, published)
-    paths = [write_text_atomic(out / f"{name}.md", render_markdown(name, intro, sections, figures, sources)),
-             write_text_atomic(out / f"{name}.tex", render_latex(name, intro, sections, figures, sources))]
-    return paths + [figure.path for figure in figures] + [write_index(out)]
+    with _new_folders_removed_on_failure(out / "figures"):
+        check_writable_folder(out, "report folder", "pass --out with a folder you can write the report to",
+                              inside="figures")
+        published = load_published()
+        with_planned = with_not_run_cells(frame, coverage)
+        sections = [s for s in (accuracy_section(with_planned, published), cross_architecture_section(with_planned),
+                                cost_section(frame, published), failure_section(frame),
+                                missing_section(coverage) if coverage else None) if s is not None]
+        sets = distilled_sets(frame)
+        figures = write_figures(frame, sets, _label_order(frame["label"]), out / "figures", name, Path(results_dir))
+        intro = report_intro(frame, results_dir, coverage)
+        unseen = sets_without_files(sets, Path(results_dir))
+        if unseen:  # e.g. records committed to git without their sets (which are data, and are not)
+            intro.append(f"The images of {len(unseen)} distilled set{'' if len(unseen) == 1 else 's'} are not drawn: "
+                         f"{'its file was' if len(unseen) == 1 else 'their files were'} not found (e.g. {unseen[0]}); "
+                         "restore the sets or rerun their cells to draw them.")
+        sources = _sources_used(sections, published)
+        paths = [write_text_atomic(out / f"{name}.md", render_markdown(name, intro, sections, figures, sources)),
+                 write_text_atomic(out / f"{name}.tex", render_latex(name, intro, sections, figures, sources))]
+        return paths + [figure.path for figure in figures] + [write_index(out)]
+
+
+@contextmanager
+def _new_folders_removed_on_failure(folder: Path) -> Iterator[None]:
+    """Run the block; should it fail, remove again ``folder`` and those of its parents that did not exist before
+    it and are still empty, so that a failed report leaves no empty ``figures/`` (or report folder) behind."""
+    new = []  # innermost first
+    while not folder.exists() and folder != folder.parent:
+        new.append(folder)
+        folder = folder.parent
+    try:
+        yield
+    except BaseException:
+        for created in new:
+            try:
+                created.rmdir()  # only if empty: a file written in it is kept, and so are its parents
+            except OSError:
+                break
+        raise
 
 
 def report_frame(results_dir: str | os.PathLike, suite: Suite | None) -> tuple[pd.DataFrame, SuiteCoverage | None]:

@@ -36,7 +36,10 @@ which ``env``'s git stamp does not cover), and the costs:
   batched steps were replayed from CUDA graphs) when batched on CUDA; null when no evaluation ran.
   Not part of the record's identity: both paths compute the same thing.
 
-Version 1 records (no measurement; ``environment`` instead of ``env``) are still read.
+Version 1 records (no measurement; ``environment`` instead of ``env``) are still read. ``load_records`` leaves out,
+with a line on stderr, a file that is not such a record, and a record whose fields that reports, ``compare`` and
+``--resume`` read hold the wrong type (``RECORD_FIELDS``: a NaN accuracy among them); null is a valid value for every
+field but ``record_id``, ``dataset`` and ``status``.
 """
 
 from __future__ import annotations
@@ -45,11 +48,12 @@ import hashlib
 import json
 import math
 import os
+import reprlib
 import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import pandas as pd
 
@@ -245,28 +249,128 @@ def _skip(path: Path, why: str) -> None:
         log(f"ddbench: skipped {path}: {why}")
 
 
+class _Kind(NamedTuple):
+    """What a record field must hold: ``fits`` says whether a (non-null) value does, ``what`` names it."""
+
+    what: str
+    fits: Callable[[object], bool]
+
+
+def _is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that a float can hold, and not NaN or infinite (JSON ``1e400`` reads as inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+TEXT = _Kind("a string", lambda v: isinstance(v, str))
+WHOLE = _Kind("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63)
+NUMBER = _Kind("a finite number", _is_finite_number)
+FLAG = _Kind("true or false", lambda v: isinstance(v, bool))
+LIST = _Kind("a list", lambda v: isinstance(v, list))
+NUMBERS = _Kind("a list of finite numbers",  # a null entry is a seed whose accuracy was not finite when written
+                lambda v: isinstance(v, list) and all(a is None or _is_finite_number(a) for a in v))
+OBJECT = _Kind("an object", lambda v: isinstance(v, dict))
+
+# The fields that reports, ``compare`` and ``--resume`` read, with what each must hold: a record whose field holds
+# something else is skipped (``record_problem``). Null (or absence) is allowed everywhere except in REQUIRED_FIELDS,
+# which every record of every schema version has; older records lack many of the others. A nested object's own
+# fields are checked where it is an object: ``phases`` maps each phase name to such an object (PHASE_FIGURES).
+REQUIRED_FIELDS = ("record_id", "dataset", "status")
+RECORD_FIELDS: dict[str, _Kind] = {
+    "record_id": TEXT, "dataset": TEXT, "status": TEXT, "method": TEXT, "label": TEXT, "recipe": TEXT,
+    "suite": TEXT, "error": TEXT, "ipc": WHOLE, "distill_arch": TEXT, "eval_arch": TEXT, "protocol": TEXT,
+    "quick": FLAG, "protocol_quick": FLAG, "distilled_quick": FLAG, "eval_epochs_override": WHOLE,
+    "distill_seed": WHOLE, "seeds": LIST, "acc": NUMBERS, "acc_mean": NUMBER, "acc_std": NUMBER,
+    "config": OBJECT, "config_hash": TEXT, "protocol_config": OBJECT, "learned_lr": NUMBER,
+    "data_fingerprint": TEXT, "distilled_path": TEXT, "written_at": TEXT, "env": OBJECT, "eval_engine": OBJECT,
+    "phases": OBJECT, "iter_time_s": OBJECT, "flops_per_iter": NUMBER, "flops_per_eval_epoch": NUMBER,
+    "flops_reason": TEXT, "process_peak_rss_mb": NUMBER, "dataset_resident_mb": NUMBER, "dataset_device": TEXT,
+    "compute_device": TEXT,
+}
+NESTED_FIELDS: dict[str, dict[str, _Kind]] = {
+    "config": {"subgroups": WHOLE, "checkpoints": WHOLE},  # APM's, which the report's tables and figures read
+    "protocol_config": {"epochs": NUMBER, "lr": NUMBER, "loss": TEXT},
+    "env": {"gpu_name": TEXT, "cpu_threads": WHOLE, "git_sha": TEXT},  # git_sha and cpu_threads: --resume's warnings
+    "eval_engine": {"path": TEXT, "reason": TEXT},
+    "iter_time_s": {"median": NUMBER, "p90": NUMBER, "n": WHOLE},
+}
+PHASE_FIGURES: dict[str, _Kind] = {
+    "wall_s": NUMBER, "cpu_peak_rss_mb": NUMBER, "gpu_nvml_peak_mb": NUMBER, "gpu_torch_allocated_peak_mb": NUMBER,
+    "gpu_torch_reserved_peak_mb": NUMBER, "gpu_reason": TEXT,
+}
+
+
+def _field_problem(name: str, value: object, kind: _Kind, required: bool = False) -> str | None:
+    """Why ``value`` cannot be field ``name`` (dotted for a nested one), or None when it fits (or is null, unless
+    ``required``)."""
+    if value is None and required:
+        return f"field {name} is missing"
+    if value is None or kind.fits(value):
+        return None
+    shown = reprlib.repr(value)  # shortened, and safe however deeply the value nests
+    return f"field {name} is {shown}, not {kind.what}" + ("" if required else " (or null)")
+
+
+def record_problem(record: dict) -> str | None:
+    """Why a parsed record of a readable schema version cannot be reported, compared or resumed from — a required
+    field missing, or a field of the wrong type (``RECORD_FIELDS``), such as a non-finite accuracy — or None."""
+    for name, kind in RECORD_FIELDS.items():
+        problem = _field_problem(name, record.get(name), kind, required=name in REQUIRED_FIELDS)
+        if problem:
+            return problem
+    for name, fields in NESTED_FIELDS.items():
+        for key, kind in fields.items():
+            problem = _field_problem(f"{name}.{key}", (record.get(name) or {}).get(key), kind)
+            if problem:
+                return problem
+    for phase, figures in (record.get("phases") or {}).items():
+        problem = _field_problem(f"phases.{phase}", figures, OBJECT)
+        for key, kind in PHASE_FIGURES.items():
+            problem = problem or _field_problem(f"phases.{phase}.{key}", (figures or {}).get(key), kind)
+        if problem:
+            return problem
+    return None
+
+
+def _parse_problem(exc: Exception) -> str:
+    """One line on why a record file's text is not JSON this code can read."""
+    if isinstance(exc, RecursionError):
+        return "not readable JSON (nested too deeply)"
+    detail = " ".join(str(exc).split(";")[0].split())  # not Python's advice after ';' (set_int_max_str_digits)
+    return f"not readable JSON ({detail})"
+
+
 def load_records(results_dir: str | os.PathLike, strict: bool = False) -> list[dict]:
-    """Every record (``*.json`` under ``records/`` folders) below ``results_dir``. A file that is not readable JSON,
-    or not a record of a schema version this code reads, is skipped with a line on stderr saying so — or, with
-    ``strict`` (a regression check, which must not pass by losing a cell), is a ``UserError`` naming it."""
+    """Every record (``*.json`` under ``records/`` folders) below ``results_dir``. A file that is not readable JSON
+    (truncated, nested too deeply, an integer of thousands of digits), not a record of a schema version this code
+    reads, or a record with a field of the wrong type (``record_problem``) is skipped with a line on stderr naming
+    it and why — or, with ``strict`` (a regression check, which must not pass by losing a cell), is a
+    ``UserError`` naming it."""
     records = []
     for path in sorted(Path(results_dir).rglob(f"{RECORDS_DIR}/*.json")):
         try:
             record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            why = f"not readable JSON ({' '.join(str(exc).split())})"
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError, ...
+            why = _parse_problem(exc)
         else:
             version = record.get("schema_version") if isinstance(record, dict) else None
             why = None if version in READABLE_SCHEMA_VERSIONS else (
                 f"not a record of schema version {' or '.join(map(str, READABLE_SCHEMA_VERSIONS))} "
                 f"(schema_version {version})")
+            if why is None:
+                if record["schema_version"] == 1:
+                    record["env"] = record.pop("environment", None)
+                problem = record_problem(record)
+                why = f"not a valid record: {problem}" if problem else None
         if why and strict:
             raise UserError(f"{path}: {why}; repair or remove it")
         if why:
             _skip(path, why)
             continue
-        if record["schema_version"] == 1:
-            record["env"] = record.pop("environment", None)
         record["_path"] = str(path)
         records.append(record)
     return records

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 
 import pytest
 
@@ -531,3 +532,64 @@ def test_each_distilled_set_is_compared_with_the_same_seeds(tmp_path):
     (change,) = comparison.regressions
     assert change.cell.distill_seed == 1 and "distill seed 1" in str(change.cell)
     assert "12 cells compared" in format_comparison(comparison)
+
+
+def _with_raw(record: dict, **fields: str) -> str:
+    """``record`` as a schema-2 record's JSON, with each of ``fields`` set to a raw JSON literal (``NaN``, ``1e400``)."""
+    text = json.dumps({"schema_version": 2, **record, **{key: f"@{key}@" for key in fields}})
+    for key, literal in fields.items():
+        text = text.replace(f'"@{key}@"', literal)
+    return text
+
+
+MALFORMED = {  # what the record's file holds → what the error must say; each crashed compare with a traceback
+    "deep": (lambda r: "[" * 100_000 + "]" * 100_000, "not readable JSON (nested too deeply)"),
+    "huge_int": (lambda r: _with_raw(r, ipc="9" * 5000), "not readable JSON (Exceeds the limit (4300 digits)"),
+    "acc_mean": (lambda r: _with_raw(r, acc_mean='"abc"'), "field acc_mean is 'abc'"),
+    "distill_seed": (lambda r: _with_raw(r, distill_seed='"abc"'), "field distill_seed is 'abc'"),
+    "phases": (lambda r: _with_raw(r, phases="[1, 2]"), "field phases is [1, 2]"),
+    "dataset": (lambda r: _with_raw(r, dataset='["a"]'), "not a valid record: field dataset is ['a']"),
+    "label": (lambda r: _with_raw(r, label='{"a": 1}'), "field label is {'a': 1}"),
+    "acc": (lambda r: _with_raw(r, acc='"xyz"'), "field acc is 'xyz'"),
+    "epochs": (lambda r: _with_raw(r, protocol_config='{"epochs": 1e400}'), "field protocol_config.epochs is inf"),
+    "wall_s": (lambda r: _with_raw(r, phases='{"eval": {"wall_s": "fast"}}'), "field phases.eval.wall_s is 'fast'"),
+}
+
+
+@pytest.mark.parametrize("side", ["baseline", "current"])
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_record_is_one_clear_error_naming_its_file_and_field(tmp_path, side, case):
+    """As an unreadable record is (above): compare reads every record, so it stops with one line, no traceback."""
+    folders = {name: write_folder(tmp_path / name, baseline_records()) for name in ("baseline", "current")}
+    make_text, said = MALFORMED[case]
+    (tmp_path / side / "records" / "bad.json").write_text(make_text(make_record("dm", 1, [45.0, 45.0, 45.0])))
+    with pytest.raises(UserError, match=f"{side} record .*bad.json: .*{re.escape(said)}") as caught:
+        main_compare(folders["baseline"], folders["current"])
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
+@pytest.mark.parametrize("field", ["acc_mean", "acc"])
+def test_a_non_finite_current_accuracy_is_an_error_not_a_pass(baseline, tmp_path, field, literal):
+    """A NaN accuracy compared as "0 regressions" (every comparison with NaN is false) and an infinite one as an
+    improvement. ``write_record`` never writes one (it writes null), so such a record was edited or made elsewhere:
+    like any malformed record it stops the check, naming the file and field, rather than being skipped — skipped,
+    its cell would only count as missing."""
+    current = current_folder(tmp_path)
+    path = sorted((tmp_path / "current" / "records").glob("*_dm_*.json"))[0]
+    record = json.loads(path.read_text())
+    path.write_text(_with_raw(record, **{field: literal if field == "acc_mean" else f"[45.0, {literal}, 45.5]"}))
+    with pytest.raises(UserError, match=f"current record .*{path.name}: not a valid record: field {field} is "):
+        main_compare(baseline, current)
+
+
+def test_a_record_without_method_or_label_is_compared_as_unnamed(tmp_path, capsys):
+    """``ddbench evaluate`` of a set made elsewhere writes a null method (with a label); one with neither used to be
+    a KeyError. It is the row ``unnamed``, as in a report."""
+    record = {k: v for k, v in make_record("dm", 1, [45.0, 45.0, 45.0]).items() if k != "method"}
+    (tmp_path / "both" / "records").mkdir(parents=True)
+    (tmp_path / "both" / "records" / "unnamed.json").write_text(json.dumps({"schema_version": 2, **record}))
+    folder = str(tmp_path / "both")
+    assert main_compare(folder, folder) == 0
+    assert "1 cells compared, 0 regressions" in capsys.readouterr().out
+    assert {c.cell.label for c in compare_results(folder, folder).changes} == {"unnamed"}

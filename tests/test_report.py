@@ -792,3 +792,68 @@ def test_a_suite_with_several_distillation_seeds_reports_each_seeds_missing_set(
     assert "more than one record" not in text and "here pool" not in text
     header, *rows = find_table(text, "planned cell(s) with no record")
     assert rows == [["random (distill seed 1)", "digits", "1", "convnet", "standard"]]
+
+
+def _raw_record(record: dict, **fields: str) -> str:
+    """``record`` as a schema-2 record's JSON, with each of ``fields`` set to a raw JSON literal (``1e400``)."""
+    text = json.dumps({"schema_version": 2, **record, **{key: f"@{key}@" for key in fields}})
+    for key, literal in fields.items():
+        text = text.replace(f'"@{key}@"', literal)
+    return text
+
+
+def test_malformed_records_are_skipped_with_a_line_each_and_the_rest_reported(tmp_path, capsys):
+    """Each of these files crashed ``ddbench report`` with a traceback (and left an empty figures/ behind)."""
+    results = tmp_path / "res"
+    write_record(results, make_record("dc", 1, [91.0, 92.0, 93.0]))
+    bad = make_record("dm", 1, [89.0, 89.0, 89.0])
+    files = {
+        "deep": ("[" * 100_000 + "]" * 100_000, "not readable JSON (nested too deeply)"),
+        "huge_int": (_raw_record(bad, ipc="9" * 5000), "not readable JSON (Exceeds the limit (4300 digits)"),
+        "acc_mean": (_raw_record(bad, acc_mean='"abc"'), "field acc_mean is 'abc'"),
+        "distill_seed": (_raw_record(bad, distill_seed='"abc"'), "field distill_seed is 'abc'"),
+        "phases": (_raw_record(bad, phases="[1, 2]"), "field phases is [1, 2]"),
+        "env": (_raw_record(bad, env='"x"'), "field env is 'x'"),
+        "dataset": (_raw_record(bad, dataset='["a"]'), "field dataset is ['a']"),
+        "epochs": (_raw_record(bad, protocol_config='{"epochs": 1e400}'), "field protocol_config.epochs is inf"),
+        "ipc": (_raw_record(bad, ipc='"one"'), "field ipc is 'one'"),
+        "status": (json.dumps({"schema_version": 2, **{k: v for k, v in bad.items() if k != "status"}}),
+                   "field status is missing"),
+    }
+    for name, (text, _) in files.items():
+        (results / "records" / f"{name}.json").write_text(text)
+    code = main(["report", "--results", str(results), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err
+    for name, (_, said) in files.items():
+        assert re.search(f"skipped {re.escape(str(results / 'records' / name))}.json: .*{re.escape(said)}", err), name
+    text = (tmp_path / "out" / "res.md").read_text()
+    assert "Generated from the 1 records" in text and set(accuracy_rows(text)[1]) == {"dc"}
+
+
+def test_a_record_without_env_beside_records_with_one_shows_a_dash_for_its_device(tmp_path):
+    """Its device became pandas' NaN in the cost table, which crashed rendering (NaN has no ``replace``)."""
+    write_record(tmp_path / "res", make_record("dc", 1, [91.0, 92.0, 93.0]))
+    write_record(tmp_path / "res", dict(make_record("dm", 1, [89.0, 89.0, 89.0]), env=None))
+    write_reports(tmp_path / "res", tmp_path / "out")
+    costs = {row[0]: row[3] for row in find_table((tmp_path / "out" / "res.md").read_text(), "Distillation costs")[1:]}
+    assert costs == {"dc": "CPU, 2 threads", "dm": "–"}
+
+
+def test_a_report_that_fails_part_way_leaves_no_empty_folder_behind(tmp_path, monkeypatch):
+    """The report folder and its figures/ are created (checked writable) before the work; should the work fail,
+    the folders this report created and left empty are removed again, and an existing report folder is kept."""
+    import bench.figures
+
+    def fail(*args, **kwargs):
+        raise UserError("drawing failed")
+
+    monkeypatch.setattr(bench.figures, "write_figures", fail)
+    write_record(tmp_path / "res", make_record("dc", 1, [91.0, 92.0, 93.0]))
+    with pytest.raises(UserError, match="drawing failed"):
+        write_reports(tmp_path / "res", tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UserError, match="drawing failed"):
+        write_reports(tmp_path / "res", tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())

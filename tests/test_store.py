@@ -8,7 +8,10 @@ from datetime import datetime, timezone
 import torch
 
 from bench.distilled import DistilledSet
-from bench.store import SCHEMA_VERSION, load_records, load_results, write_record
+import pytest
+
+from bench.errors import UserError
+from bench.store import SCHEMA_VERSION, existing_records, load_records, load_results, write_record
 
 RECORD = {
     "record_id": "abc123", "method": "random", "recipe": None, "dataset": "digits", "ipc": 10,
@@ -68,7 +71,8 @@ def test_files_that_are_not_records_are_skipped_with_a_line_saying_so(tmp_path, 
 
     folder = tmp_path / "records"
     folder.mkdir()
-    (folder / "good.json").write_text(json.dumps({"schema_version": 2, "record_id": "a"}))
+    (folder / "good.json").write_text(json.dumps({"schema_version": 2, "record_id": "a", "dataset": "digits",
+                                                  "status": "ok"}))
     (folder / "truncated.json").write_text('{"schema_version": 2, "record_')
     (folder / "future.json").write_text(json.dumps({"schema_version": 99, "record_id": "b"}))
     (folder / "list.json").write_text("[1, 2]")
@@ -91,3 +95,90 @@ def test_written_files_follow_the_umask_like_any_new_file(tmp_path):
         os.umask(old)
     for path in (record_path, set_path, set_path.with_suffix(".safetensors")):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+UNPARSEABLE = {  # text that json.loads refuses with RecursionError or a plain ValueError, not a JSONDecodeError
+    "deep_list.json": "[" * 100_000 + "]" * 100_000,
+    "deep_object.json": '{"a": ' * 100_000 + "1" + "}" * 100_000,
+    "huge_int.json": '{"schema_version": 2, "record_id": ' + "9" * 5000 + "}",
+}
+
+
+def test_json_too_deep_or_with_a_huge_integer_is_skipped_as_unreadable(tmp_path, capsys):
+    """Such files are corrupt records: skipped with the truncated record's warning, also by ``--resume``'s reader."""
+    write_record(tmp_path, RECORD)
+    for name, text in UNPARSEABLE.items():
+        (tmp_path / "records" / name).write_text(text)
+    assert [r["record_id"] for r in load_records(tmp_path)] == ["abc123"]
+    assert list(existing_records(tmp_path)) == ["abc123"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 3, "one line per file"
+    for name in ("deep_list.json", "deep_object.json"):
+        assert f"skipped {tmp_path / 'records' / name}: not readable JSON (nested too deeply)" in err
+    assert f"skipped {tmp_path / 'records' / 'huge_int.json'}: not readable JSON (Exceeds the limit" in err
+    assert "set_int_max_str_digits" not in err  # Python's advice, not the user's
+    with pytest.raises(UserError, match="deep_list.json: not readable JSON"):
+        load_records(tmp_path, strict=True)
+
+
+def _raw(record: dict, **fields: str) -> str:
+    """``record`` as JSON, with each of ``fields`` set to a raw JSON literal (``NaN``, ``1e400``)."""
+    text = json.dumps({"schema_version": 2, **record, **{key: f"@{key}@" for key in fields}})
+    for key, literal in fields.items():
+        text = text.replace(f'"@{key}@"', literal)
+    return text
+
+
+WRONG_TYPES = {  # file name → (record text, the field the warning must name)
+    "acc_mean_text": (_raw(RECORD, acc_mean='"abc"'), "field acc_mean is 'abc', not a finite number"),
+    "acc_mean_nan": (_raw(RECORD, acc_mean="NaN"), "field acc_mean is nan, not a finite number"),
+    "acc_mean_inf": (_raw(RECORD, acc_mean="1e400"), "field acc_mean is inf, not a finite number"),
+    "acc_text": (_raw(RECORD, acc='"xyz"'), "field acc is 'xyz', not a list of finite numbers"),
+    "acc_nan": (_raw(RECORD, acc="[90.0, NaN]"), "field acc is [90.0, nan], not a list of finite numbers"),
+    "distill_seed_text": (_raw(RECORD, distill_seed='"abc"'), "field distill_seed is 'abc', not an integer"),
+    "phases_list": (_raw(RECORD, phases="[1, 2]"), "field phases is [1, 2], not an object"),
+    "wall_s_text": (_raw(RECORD, phases='{"eval": {"wall_s": "fast"}}'), "field phases.eval.wall_s is 'fast'"),
+    "env_text": (_raw(RECORD, env='"x"'), "field env is 'x', not an object"),
+    "dataset_list": (_raw(RECORD, dataset='["a"]'), "field dataset is ['a'], not a string"),
+    "label_object": (_raw(RECORD, label='{"a": 1}'), "field label is {'a': 1}, not a string"),
+    "ipc_text": (_raw(RECORD, ipc='"one"'), "field ipc is 'one', not an integer"),
+    "epochs_inf": (_raw(RECORD, protocol_config='{"epochs": 1e400}'), "field protocol_config.epochs is inf"),
+    "no_status": (json.dumps({"schema_version": 2, **{k: v for k, v in RECORD.items() if k != "status"}}),
+                  "field status is missing"),
+    "no_record_id": (json.dumps({"schema_version": 2, **{k: v for k, v in RECORD.items() if k != "record_id"}}),
+                     "field record_id is missing"),
+}
+
+
+def test_records_with_fields_of_the_wrong_type_are_skipped_naming_the_field(tmp_path, capsys):
+    """Each of these crashed ``report``, ``compare`` or ``run --resume`` (an ok record without an id:
+    ``existing_records``' KeyError) with a traceback; a non-finite accuracy passed ``compare`` silently."""
+    write_record(tmp_path, RECORD)
+    for name, (text, _) in WRONG_TYPES.items():
+        (tmp_path / "records" / f"{name}.json").write_text(text)
+    assert [r["record_id"] for r in load_records(tmp_path)] == ["abc123"]
+    assert list(existing_records(tmp_path)) == ["abc123"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == len(WRONG_TYPES), "one line per file"
+    for name, (_, field) in WRONG_TYPES.items():
+        assert f"skipped {tmp_path / 'records' / name}.json: not a valid record: {field}" in err, name
+    with pytest.raises(UserError, match=r"acc_mean_inf.json: not a valid record: field acc_mean is inf"):
+        load_records(tmp_path, strict=True)
+
+
+def test_older_records_lacking_newer_fields_or_with_nulls_are_still_read(tmp_path, capsys):
+    """Validation must not make optional fields required: a version 1 record (``environment``, none of the
+    measurement fields) and a record with every optional field null both load, without a warning."""
+    folder = tmp_path / "records"
+    folder.mkdir()
+    version_1 = {"schema_version": 1, "record_id": "old", "method": "dc", "recipe": None, "dataset": "digits",
+                 "ipc": 1, "distill_arch": "convnet", "eval_arch": "convnet", "protocol": "standard", "quick": False,
+                 "seeds": [0], "acc": [80.0], "acc_mean": 80.0, "acc_std": 0.0, "status": "ok", "error": None,
+                 "config": {}, "phases": {"distill": {"wall_s": 1.0}}, "environment": {"gpu_name": None}}
+    (folder / "v1.json").write_text(json.dumps(version_1))
+    nulls = {key: None for key in RECORD if key not in ("record_id", "dataset", "status")}
+    nulls.update(acc=[None, 91.0], phases={"eval": None}, iter_time_s={"median": None})
+    write_record(tmp_path, {**RECORD, **nulls, "record_id": "nulls"})
+    assert sorted(r["record_id"] for r in load_records(tmp_path)) == ["nulls", "old"]
+    assert [r["env"] for r in load_records(tmp_path) if r["record_id"] == "old"] == [{"gpu_name": None}]
+    assert capsys.readouterr().err == ""
