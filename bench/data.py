@@ -253,10 +253,14 @@ class Dataset:
 
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
     """``--data-root`` if given, else ``$DDBENCH_DATA``, else ``./data``."""
-    if data_root:
-        return Path(data_root).expanduser()
-    env = os.environ.get(DATA_ROOT_ENV)
-    return Path(env).expanduser() if env else Path("data")
+    try:
+        if data_root:
+            return Path(data_root).expanduser()
+        env = os.environ.get(DATA_ROOT_ENV)
+        return Path(env).expanduser() if env else Path("data")
+    except RuntimeError as exc:  # ~name of no user
+        raise UserError(f"data root {data_root or os.environ.get(DATA_ROOT_ENV)}: {exc}; set --data-root or "
+                        f"{DATA_ROOT_ENV} to the folder that holds the datasets") from None
 
 
 def _to_unit_float(images: Tensor) -> Tensor:

@@ -139,15 +139,15 @@ def check_metadata(meta: dict, meta_path: Path) -> None:
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         return UserError(f"distilled set metadata {meta_path}: '{key}' must be {expected}, got {shown}")
 
-    for key in ("dataset", "method", "data_fingerprint", "distill_arch"):
+    for key in ("dataset", "method", "recipe", "data_fingerprint", "distill_arch"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise refuse(key, meta[key], "a string")
     if "quick" in meta and not isinstance(meta["quick"], bool):
         raise refuse("quick", meta["quick"], "true or false")
     if meta.get("ipc") is not None and not (_is_integer(meta["ipc"]) and meta["ipc"] >= 1):
         raise refuse("ipc", meta["ipc"], "an integer of at least 1 (or null)")
-    if meta.get("learned_lr") is not None and not _is_positive_number(meta["learned_lr"]):
-        raise refuse("learned_lr", meta["learned_lr"], "a finite number above 0 (or null: the protocol's own lr)")
+    if meta.get("learned_lr") is not None and not _is_learning_rate(meta["learned_lr"]):
+        raise refuse("learned_lr", meta["learned_lr"], f"{LEARNING_RATE} (or null: the protocol's own lr)")
     if "dataset" in meta and "transform" not in meta:
         raise UserError(f"distilled set metadata {meta_path} names a dataset but not its transform: state the space "
                         f'the images are in, e.g. "transform": {{"kind": "mean_std"}} or {{"kind": "zca"}}')
@@ -166,8 +166,8 @@ def check_metadata(meta: dict, meta_path: Path) -> None:
             if key not in PROTOCOL_OVERRIDE_KEYS:
                 raise UserError(f"distilled set metadata {meta_path}: unknown key 'protocol_overrides.{protocol}.{key}'; "
                                 f"a protocol's overrides are {', '.join(PROTOCOL_OVERRIDE_KEYS)}")
-            if key == "lr" and not _is_positive_number(value):
-                raise refuse(f"protocol_overrides.{protocol}.lr", value, "a finite number above 0")
+            if key == "lr" and not _is_learning_rate(value):
+                raise refuse(f"protocol_overrides.{protocol}.lr", value, LEARNING_RATE)
             if key == "loss" and value not in PROTOCOL_LOSSES:
                 raise refuse(f"protocol_overrides.{protocol}.loss", value, f"one of {', '.join(PROTOCOL_LOSSES)}")
             if key not in ("lr", "loss") and value is not None and not (_is_integer(value) and value >= 1):
@@ -210,6 +210,13 @@ def _is_finite_number(value: object) -> bool:
 
 def _is_positive_number(value: object) -> bool:
     return _is_finite_number(value) and value > 0  # type: ignore[operator]
+
+
+LEARNING_RATE = "a finite number above 0 and at most 3.4e38 (float32's largest: SGD holds it as one)"
+
+
+def _is_learning_rate(value: object) -> bool:
+    return _is_positive_number(value) and value <= torch.finfo(torch.float32).max  # type: ignore[operator]
 
 
 def _is_pickle(path: Path) -> bool:

@@ -80,10 +80,14 @@ EXPERT_RECIPES = {
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """``--cache-dir`` if given, else ``$DDBENCH_CACHE``, else ``~/.cache/ddbench``."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ddbench"
+    try:
+        if cache_dir:
+            return Path(cache_dir).expanduser()
+        env = os.environ.get(CACHE_ENV)
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "ddbench"
+    except RuntimeError as exc:  # ~name of no user, or no home directory
+        raise UserError(f"cache folder {cache_dir or os.environ.get(CACHE_ENV) or '~/.cache/ddbench'}: {exc}; pass "
+                        f"--cache-dir (or set ${CACHE_ENV}) to a folder you can write to") from None
 
 
 def check_cache_dir(cache_dir: str | os.PathLike | None = None) -> None:
@@ -282,8 +286,13 @@ class ExpertPool:
         unexpected = [name for name in found if name not in expected]
         misshapen = [f"{name} is {list(found[name].shape)}, expected {list(shape)}"
                      for name, shape in expected.items() if name in found and found[name].shape != shape]
+        not_numbers = [f"{name} is {found[name].dtype}, expected floating point" if not found[name].is_floating_point()
+                       else f"{name} holds non-finite values"
+                       for name in expected if name in found and found[name].dtype != torch.int64
+                       and (not found[name].is_floating_point() or not bool(torch.isfinite(found[name]).all()))]
         problems = ([f"{len(missing)} missing, first {missing[0]}"] if missing else []) + (
-            [f"{len(unexpected)} unexpected, first {unexpected[0]}"] if unexpected else []) + misshapen[:1]
+            [f"{len(unexpected)} unexpected, first {unexpected[0]}"] if unexpected else []) + misshapen[:1] + (
+            not_numbers[:1])
         if problems:
             raise UserError(f"expert cache file {self.path(index)} does not hold the tensors of a {self.arch} expert "
                             f"of recipe {self.recipe.name} ({'; '.join(problems)}); delete it and the expert is "
