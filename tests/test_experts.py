@@ -216,6 +216,10 @@ def test_an_expert_file_with_the_wrong_tensors_is_one_line_naming_the_file(tmp_p
         "1 unexpected, first final/surplus": {**trajectory, **final, "final/surplus": torch.zeros(1)},
         r"final/classifier.bias is \[3\], expected \[10\]": {**trajectory, **final,
                                                               "final/classifier.bias": torch.zeros(3)},
+        "final/classifier.bias is torch.int32, expected floating point": {
+            **trajectory, **final, "final/classifier.bias": torch.zeros(10, dtype=torch.int32)},
+        "final/classifier.bias holds non-finite values": {
+            **trajectory, **final, "final/classifier.bias": torch.full((10,), float("nan"))},
     }
     for problem, tensors in wrong_files.items():
         save_file(tensors, str(experts.path(0)))

@@ -271,6 +271,9 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "a '.' without a recipe": (lambda t: _with(RUN, "--methods", "random.") + ["--results", str(t / "res")],
                                "a recipe name must follow the '.'"),
     "suite: a YAML alias bomb in a method's options": (_alias_bomb, "unknown method 'random' option 'a0'"),
+    "--cache-dir under the home of no user": (lambda t: RUN + ["--cache-dir", "~no_such_user_ddbench/cache",
+                                                               "--results", str(t / "res")],
+                                              "cache folder ~no_such_user_ddbench/cache:"),
     "suite nested too deeply": (lambda t: ["validate", "--suite", _suite(t, "version: 1\ngrids: " + "[" * 100_000
                                                                           + "]" * 100_000 + "\n")],
                                 "nested too deeply"),
