@@ -8,6 +8,7 @@ exits 130.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -498,6 +499,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the reader of stdout left (`ddbench ls archs | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail again
         return EXIT_BROKEN_PIPE
+    except OSError as exc:  # after BrokenPipeError, one of its kind
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        print(f"ddbench: error: a path is too long for the file system: {exc.filename}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return code or 0
 
 

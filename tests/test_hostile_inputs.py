@@ -271,6 +271,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "a '.' without a recipe": (lambda t: _with(RUN, "--methods", "random.") + ["--results", str(t / "res")],
                                "a recipe name must follow the '.'"),
     "suite: a YAML alias bomb in a method's options": (_alias_bomb, "unknown method 'random' option 'a0'"),
+    "a results folder whose name is too long": (lambda t: RUN + ["--results", str(t / ("x" * 300))],
+                                                "a path is too long for the file system"),
     "--cache-dir under the home of no user": (lambda t: RUN + ["--cache-dir", "~no_such_user_ddbench/cache",
                                                                "--results", str(t / "res")],
                                               "cache folder ~no_such_user_ddbench/cache:"),
