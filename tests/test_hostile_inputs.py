@@ -129,7 +129,7 @@ def _empty_mnist_test_split(tmp: Path) -> list[str]:
 
 
 def _alias_bomb(tmp: Path) -> list[str]:
-    """Under 1 kB of YAML whose options, written out, would be 10⁸ items: the suite's default label for the method
+    """Under 1 kB of YAML whose options, written out, would be 10⁹ items: the suite's default label for the method
     used to write them out (a GB and more) before the unknown option was reported."""
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
