@@ -189,7 +189,7 @@ def _check_transform(transform: object, refuse: Callable[[str, object, str], Use
     for key in ("mean", "std"):
         values = transform.get(key)
         if key in transform and not (isinstance(values, list) and values and all(
-                _is_finite_number(v) and (key == "mean" or v > 0) for v in values)):
+                is_finite_number(v) and (key == "mean" or v > 0) for v in values)):
             raise refuse(f"transform.{key}", values,
                          "a list of finite numbers, one per channel" + (", each above 0" if key == "std" else ""))
 
@@ -198,7 +198,7 @@ def _is_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_finite_number(value: object) -> bool:
+def is_finite_number(value: object) -> bool:
     """An int or float (JSON's ``true`` is not a number here) that is neither NaN nor infinite, as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -209,7 +209,7 @@ def _is_finite_number(value: object) -> bool:
 
 
 def _is_positive_number(value: object) -> bool:
-    return _is_finite_number(value) and value > 0  # type: ignore[operator]
+    return is_finite_number(value) and value > 0  # type: ignore[operator]
 
 
 LEARNING_RATE = "a finite number above 0 and at most 3.4e38 (float32's largest: SGD holds it as one)"

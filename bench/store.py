@@ -57,7 +57,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import pandas as pd
 
-from bench.distilled import write_json_atomic
+from bench.distilled import is_finite_number, write_json_atomic
 from bench.errors import UserError
 from bench.progress import log
 
@@ -256,23 +256,13 @@ class _Kind(NamedTuple):
     fits: Callable[[object], bool]
 
 
-def _is_finite_number(value: object) -> bool:
-    """An int or float (not a bool) that a float can hold, and not NaN or infinite (JSON ``1e400`` reads as inf)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        return False
-
-
 TEXT = _Kind("a string", lambda v: isinstance(v, str))
 WHOLE = _Kind("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63)
-NUMBER = _Kind("a finite number", _is_finite_number)
+NUMBER = _Kind("a finite number", is_finite_number)
 FLAG = _Kind("true or false", lambda v: isinstance(v, bool))
 LIST = _Kind("a list", lambda v: isinstance(v, list))
 NUMBERS = _Kind("a list of finite numbers",  # a null entry is a seed whose accuracy was not finite when written
-                lambda v: isinstance(v, list) and all(a is None or _is_finite_number(a) for a in v))
+                lambda v: isinstance(v, list) and all(a is None or is_finite_number(a) for a in v))
 OBJECT = _Kind("an object", lambda v: isinstance(v, dict))
 
 # The fields that reports, ``compare`` and ``--resume`` read, with what each must hold: a record whose field holds
