@@ -7,17 +7,20 @@ same structure back from ``DistillContext.load_checkpoint``. A checkpoint folder
 
 * ``state-<iteration>.safetensors`` — every tensor of the state, under a key naming where it sat;
 * ``checkpoint.json`` — the commit marker: the iteration, who the checkpoint belongs to, the tensor file's name
-  and SHA-256, and the rest of the state, each tensor replaced by ``{"__tensor__": key}``.
+  and SHA-256, and the rest of the state, each tensor replaced by ``{"__tensor__": key}``; and the SHA-256 of all
+  of that (``json_sha256``), so that an edited or bit-rotted marker is not trusted either.
 
 Both files are written atomically (temporary file + rename), the tensor file first and the JSON last; older
 tensor files are deleted only once the new JSON is in place. A kill at any moment thus leaves either the previous
 complete checkpoint or the new one. A checkpoint whose JSON is unreadable, whose tensor file is missing or does
-not match its hash or iteration (a torn or corrupted pair), or that belongs to another run is ignored with a log
+not match its hash or iteration (a torn or corrupted pair), whose JSON does not match its own hash (edited by
+hand: an iteration count past the run's end, a wrong-typed optimiser state), or that belongs to another run is ignored with a log
 line, and the distillation starts from scratch. Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,7 +36,7 @@ from bench.distilled import file_sha256, save_safetensors_atomic, write_json_ato
 from bench.errors import UserError
 
 MARKER = "checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checkpoint.json carries json_sha256
 _TENSOR, _ITEMS = "__tensor__", "__items__"
 
 
@@ -61,10 +64,9 @@ class Checkpointer:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"state-{iteration:08d}.safetensors"
         save_safetensors_atomic(tensors, self.folder / name, metadata={"iteration": str(iteration)}, fsync=True)
-        write_json_atomic(self.folder / MARKER, {
-            "format": FORMAT_VERSION, "iteration": iteration, "identity": self.identity,
-            "tensors": name, "sha256": file_sha256(self.folder / name), "state": encoded,
-        })
+        marker = {"format": FORMAT_VERSION, "iteration": iteration, "identity": self.identity,
+                  "tensors": name, "sha256": file_sha256(self.folder / name), "state": encoded}
+        write_json_atomic(self.folder / MARKER, dict(marker, json_sha256=_json_sha256(marker)))
         for old in self.folder.glob("state-*.safetensors*"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -84,6 +86,8 @@ class Checkpointer:
                 raise ValueError(f"format {meta.get('format')}, expected {FORMAT_VERSION}")
             if meta.get("identity") != self.identity:
                 raise ValueError(f"it belongs to another run ({meta.get('identity')})")
+            if meta.pop("json_sha256", None) != _json_sha256(meta):
+                raise ValueError(f"{MARKER} does not match its hash (edited or corrupted)")
             if not tensor_path.is_file():
                 raise ValueError(f"{tensor_path.name} is missing")
             if file_sha256(tensor_path) != meta["sha256"]:
@@ -100,6 +104,11 @@ class Checkpointer:
     def clear(self) -> None:
         """Delete the checkpoint folder (after the distillation has returned)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _json_sha256(marker: dict) -> str:
+    """SHA-256 of the marker's canonical JSON (sorted keys), as written and as read back."""
+    return hashlib.sha256(json.dumps(marker, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _encode(value: Any, tensors: dict[str, Tensor], key: str) -> Any:

@@ -98,11 +98,24 @@ def corrupt_identity(folder: Path) -> None:
     marker.write_text(json.dumps(dict(json.loads(marker.read_text()), identity={"seed": 1})))
 
 
-@pytest.mark.parametrize("corrupt", [corrupt_truncated, corrupt_missing, corrupt_json, corrupt_identity])
+def corrupt_iteration(folder: Path) -> None:
+    """A hand edit: the checksum of the tensor file still holds, but the run would resume past its end."""
+    marker = folder / MARKER
+    marker.write_text(json.dumps(dict(json.loads(marker.read_text()), iteration=10**12)))
+
+
+def corrupt_state_value(folder: Path) -> None:
+    marker = folder / MARKER
+    meta = json.loads(marker.read_text())
+    marker.write_text(json.dumps(dict(meta, state=dict(meta["state"], step="three"))))
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_truncated, corrupt_missing, corrupt_json, corrupt_identity,
+                                     corrupt_iteration, corrupt_state_value])
 def test_a_torn_or_foreign_checkpoint_is_ignored_with_a_log_line(tmp_path, corrupt):
     logged = []
     store = Checkpointer(tmp_path, every=1, identity={"seed": 0}, log=logged.append)
-    store.save(3, {"x": torch.arange(10.0)})
+    store.save(3, {"x": torch.arange(10.0), "step": 3})
     corrupt(tmp_path)
     assert store.load() is None
     assert len(logged) == 1 and "ignoring the checkpoint" in logged[0] and "starting from scratch" in logged[0]
