@@ -124,7 +124,12 @@ def _exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> It
     except ImportError:
         yield
         return
-    with open(path, "a") as handle:
+    try:
+        handle = open(path, "a")
+    except OSError as exc:  # a folder where the lock file goes, a read-only pool folder
+        raise UserError(f"cannot open the expert cache's lock file {path} ({exc.strerror or exc}); delete or fix "
+                        f"it (it holds nothing), or pass another --cache-dir") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

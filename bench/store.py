@@ -175,6 +175,10 @@ def check_results_dir(results_dir: str | os.PathLike, also: tuple[str, ...] = ()
     """Make sure records, and whatever else a run writes there (``also``: e.g. ``DISTILLED_DIR``), can be written
     under ``results_dir`` before any work (``check_writable_folder``): a file named ``distilled`` there would
     otherwise fail every cell after its distillation."""
+    lock = Path(results_dir) / RUN_LOCK
+    if os.path.lexists(lock) and not lock.is_file():
+        raise UserError(f"{lock} is not a file: it is the run lock ddbench opens in its results folder; delete it, "
+                        f"or pass another --results folder")
     check_writable_folder(results_dir, "results folder", "pass --results with a folder you can write records to",
                           inside=(RECORDS_DIR, *also))
 
@@ -203,7 +207,11 @@ def writing_results(results_dir: str | os.PathLike) -> Iterator[None]:
             _HELD_RUN_LOCKS[folder] -= 1
         return
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a folder where the lock file goes, a lock file made read-only
+        raise UserError(f"cannot open the run lock file {folder / RUN_LOCK} ({exc.strerror or exc}); delete or fix it "
+                        f"(it only names the process writing to the folder), or pass another --results folder") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

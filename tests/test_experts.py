@@ -1,5 +1,8 @@
 """The expert cache: content keys, reuse, resume, trajectories."""
 
+import re
+
+import pytest
 import torch
 
 from bench.data import load_dataset
@@ -126,6 +129,17 @@ def test_a_second_process_waits_for_the_lock_then_loads(tmp_path):
     assert not thread.is_alive() and waiter.trained_now == 0
     waits = [line for line in logs if line.startswith("waiting for")]
     assert waits == [f"waiting for {trainer.folder / '.lock'}: another ddbench process is training these experts"]
+
+
+def test_a_folder_where_the_pools_lock_file_goes_is_a_user_error_naming_it(tmp_path):
+    from bench.errors import UserError
+
+    digits = load_dataset("digits")
+    broken = pool(digits, tmp_path, count=1)
+    (broken.folder / ".lock").mkdir(parents=True)
+    with pytest.raises(UserError, match=re.escape(f"lock file {broken.folder / '.lock'} (Is a directory)")):
+        broken.ensure()
+    assert not broken.path(0).exists()
 
 
 def test_key_follows_how_the_experts_are_trained_but_their_random_streams_do_not(tmp_path, monkeypatch):

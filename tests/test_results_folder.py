@@ -33,6 +33,22 @@ def test_a_file_where_a_subfolder_goes_is_refused_before_any_work(tmp_path, caps
     assert not (results / "records").is_dir() or not any((results / "records").iterdir())
 
 
+def test_a_folder_where_the_run_lock_goes_is_refused_before_any_work(tmp_path, capsys):
+    results = tmp_path / "res"
+    (results / ".ddbench-run.lock").mkdir(parents=True)
+    _rejected(capsys, RUN + ["--results", str(results)], f"{results / '.ddbench-run.lock'} is not a file")
+    assert sorted(p.name for p in results.iterdir()) == [".ddbench-run.lock"]
+
+
+def test_a_run_lock_that_cannot_be_opened_is_one_line(tmp_path):
+    from bench.errors import UserError
+
+    (tmp_path / ".ddbench-run.lock").mkdir()
+    with pytest.raises(UserError, match="cannot open the run lock file .*Is a directory"):
+        with writing_results(tmp_path):
+            pass
+
+
 def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, capsys):
     results = tmp_path / "res"
     with writing_results(results):
