@@ -31,7 +31,7 @@ Deviations from the official code, on purpose:
   chosen by accuracy) at the latest target epoch the schedule uses, max_start_epoch − 1 + expert_epochs; they
   stay fixed while the pixels move. The official code recomputes them every iteration with that iteration's
   target parameters on the current images — and its code path only runs for ImageNet (for other datasets it
-  concatenates an empty list). ``soft_label_epoch`` picks another epoch.
+  calls ``torch.cat`` on an empty list, which raises). ``soft_label_epoch`` picks another epoch.
 * Soft labels are off by default: the official argparse default is off and its commands turn them on for
   ImageNet-1K only (``imagenet_ipc1`` here). What they do on digits (quick, distill seed 0, ConvNet, 3 seeds,
   hard-label ``standard`` protocol): ipc 1 78.5 with them vs 91.1 without; ipc 10 94.4 vs 94.9 — the quick

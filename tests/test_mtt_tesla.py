@@ -63,8 +63,9 @@ def test_tesla_gradient_equals_unrolled_mtt(augmented, batch_syn, soft):
     tesla = constant_memory_gradient(model, layout, images, targets, alpha, theta_start, theta_target, steps, augment)
     assert relative_error(tesla.loss, mtt.loss) < 1e-10
     assert mtt.images.norm() > 0 and mtt.lr.abs() > 0
-    assert relative_error(tesla.images, mtt.images) < 1e-4
-    assert relative_error(tesla.lr, mtt.lr) < 1e-4
+    # Exact in float64 up to rounding: far inside the 1e-4 the issue asks for.
+    assert relative_error(tesla.images, mtt.images) < 1e-10
+    assert relative_error(tesla.lr, mtt.lr) < 1e-10
 
 
 def test_each_method_uses_its_gradient():
