@@ -14,8 +14,8 @@ Both files are written atomically (temporary file + rename), the tensor file fir
 tensor files are deleted only once the new JSON is in place. A kill at any moment thus leaves either the previous
 complete checkpoint or the new one. A checkpoint whose JSON is unreadable, whose tensor file is missing or does
 not match its hash or iteration (a torn or corrupted pair), whose JSON does not match its own hash (edited by
-hand: an iteration count past the run's end, a wrong-typed optimiser state), or that belongs to another run is ignored with a log
-line, and the distillation starts from scratch. Nothing is pickled.
+hand: an iteration count past the run's end, a wrong-typed optimiser state), or that belongs to another run is
+ignored with a log line, and the distillation starts from scratch. Nothing is pickled.
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ COMPARE_DEFAULTS = {"acc_tol": 2.0, "acc_k": 2.0, "memory_rel_tol": 0.10, "flops
 BATCH_SEEDS = ("auto", "on", "off")  # bench.evaluate.BATCH_SEEDS_CHOICES, without importing torch for --help
 BATCH_SEEDS_HELP = ("train an evaluation's seeds at once as one stacked model (on), one after the other (off), or "
                     "whichever a short calibration finds faster on this machine, remembered in the cache folder "
-                    "(auto, the default); the same computation either way, recorded as eval_engine")
+                    "(auto, the default, which decides by timing); the same computation up to rounding either way, "
+                    "recorded as eval_engine: pass on or off for bit-identical reruns")
 
 
 def build_parser() -> argparse.ArgumentParser:

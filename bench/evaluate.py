@@ -217,8 +217,8 @@ class _CapturedStep:
 class _CudaGraphSteps:
     """``steps`` with each whole training step — batch gather, DSA, forward, backward, SGD step — replayed from a
     CUDA graph: one launch instead of the hundreds of small kernel launches that bound a step at a few images per
-    class (on an H200, one eager batched ConvNet step of 5 seeds at ipc 1 took 5.7 ms, far more than its
-    arithmetic needs).
+    class (on an H200, one eager batched ConvNet step of 5 seeds at CIFAR-10 ipc 1 took 5.7 ms in auto's calibration,
+    far more than its arithmetic needs: ``results/gpu/2026-11-30-h200/batched_eval.log``).
 
     The host still draws everything from each seed's generator, exactly as an eager step does (the epoch's batch
     order, then each step's DSA operation and parameters), and copies the draws into the graph's static buffers:
@@ -790,7 +790,8 @@ def evaluate_distilled(
     ``protocol`` is already resolved (quick form, learned lr). For each seed, one generator derived from the
     seed drives the network's initialisation, the batch order and the augmentation. ``batch_seeds`` (``auto``,
     ``on``, ``off``; see ``choose_eval_engine``) says whether the seeds' networks train at once, stacked, or
-    one after the other — the same computation either way; the result's ``eval_engine`` says which ran and why.
+    one after the other — the same computation up to floating-point rounding; the result's ``eval_engine`` says
+    which ran and why.
     ``on_epoch(epoch, loss)`` runs after every epoch of every network.
     """
     check_compatible(distilled, dataset)

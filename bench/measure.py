@@ -36,7 +36,7 @@ from torch.utils.flop_counter import flop_registry
 
 from bench import host_allocator
 
-DEFAULT_SAMPLE_INTERVAL_S = 0.01  # NVML (and psutil where needed) 100 times a second: ~40-120 µs of one core each
+DEFAULT_SAMPLE_INTERVAL_S = 0.01  # NVML (and psutil where needed) 100 times a second
 PHASE_FIELDS = ("wall_s", "cpu_peak_rss_mb", "gpu_nvml_peak_mb", "gpu_torch_allocated_peak_mb",
                 "gpu_torch_reserved_peak_mb", "gpu_reason")
 

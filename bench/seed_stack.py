@@ -9,7 +9,8 @@ its own seed's gradient. Two forwards compute the stacked logits:
   and channel-wise layers (ConvNet and its variants, AlexNet, VGG): the S seeds' channels lie side by side in
   one ``[batch, S·channels, h, w]`` tensor and every convolution runs with ``groups = S``, GroupNorm with
   S× the groups, and the classifier as one batched matrix product. This is what ``vmap`` does underneath, minus
-  its per-op bookkeeping (measured on CPU, ConvNet at 8×8 and 28×28: 20–60 % less time per step than ``vmap``).
+  its per-op bookkeeping (on CPU, ConvNet at 8×8 and 28×28, it took 20–60 % less time per step than ``vmap`` in a
+  comparison made at a64957b and not logged).
 * **``torch.func.vmap``** over ``functional_call`` — any other architecture (ResNets, ViTs, timm models).
   ``randomness="error"``: a network that draws random numbers in its forward (dropout) cannot be batched.
 

@@ -9,7 +9,8 @@ attached; "no FLOPs" is the harness's path with the FLOP-counting window turned 
 Two estimates are printed:
 
 * **end to end**: median wall times and their ratios. On a shared 2-core machine whole runs of the same work vary
-  by ±10 %, far more than the 1 % being measured, so this is a sanity check only;
+  by far more than the 1 % being measured (27.6–35.8 s and 9.3–13.8 s in the two logs under
+  ``results/cpu/2026-11-30-amd-epyc/``), so this is a sanity check only; the line prints this run's spread;
 * **from its parts, measured in the run** (the figure to quote): what measuring adds — the FLOP-counting window's
   excess over an uncounted period of the same run (``iter_time_s.flop_window_s − per_period × median``), the
   per-iteration bookkeeping (meter, progress bar) timed over 20,000 calls, the phases' sampler start/stop, and any
@@ -107,7 +108,9 @@ def main() -> None:
     print(f"no FLOPs median {median['no FLOPs']:.3f} s  (min {min(times['no FLOPs']):.3f})")
     cpu = {k: statistics.median(v) for k, v in cpu_times.items()}
     print(f"CPU time medians: plain {cpu['plain']:.3f} s, measured {cpu['measured']:.3f} s, no FLOPs {cpu['no FLOPs']:.3f} s")
-    print("end to end (whole runs of the same work vary by ±10 % on a shared 2-core machine):")
+    every_run = [t for runs in times.values() for t in runs]
+    print(f"end to end (whole runs of the same work took {min(every_run):.1f}–{max(every_run):.1f} s here, "
+          f"{100 * (max(every_run) / min(every_run) - 1):.0f} % apart):")
     for label, name, paired in (("  overhead", "measured", ratios), ("  without the FLOP window", "no FLOPs", ratios_no_flops)):
         print(f"{label}: medians {100 * (median[name] / median['plain'] - 1):+.2f} %, "
               f"minima {100 * (min(times[name]) / min(times['plain']) - 1):+.2f} %, "

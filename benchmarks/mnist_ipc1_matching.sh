@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # MNIST, ipc 1: DC, DSA and DM with their reduced CPU recipes (`<method>.mnist_ipc1_cpu`: DC/DSA 80 iterations,
 # DM 200, real batches of 64), plus random; each evaluated with the quick standard protocol over seeds 0,1,2.
-# Two single-threaded chains in parallel; about 21 minutes on 2 cores.
+# Two single-threaded chains in parallel, on 2 cores (its run was not logged; make bench-mnist's suite, the same
+# cells, is timed in results/cpu/2026-12-01-amd-epyc/mnist_cpu/records).
 #   DDBENCH_DATA=/path/holding/MNIST/raw bash benchmarks/mnist_ipc1_matching.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

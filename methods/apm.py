@@ -25,8 +25,11 @@ Real data enters only through the teachers and the initialisation (ipc random re
 As in the official code, the synthetic set lives in host memory with its gradient and its optimiser's momentum
 (``images_on_host``): each update moves its batch to the device segment by segment, and the device holds only the
 networks and one segment's graphs. At ImageNet-1K ipc 50 the set (50,000 images of 3×64×64) is 2.5 GB, three times
-over with gradient and momentum: on the GPU that alone would exceed the paper's 6.5 GB at segment 100 (the GPU
-peaks of this placement are not yet measured: ``benchmarks/apm_segment_cost.py --device cuda``).
+over with gradient and momentum: on the GPU that alone would exceed the paper's 6.5 GB at segment 100. On an
+H200 the image step of this placement (``benchmarks/apm_segment_cost.py --device cuda``, ConvNet-4 of width 128)
+peaked at 9.2 / 4.7 / 1.9 GB allocated at segment 500 / 250 / 100
+(``results/gpu/2026-11-30-h200-second/apm_memory_73afc5d.log``), before 013b085 freed each student's graph after
+its backward; not measured on a GPU since.
 
 With the harness's checkpoints on, the loop state is saved at period boundaries only — after an iteration
 whose successor draws a new teacher and student — so neither network needs saving (``APM.distill_group``); a
@@ -48,8 +51,9 @@ Deviations from the official code, on purpose (``notes/methods.md`` §7):
   whole set and adds the whole set's gradient into an accumulator: work in the size of the set, not of the
   segment. At ImageNet-1K ipc 50 (50,000 images, ``batch_syn`` 500) that bookkeeping is what makes small segments
   slow: re-implemented in ``benchmarks/apm_segment_cost.py`` (image step alone, narrow ConvNet-4 networks, 2-core CPU),
-  its image step took 28 / 34 / 79 s at segment 500 / 250 / 100, where this one took 5.7 / 5.7 / 5.6 s (the paper,
-  whole iterations on a GPU: 8.6 / 11.1 / 18.2 s).
+  its image step took 28 / 34 / 79 s at segment 500 / 250 / 100, where this one took 5.7 / 5.7 / 5.6 s at 8114e41,
+  before the set moved to host memory and the step dropped a graph (``results/cpu/2026-11-30-amd-epyc/
+  apm_segment_cost.log``; the paper, whole iterations on a GPU: 8.6 / 11.1 / 18.2 s).
 
 The paper has no recipe for ipc 1 or for CIFAR-10 ipc 10; ours (``cifar10_ipc1``, ``cifar10_ipc10``,
 ``cifar100_ipc1``) reuse the CIFAR-10 ipc 50 recipe (ZCA, lr_img 1, lr_net 0.02, all images per update), the

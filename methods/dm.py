@@ -60,7 +60,8 @@ class DM(Method):
            for dataset in ("mnist", "fashion_mnist", "svhn", "cifar10", "cifar100") for ipc in (1, 10, 50)},
         **{f"cifar10_ipc{ipc}": {"lr_img": 10.0} for ipc in (100, 200, 500, 1000, 1250)},
         **{f"cifar100_ipc{ipc}": {"lr_img": 1.0} for ipc in (100, 125)},
-        # MNIST ipc 1 sized for a 2-core CPU (about 6 minutes; distil without --quick, which would override it):
+        # MNIST ipc 1 sized for a 2-core CPU (distillation 288 s in the committed
+        # results/cpu/2026-12-01-amd-epyc/mnist_cpu records; distil without --quick, which would override it):
         # 200 iterations instead of 20,000 and real batches of 64 instead of 256.
         "mnist_ipc1_cpu": {"iterations": 200, "batch_real": 64},
     }

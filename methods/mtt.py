@@ -304,8 +304,9 @@ class MTT(Method):
     # The CPU-sized copy, applied on top of any recipe and sized for `digits` (8×8, 10 classes, 6 expert SGD
     # steps per epoch): 8 experts of 15 epochs (trained once, cached, shared with TESLA), 300 iterations of 12
     # student steps on batches of ≤ 20 images. lr_img and lr_lr are digits' values: the readme's lr_img 1000
-    # scrambles digits' pixels and lr_lr 1e-5 drives α below 0 within two iterations there. Measured on 2 shared
-    # CPU cores (1 torch thread): experts 27 s once; distillation 20 s at ipc 1, 33 s at ipc 10.
+    # scrambles digits' pixels and lr_lr 1e-5 drives α below 0 within two iterations there. In the committed quick
+    # run (results/cpu/2026-12-01-amd-epyc/quick/records: 2 cores, two cells side by side, 1 torch thread each):
+    # experts 29 s once; distillation 26 s at ipc 1, 41 s at ipc 10.
     quick = dict(iterations=300, num_experts=8, expert_train_epochs=15, syn_steps=12, expert_epochs=2,
                  max_start_epoch=10, batch_syn=20, lr_img=100.0, lr_lr=1e-6)
     smoke = dict(iterations=3, num_experts=2, expert_train_epochs=2, syn_steps=2, expert_epochs=1, max_start_epoch=1)
