@@ -34,10 +34,11 @@ Deviations from the official code, on purpose:
   calls ``torch.cat`` on an empty list, which raises). ``soft_label_epoch`` picks another epoch.
 * Soft labels are off by default: the official argparse default is off and its commands turn them on for
   ImageNet-1K only (``imagenet_ipc1`` here). What they do on digits (quick, distill seed 0, ConvNet, 3 seeds,
-  hard-label ``standard`` protocol): ipc 1 78.5 with them vs 91.1 without; ipc 10 94.4 vs 94.9 — the quick
-  experts are under-trained (mean max-probability ≈ 0.55 on the test set at epoch 11), and at ipc 1 the teacher
-  gives one class's only initial image a true-class probability of 0.07, so its soft label pulls that image
-  towards another class while the protocol still trains it as its own.
+  hard-label ``standard`` protocol; ``results/cpu/2026-12-01-amd-epyc/tesla_soft_labels.log`` and the quick
+  records): ipc 1 78.5 with them vs 91.1 without; ipc 10 94.4 vs 94.9 — the quick experts are under-confident
+  (expert 0 at epoch 11: mean max-probability 0.55 on the test set), and at ipc 1 the teacher gives one class's
+  only initial image a true-class probability of 0.11, so its soft label pulls that image towards other classes
+  while the protocol still trains it as its own.
 * Everything MTT's docstring lists (no test-set selection, generator-driven randomness, …).
 
 Recipes: MTT's table, with the settings of the official TESLA readme where it gives a command — CIFAR-10 ipc 1
