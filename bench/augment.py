@@ -13,6 +13,10 @@ image of both batches); non-siamese calls (evaluation training) draw per-image p
 Deviation from the official code, on purpose: parameters come from a ``torch.Generator`` handed in by the
 caller, instead of re-seeding the global RNG before every draw.
 
+Scale and rotate resample with ``align_corners=True``. The official code passes nothing, which under the torch it
+pins (1.2) meant True and under torch ≥ 1.3 means False; True is what its authors ran, and MTT's copy of these
+operations sets it explicitly.
+
 ``pack`` / ``apply_packed`` compute ``augment_each``'s images without branching on the drawn operations (every
 operation on every image, each image keeping its own): what a CUDA graph of a whole training step replays
 (``bench.evaluate._CudaGraphSteps``).

@@ -7,8 +7,10 @@ embeddings stays as close as possible to the class mean: at step k, pick the unp
 ‖μ_c − (Σ_{j<k} φ_j + φ_i) / k‖. Selection is deterministic given the embedding network.
 
 The embedding network is trained with the shared loop (``bench.evaluate.train_network``): SGD lr 0.01,
-momentum 0.9, wd 5e-4, batch 256, DSA, lr ×0.1 at half — DC's network-training recipe — for
-``embed_epochs`` epochs.
+momentum 0.9, wd 5e-4, batch 256, DSA, lr ×0.1 at half, for ``embed_epochs`` epochs — the standard evaluation's
+settings. This recipe is ddbench's choice: the official DC repository holds no herding code (its scripts load
+precomputed herding sets), so which network, epochs and augmentation produced DC's herding rows is not known.
+Embeddings are used as the network gives them, not L2-normalised as in iCaRL.
 """
 
 from __future__ import annotations
