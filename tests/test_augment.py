@@ -1,5 +1,8 @@
 """DSA: the siamese property, gradient flow, the operations' semantics, determinism through generators."""
 
+import math
+
+import pytest
 import torch
 
 from bench.augment import ALL_OPERATIONS, DSA, AugmentParams
@@ -77,14 +80,49 @@ def test_flip_and_identity_affine():
     assert torch.allclose(rotated, x, atol=1e-5)
 
 
-def test_color_parameters_span_the_official_ranges():
-    """ParamDiffAug's brightness 1.0, saturation 2.0, contrast 0.5: 10,000 uniform draws fill each range to within
-    1 % of its width at both ends, and never leave it."""
-    dsa = DSA(("color",))
-    p = dsa.sample(10_000, (8, 8), torch.Generator().manual_seed(0))
-    for name, low, high in (("brightness", -0.5, 0.5), ("saturation", 0.0, 2.0), ("contrast", 0.5, 1.5)):
-        values, margin = p.values[name], 0.01 * (high - low)
+def test_parameters_span_the_official_ranges():
+    """ParamDiffAug's brightness 1.0, saturation 2.0, contrast 0.5, ratio_scale 1.2 (sx, sy each uniform in
+    [1/1.2, 1.2]) and ratio_rotate 15 (uniform in ±15°, in radians): 10,000 uniform draws fill each range to within
+    1 % of its width at both ends, and never leave it. ratio_crop_pad 0.125: integer shifts in
+    ±int(0.125·side + 0.5) per axis (±4 rows and ±2 columns at 32×16), every one of them drawn."""
+    generator = torch.Generator().manual_seed(0)
+    draws = {op: DSA((op,)).sample(10_000, (32, 16), generator).values for op in ("color", "scale", "rotate", "crop")}
+    angle = 15 * math.pi / 180
+    for op, name, low, high in (
+        ("color", "brightness", -0.5, 0.5), ("color", "saturation", 0.0, 2.0), ("color", "contrast", 0.5, 1.5),
+        ("scale", "sx", 1 / 1.2, 1.2), ("scale", "sy", 1 / 1.2, 1.2), ("rotate", "angle", -angle, angle),
+    ):
+        values, margin = draws[op][name], 0.01 * (high - low)
         assert low <= values.min() < low + margin and high - margin < values.max() <= high, name
+    assert not torch.equal(draws["scale"]["sx"], draws["scale"]["sy"])  # independent per axis
+    for name, side, bound in (("shift_x", 32, 4), ("shift_y", 16, 2)):
+        shifts = draws["crop"][name]
+        assert bound == int(0.125 * side + 0.5)
+        assert not shifts.is_floating_point() and set(shifts.tolist()) == set(range(-bound, bound + 1)), name
+
+
+def test_rotation_turns_counterclockwise_as_the_official_affine_grid():
+    """The official rand_rotate builds θ = [[cos a, −sin a, 0], [sin a, cos a, 0]] for affine_grid, which samples
+    output point q (x = column, y = row, pointing down) from the input at θq: a pixel at p lands at R(−a)p. For
+    a = 90° the top-centre pixel goes to the middle of the left edge (the official comment: "90: anticlockwise 90
+    degree"); for a drawn angle, an off-centre pixel's intensity centroid lands where R(−a) puts it."""
+    x = torch.zeros(1, 1, 5, 5)
+    x[0, 0, 0, 2] = 1.0
+    quarter = DSA(("rotate",)).apply(x, AugmentParams("rotate", {"angle": torch.tensor([math.pi / 2])}))
+    expected = torch.zeros_like(x)
+    expected[0, 0, 2, 0] = 1.0
+    assert torch.allclose(quarter, expected, atol=1e-5)
+
+    dsa = DSA(("rotate",))
+    params = dsa.sample(1, (21, 21), torch.Generator().manual_seed(8))
+    a = float(params.values["angle"])
+    assert math.radians(8) < abs(a) <= math.radians(15)
+    image = torch.zeros(1, 1, 21, 21, dtype=torch.float64)
+    image[0, 0, 10, 18] = 1.0  # 8 pixels right of the centre (10, 10)
+    out = dsa.apply(image, params)[0, 0]
+    rows, cols = torch.meshgrid(torch.arange(21.0, dtype=torch.float64), torch.arange(21.0, dtype=torch.float64), indexing="ij")
+    centroid = (float((rows * out).sum() / out.sum()), float((cols * out).sum() / out.sum()))
+    assert centroid == pytest.approx((10 - 8 * math.sin(a), 10 + 8 * math.cos(a)), abs=0.05)
 
 
 def test_branch_free_augmentation_gives_each_batch_its_own_draw_exactly():

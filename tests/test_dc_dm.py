@@ -2,16 +2,19 @@
 augmentation (one parameter draw shared by the real and the synthetic batch of a class step), the loops."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bench.augment import DSA
 from bench.data import load_dataset
 from bench.errors import UserError
 from bench.models import embed
 from bench.registry import create_method, get_method_class
+from methods import dc as dc_module
 from methods.base import DistillContext
 from methods.dc import BN_IMAGES_PER_CLASS, batchnorm_layers, freeze_batchnorm, gradient_distance, initial_images, layer_distance
 
@@ -72,6 +75,67 @@ def test_layer_distance_of_a_gradient_with_itself_is_zero():
     assert float(layer_distance(g, g.clone())) == pytest.approx(0.0, abs=1e-5)
 
 
+def official_match_loss(grads_real, grads_syn):
+    """``match_loss(..., dis_metric='ours')`` of the official utils.py: ``distance_wb`` summed over every parameter."""
+    total = grads_syn[0].new_zeros(())
+    for real, syn in zip(grads_real, grads_syn):
+        if real.dim() == 1:
+            continue
+        a, b = real.reshape(real.shape[0], -1), syn.reshape(syn.shape[0], -1)
+        total = total + torch.sum(1 - torch.sum(a * b, dim=-1) / (torch.norm(a, dim=-1) * torch.norm(b, dim=-1) + 0.000001))
+    return total
+
+
+def first_classes(dataset, classes, dtype):
+    """The dataset restricted to its first ``classes`` classes, its images cast to ``dtype``."""
+    train, test = dataset.train_labels < classes, dataset.test_labels < classes
+    return dataclasses.replace(
+        dataset, info=dataclasses.replace(dataset.info, num_classes=classes),
+        train_images=dataset.train_images[train].to(dtype), train_labels=dataset.train_labels[train],
+        test_images=dataset.test_images[test].to(dtype), test_labels=dataset.test_labels[test],
+        class_names=dataset.class_names[:classes],
+    )
+
+
+@pytest.mark.parametrize("name", ["dc", "dsa"])
+def test_matching_loss_is_the_official_sum_over_every_parameter_and_class(name, digits):
+    """A real ConvNet (two conv layers and a classifier, biases and norm weights) in float64, three classes: per
+    class, the gradients of CE on the real batch and on the synthetic images w.r.t. every parameter, the official
+    distance of each parameter (1-D ones 0), summed over parameters and classes — computed here with the same real
+    batches and siamese draws (the context's generator replayed) — equals ``matching_loss``, and so does its
+    gradient in the synthetic images."""
+    classes, batch_real = 3, 32
+    data = first_classes(digits, classes, torch.float64)
+    method = smoke_method(name, batch_real=batch_real)
+    ctx = context(data, seed=11, arch="convnet[depth=2,width=16]")
+    net = ctx.make_network().double().train()
+    params = list(net.parameters())
+    assert sum(p.dim() > 1 for p in params) == 3 and any(p.dim() == 1 for p in params)
+    images = torch.randn(classes * IPC, *data.image_shape, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    augment = ctx.augmentation() if method.config.dsa else None
+    replay = torch.Generator().set_state(ctx.generator.get_state())
+
+    loss = method.matching_loss(net, images, ctx, augment)
+
+    expected = images.new_zeros(())
+    for c in range(classes):
+        real, syn = data.sample_class(c, batch_real, replay), images[c * IPC : (c + 1) * IPC]
+        if augment is not None:
+            drawn = augment.siamese(real, replay)
+            real, syn = augment.apply(real, drawn), augment.apply(syn, drawn)
+        ce_real = F.cross_entropy(net(real), torch.full((len(real),), c))
+        ce_syn = F.cross_entropy(net(syn), torch.full((len(syn),), c))
+        grads_real = [g.detach() for g in torch.autograd.grad(ce_real, params)]
+        grads_syn = torch.autograd.grad(ce_syn, params, create_graph=True)
+        expected = expected + official_match_loss(grads_real, grads_syn)
+    assert loss.dtype == torch.float64
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, images)
+    (expected_grad,) = torch.autograd.grad(expected, images)
+    assert torch.allclose(grad, expected_grad, rtol=1e-9, atol=1e-15)
+
+
 # -- loops -----------------------------------------------------------------------------------------------------------
 
 
@@ -92,6 +156,76 @@ def test_dsa_is_dc_with_augmentation_and_real_init():
     dsa = create_method("dsa")
     assert dsa.config.dsa is True and dsa.config.init == "real"
     assert create_method("dc").config.dsa is False and create_method("dc").config.init == "noise"
+
+
+def test_defaults_and_recipes_are_the_official_hyperparameters():
+    """VICO-UoE/DatasetCondensation. DC: main.py's argparse defaults (Iteration 1000, lr_img 0.1, lr_net 0.01,
+    batch_real and batch_train 256, init noise), its image optimiser SGD(momentum=0.5), utils.get_loops. DSA:
+    main.py --method DSA with the readme's --init real and main.py's lr_img. DM: main_DM.py's defaults (Iteration
+    20000, lr_img 1.0, batch_real 256, init real, DSA on) and image optimiser SGD(momentum=0.5); the readme's lr_img
+    10 for CIFAR-10 at ipc 100/200/500/1000/1250 and 1 for CIFAR-100 at ipc 1/10/50/100/125."""
+    get_loops = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+    datasets = ("mnist", "fashion_mnist", "svhn", "cifar10", "cifar100")
+
+    dc = get_method_class("dc").Config()
+    assert (dc.iterations, dc.lr_img, dc.img_momentum, dc.lr_net, dc.batch_real, dc.batch_train, dc.init, dc.dsa) == (
+        1000, 0.1, 0.5, 0.01, 256, 256, "noise", False)
+    assert (dc.outer_loop, dc.inner_loop, dc.loop_scale) == (None, None, 1.0)
+    assert dc_module.LOOPS_BY_IPC == get_loops
+    assert dc_module.BN_IMAGES_PER_CLASS == 16
+    for ipc, loops in get_loops.items():
+        assert create_method("dc").loops(ipc) == loops
+
+    dsa = get_method_class("dsa").Config()
+    assert (dsa.iterations, dsa.lr_img, dsa.img_momentum, dsa.lr_net, dsa.batch_real, dsa.batch_train, dsa.init,
+            dsa.dsa) == (1000, 0.1, 0.5, 0.01, 256, 256, "real", True)
+
+    for name, init, dsa_on in (("dc", "noise", False), ("dsa", "real", True)):
+        for dataset in datasets:
+            for ipc in (1, 10, 50):
+                method = create_method(f"{name}.{dataset}_ipc{ipc}")
+                cfg = method.config
+                assert method.loops(ipc) == get_loops[ipc], (name, dataset, ipc)
+                assert (cfg.iterations, cfg.lr_img, cfg.img_momentum, cfg.lr_net, cfg.batch_real, cfg.batch_train,
+                        cfg.init, cfg.dsa) == (1000, 0.1, 0.5, 0.01, 256, 256, init, dsa_on), (name, dataset, ipc)
+
+    dm = get_method_class("dm").Config()
+    assert (dm.iterations, dm.lr_img, dm.img_momentum, dm.batch_real, dm.init, dm.dsa) == (20000, 1.0, 0.5, 256, "real", True)
+    lr_by_recipe = {
+        **{f"{dataset}_ipc{ipc}": 1.0 for dataset in datasets for ipc in (1, 10, 50)},
+        **{f"cifar10_ipc{ipc}": 10.0 for ipc in (100, 200, 500, 1000, 1250)},
+        **{f"cifar100_ipc{ipc}": 1.0 for ipc in (100, 125)},
+    }
+    for recipe, lr_img in lr_by_recipe.items():
+        cfg = create_method(f"dm.{recipe}").config
+        assert (cfg.iterations, cfg.lr_img, cfg.img_momentum, cfg.batch_real, cfg.init, cfg.dsa) == (
+            20000, lr_img, 0.5, 256, "real", True), recipe
+
+
+@pytest.mark.parametrize("name", ["dc", "dm"])
+def test_optimisers_use_the_configured_hyperparameters(name, digits, monkeypatch):
+    """The images' optimiser is SGD(lr_img, momentum img_momentum) (official: SGD([image_syn], lr=args.lr_img,
+    momentum=0.5)); DC's inner training is SGD(lr_net) without momentum or weight decay (official main.py). Unusual
+    values, so that a constant written in the code instead of the config shows."""
+    made = []
+
+    class RecordingSGD(torch.optim.SGD):
+        def __init__(self, params, **kwargs):
+            params = list(params)
+            made.append((params, kwargs))
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    inner = {"outer_loop": 2, "inner_loop": 1, "lr_net": 0.02} if name == "dc" else {}
+    out = smoke_method(name, iterations=1, lr_img=0.3, img_momentum=0.7, **inner).distill(context(digits))
+    (images,), kwargs = made[0]
+    assert images.shape == out.images.shape
+    assert (kwargs["lr"], kwargs["momentum"], kwargs.get("weight_decay", 0)) == (0.3, 0.7, 0)
+    if name == "dc":
+        assert len(made) > 1
+        assert all((kw["lr"], kw.get("momentum", 0), kw.get("weight_decay", 0)) == (0.02, 0, 0) for _, kw in made[1:])
+    else:
+        assert len(made) == 1
 
 
 # -- gradients reach the synthetic images -----------------------------------------------------------------------------
@@ -227,3 +361,25 @@ def test_dc_freezes_batchnorm_statistics_on_real_data(digits):
         assert torch.equal(frozen.running_var, replayed.running_var)
     out = smoke_method("dc", iterations=1).distill(context(digits, arch="convnet_bn"))
     assert torch.isfinite(out.images).all()
+
+
+def test_dc_refreezes_batchnorm_before_every_image_step(digits, monkeypatch):
+    """Official main.py sets and freezes the BatchNorm statistics at the top of every outer-loop step: once per image
+    step, just before it — the inner training in between puts the network back in training mode, so every matching
+    loss must find the statistics frozen again."""
+    events = []
+    freeze, matching_loss = dc_module.freeze_batchnorm, get_method_class("dc").matching_loss
+
+    def counting_freeze(net, ctx):
+        events.append("freeze")
+        freeze(net, ctx)
+
+    def checking_matching_loss(self, net, images, ctx, augment):
+        events.append("match" if not any(layer.training for layer in batchnorm_layers(net)) else "match, BN training")
+        return matching_loss(self, net, images, ctx, augment)
+
+    monkeypatch.setattr(dc_module, "freeze_batchnorm", counting_freeze)
+    monkeypatch.setattr(get_method_class("dc"), "matching_loss", checking_matching_loss)
+    iterations, outer_loop = 2, 3
+    smoke_method("dc", iterations=iterations, outer_loop=outer_loop, inner_loop=1).distill(context(digits, arch="convnet_bn"))
+    assert events == ["freeze", "match"] * (iterations * outer_loop)
