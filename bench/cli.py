@@ -92,6 +92,9 @@ def _measured(parser: argparse.ArgumentParser) -> None:
 
 # bench.compare.Thresholds' defaults, for --help without importing pandas (tests/test_cli.py checks they agree)
 COMPARE_DEFAULTS = {"acc_tol": 2.0, "acc_k": 2.0, "memory_rel_tol": 0.10, "flops_rel_tol": 0.02, "time_rel_tol": 0.5}
+# `run`'s grid options when no suite is named (a suite's grids set them, so with --suite they are refused)
+GRID_DEFAULTS = {"dataset": "digits", "ipc": [1, 10], "distill_arch": "convnet", "eval_archs": ["convnet"],
+                 "seeds": [0, 1, 2], "distill_seed": 0, "protocol": "standard"}
 BATCH_SEEDS = ("auto", "on", "off")  # bench.evaluate.BATCH_SEEDS_CHOICES, without importing torch for --help
 BATCH_SEEDS_HELP = ("train an evaluation's seeds at once as one stacked model (on), one after the other (off), or "
                     "whichever a short calibration finds faster on this machine, remembered in the cache folder "
@@ -132,18 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--suite", default=None, help="a suite name (ddbench ls suites) or a suite YAML file; replaces the grid options")
     run.add_argument("--only", action="append", metavar="KEY=VALUE",
                      help="with --suite: keep only cells whose dataset, method, ipc, protocol or evaluation seed is VALUE (repeatable)")
-    run.add_argument("--dataset", default="digits")
+    run.add_argument("--dataset", default=None, help=f"default {GRID_DEFAULTS['dataset']}")
     run.add_argument("--methods", type=_names, default=None, help="comma-separated method[.recipe] names, or 'all'")
-    run.add_argument("--ipc", type=_ints, default=[1, 10])
-    run.add_argument("--distill-arch", default="convnet")
-    run.add_argument("--eval-archs", type=_archs, default=["convnet"],
-                     help="comma-separated evaluation architectures (any timm name; options in brackets)")
+    run.add_argument("--ipc", type=_ints, default=None, help="comma-separated; default 1,10")
+    run.add_argument("--distill-arch", default=None, help=f"default {GRID_DEFAULTS['distill_arch']}")
+    run.add_argument("--eval-archs", type=_archs, default=None,
+                     help="comma-separated evaluation architectures (any timm name; options in brackets); default convnet")
     run.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                      help="evaluate every distilled set (default); --no-evaluate: cost-only cells, as a suite's "
                           "evaluate: false")
-    run.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="evaluation seeds (one fresh network each)")
-    run.add_argument("--distill-seed", type=int, default=0)
-    run.add_argument("--protocol", default="standard")
+    run.add_argument("--seeds", type=_ints, default=None, help="evaluation seeds (one fresh network each); default 0,1,2")
+    run.add_argument("--distill-seed", type=int, default=None, help="default 0")
+    run.add_argument("--protocol", default=None, help=f"default {GRID_DEFAULTS['protocol']}")
     run.add_argument("--results", default=None,
                      help="folder for records and distilled sets (default: results/runs/<suite> or results/runs/default)")
     run.add_argument("--resume", action="store_true", help="skip cells whose records exist")
@@ -372,6 +375,10 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.methods:
             raise UserError("--suite and --methods exclude each other: the suite names its methods")
+        given = [f"--{name.replace('_', '-')}" for name in GRID_DEFAULTS if getattr(args, name) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} would be ignored with --suite, whose grids set them: filter its cells "
+                            f"with --only (dataset=, ipc=, protocol=, seed=, method=), or copy the suite and edit it")
         if not args.evaluate:
             raise UserError("--no-evaluate is for a grid on the command line; in a suite, a grid says evaluate: false")
         suite = load_suite(args.suite)
@@ -389,6 +396,9 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError("--only filters a suite's cells; use it with --suite")
         if not args.methods:
             raise UserError("name the methods (--methods apm,random or --methods all) or a suite (--suite quick)")
+        for name, default in GRID_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
         results = Path(args.results or "results/runs/default")
         request = RunRequest(dataset=args.dataset, methods=args.methods, ipcs=args.ipc,
                              eval_archs=args.eval_archs if args.evaluate else [],

@@ -252,6 +252,18 @@ grids:
                                                               planned[0][1][0].dataset.fingerprint)
 
 
+@pytest.mark.parametrize("option", [["--seeds", "0"], ["--dataset", "mnist"], ["--ipc", "1"], ["--protocol", "soft"],
+                                    ["--eval-archs", "convnet"], ["--distill-arch", "convnet"], ["--distill-seed", "0"]])
+def test_a_grid_option_beside_a_suite_is_refused_not_ignored(tmp_path, capsys, option):
+    """A suite's grids set the datasets, ipc, seeds…: a grid option given with --suite was silently dropped (a user
+    asking for one seed waited for three); now it is one line naming it and --only, before anything runs."""
+    code = main(["run", "--suite", "quick", "--only", "method=random", *option, "--results", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{option[0]} would be ignored with --suite" in err and "--only" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
 def test_imagenet_suite_without_data_names_the_files(tmp_path, capsys):
     code = main(["run", "--suite", "imagenet", "--quick", "--data-root", str(tmp_path), "--results", str(tmp_path / "r")])
     assert code == 2
