@@ -350,8 +350,8 @@ def load_dataset(
     dataset_on()  # a mistyped choice fails before minutes of reading
     root = resolve_data_root(data_root)
     if info.needs_root and not root.is_dir():
-        detail = "data root is a file, not a folder" if root.exists() else "data root does not exist"
-        raise DataFilesMissing(name, root, list(info.expected_files), detail=detail)
+        detail = "the data root is a file, not a folder" if root.exists() else "the data root does not exist"
+        raise DataFilesMissing(name, root, list(info.expected_files), detail=detail, about_root=True)
     raw = info.loader(root, resolution)
     device = torch.device(device)
     storage = dataset_storage(sum(split.numel() * 4 for split in (raw.train_images, raw.test_images)), device)
