@@ -420,7 +420,8 @@ def _validate(args: argparse.Namespace) -> None:
     suite = load_suite(args.suite)
     lines = describe_suite_cells(suite, suite_requests(suite, Path("."), quick=args.quick, only=parse_only(args.only)))
     print("\n".join(lines))
-    print(f"suite {suite.name} v{suite.version} ({suite.path}): {len(lines)} cells, every name resolves")
+    print(f"suite {suite.name} v{suite.version} ({suite.path}): {len(lines)} cell{'' if len(lines) == 1 else 's'}, "
+          f"every name resolves")
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -273,14 +273,16 @@ def check_grid_size(requests: list[RunRequest], confirmed: bool) -> int:
 
 
 def summarize(records: list[dict], skipped: int, results_dir: str | Path) -> str:
-    """One paragraph for the end of a run: how many cells ended in each status, and how many --resume skipped."""
+    """One paragraph for the end of a run: how many records (one per cell × evaluation architecture) ended in each
+    status, and how many --resume skipped."""
     counts = {status: 0 for status in ("ok", "failed", "oom", "diverged")}
     for record in records:
         counts[record["status"]] = counts.get(record["status"], 0) + 1
-    text = (f"{len(records) + skipped} cells: {', '.join(f'{n} {status}' for status, n in counts.items())}, "
-            f"{skipped} skipped by --resume; records in {Path(results_dir) / RECORDS_DIR}.")
+    total = len(records) + skipped
+    text = (f"{total} record{'' if total == 1 else 's'}: {', '.join(f'{n} {status}' for status, n in counts.items())}, "
+            f"{skipped} skipped by --resume; in {Path(results_dir) / RECORDS_DIR}.")
     if any(record["status"] != "ok" for record in records):
-        text += " Cells that did not end ok keep a record with their error; --resume reruns them."
+        text += " A record that did not end ok keeps its error; --resume reruns its cell."
     return text
 
 
@@ -877,7 +879,7 @@ def reject_repeated_cells(planned: list[tuple[RunRequest, list[Cell] | list[Desc
             for arch, identity in ids.items():
                 earlier = first_of.setdefault(identity, cell)
                 if earlier is not cell:
-                    where = (f"({cell.method_spec}, {cell.dataset_name} ipc {cell.ipc}"
+                    where = (f"({cell.method_spec}, {cell.dataset_name} ipc {cell.ipc if cell.ipc is not None else 'all'}"
                              f"{f' → {arch}' if arch else ''}, {request.protocol} protocol)")
                     first, second = earlier.label or earlier.method_spec, cell.label or cell.method_spec
                     if first == second:  # only a suite can name one label twice: in two of its grids
@@ -999,13 +1001,13 @@ def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[li
             other_data = [arch for arch in ids if ids[arch] in done and from_other_files(done[ids[arch]].get("data_fingerprint"),
                                                                                      cell.dataset.fingerprint)]
             if other_data:
-                echo(f"redo {_shown_label(cell)} ipc {cell.ipc}: its records were made from other {cell.dataset.name} "
+                echo(f"redo {_shown_label(cell)} ipc {cell.ipc if cell.ipc is not None else 'all'}: its records were made from other {cell.dataset.name} "
                      f"files than those under {request.data_root} (data fingerprint "
                      f"{done[ids[other_data[0]]]['data_fingerprint']}, now {cell.dataset.fingerprint})")
             archs = [arch for arch in ids if ids[arch] not in done or arch in other_data]
             if not archs:
                 warning = _code_since(done, ids.values(), this_commit) + _threads_since(done, ids.values(), threads)
-                echo(f"skip {_shown_label(cell)} ipc {cell.ipc}: records exist (--resume){warning}")
+                echo(f"skip {_shown_label(cell)} ipc {cell.ipc if cell.ipc is not None else 'all'}: records exist (--resume){warning}")
                 continue
             jobs.append(CellJob(cell, archs, ids, request))
     from bench.executors import create_executor

@@ -373,7 +373,7 @@ def test_a_failed_cell_gives_exit_3_and_a_summary(capsys, tmp_path, crash_oom):
     out, err = capsys.readouterr()
     assert code == 3, err
     summary = out.strip().splitlines()[-1]
-    assert "2 cells: 1 ok, 0 failed, 1 oom, 0 diverged, 0 skipped by --resume" in summary
+    assert "2 records: 1 ok, 0 failed, 1 oom, 0 diverged, 0 skipped by --resume" in summary
     assert sorted(r["status"] for r in _records(results).values()) == ["ok", "oom"]
 
 
@@ -402,7 +402,7 @@ def test_ctrl_c_keeps_written_records_marks_the_cell_and_resume_redoes_only_it(c
     out, err = capsys.readouterr()
     assert code == 0, err
     assert [line for line in out.splitlines() if line.startswith("skip")] == ["skip random ipc 1: records exist (--resume)"]
-    assert "2 cells: 1 ok, 0 failed, 0 oom, 0 diverged, 1 skipped by --resume" in out
+    assert "2 records: 1 ok, 0 failed, 0 oom, 0 diverged, 1 skipped by --resume" in out
     second = _records(results)
     assert set(second) == set(first), "a redone cell must overwrite its record, not add one"
     assert sorted((r["ipc"], r["status"]) for r in second.values()) == [(1, "ok"), (2, "ok")]
