@@ -301,7 +301,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     zca = (meta.get("transform") or {}).get("kind") == "zca"
     device = resolve_device(args.device)
     dataset = load_dataset(meta["dataset"], args.data_root, zca=zca, device=device)
-    check_compatible(distilled, dataset)
+    try:
+        check_compatible(distilled, dataset)
+    except UserError as exc:
+        raise UserError(f"{args.path}: {exc}") from None
     if from_other_files(meta.get("data_fingerprint"), dataset.fingerprint):
         print(f"ddbench: warning: {args.path} was distilled from other {meta['dataset']} files (data fingerprint "
               f"{meta['data_fingerprint']}) than the ones evaluated on now ({dataset.fingerprint})", file=sys.stderr)

@@ -518,6 +518,13 @@ def check_compatible(distilled: DistilledSet, dataset: Dataset) -> None:
     if len(distilled) and int(distilled.labels.max()) >= dataset.num_classes:
         raise UserError(f"distilled set has label {int(distilled.labels.max())}, but {dataset.name} has classes "
                         f"0..{dataset.num_classes - 1}")
+    ipc = meta.get("ipc")
+    if ipc is not None and len(distilled):
+        per_class = torch.bincount(distilled.labels.cpu(), minlength=dataset.num_classes)
+        if bool((per_class != ipc).any()):
+            counts = sorted(set(per_class.tolist()))
+            raise UserError(f"distilled set says ipc {ipc} but holds {'/'.join(map(str, counts))} images per class: its "
+                            f"records would be filed under ipc {ipc}; correct 'ipc' in its metadata (or set it to null)")
     soft = distilled.soft_labels
     if soft is not None and tuple(soft.shape) != (len(distilled), dataset.num_classes):
         raise UserError(f"distilled soft labels are {tuple(soft.shape)}, expected ({len(distilled)}, "

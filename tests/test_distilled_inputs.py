@@ -67,6 +67,24 @@ def test_learned_lr_must_be_a_finite_number_above_0(capsys, tmp_path, learned_lr
     _assert_refused(capsys, tmp_path, path, str(path), "'learned_lr' must be a finite number above 0", f"got {shown}")
 
 
+@pytest.mark.parametrize("ipc, labels, shown", [(10, torch.arange(10), "holds 1 images per class"),
+                                               (1, torch.arange(20) % 10, "holds 2 images per class"),
+                                               (1, torch.tensor([0, 0] + list(range(2, 10))), "holds 0/1/2 images")])
+def test_a_stated_ipc_must_be_what_every_class_holds(capsys, tmp_path, ipc, labels, shown):
+    """The set's ipc files its records under that column; one that says 10 and holds 1 per class was accepted."""
+    path = _write_set(tmp_path, images=torch.zeros(len(labels), 1, 8, 8), labels=labels, ipc=ipc)
+    _assert_refused(capsys, tmp_path, path, str(path), f"distilled set says ipc {ipc} but {shown}")
+
+
+@pytest.mark.parametrize("labels, images, expected", [
+    (torch.arange(10), torch.zeros(10, 1, 28, 28), "distilled images are (1, 28, 28), the dataset's (1, 8, 8)"),
+    (torch.arange(1, 11), torch.zeros(10, 1, 8, 8), "distilled set has label 10, but digits has classes 0..9"),
+])
+def test_a_set_that_does_not_fit_its_dataset_is_refused_naming_the_file(capsys, tmp_path, labels, images, expected):
+    path = _write_set(tmp_path, images=images, labels=labels, ipc=None)
+    _assert_refused(capsys, tmp_path, path, f"{path}: {expected}")
+
+
 def test_a_huge_but_finite_learned_lr_is_the_set_s_business(tmp_path):
     assert DistilledSet.load(_write_set(tmp_path, learned_lr=1e6)).learned_lr == 1e6
 
