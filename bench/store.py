@@ -343,13 +343,16 @@ def _parse_problem(exc: Exception) -> str:
 
 
 def load_records(results_dir: str | os.PathLike, strict: bool = False) -> list[dict]:
-    """Every record (``*.json`` under ``records/`` folders) below ``results_dir``. A file that is not readable JSON
+    """Every record (``*.json`` under ``records/`` folders) below ``results_dir``, or in it when it is itself a
+    ``records/`` folder. A file that is not readable JSON
     (truncated, nested too deeply, an integer of thousands of digits), not a record of a schema version this code
     reads, or a record with a field of the wrong type (``record_problem``) is skipped with a line on stderr naming
     it and why — or, with ``strict`` (a regression check, which must not pass by losing a cell), is a
     ``UserError`` naming it."""
     records = []
-    for path in sorted(Path(results_dir).rglob(f"{RECORDS_DIR}/*.json")):
+    root = Path(results_dir)
+    paths = set(root.rglob(f"{RECORDS_DIR}/*.json")) | (set(root.glob("*.json")) if root.name == RECORDS_DIR else set())
+    for path in sorted(paths):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError, ...

@@ -34,6 +34,8 @@ def test_record_round_trip(tmp_path):
     frame = load_results(tmp_path)
     assert frame.loc[0, "acc_mean"] == 91.0 and frame.loc[0, "distill_wall_s"] == 0.5
     assert frame.loc[0, "distill_cpu_peak_rss_mb"] is None
+    assert [r["record_id"] for r in load_records(path.parent)] == ["abc123"]  # the records/ folder itself
+    assert len(load_results(path.parent)) == 1
 
 
 def test_distilled_set_round_trip(tmp_path):
