@@ -219,12 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _ls(what: str) -> None:
     if what == "methods":
-        from bench.registry import get_method_class, list_methods
+        from bench.registry import get_method_class, list_methods, method_origin
 
         for name in list_methods():
             cls = get_method_class(name)
             recipes = ", ".join(f"{name}.{r}" for r in cls.recipes) or "-"
-            print(f"{name:10s} recipes: {recipes}")
+            origin = method_origin(name)
+            plugin = f"  (plugin: {origin.get('distribution') or origin.get('entry_point')})" if origin else ""
+            print(f"{name:10s} recipes: {recipes}{plugin}")
     elif what == "suites":
         from bench.suite import list_suites, load_suite
 

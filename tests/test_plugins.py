@@ -96,6 +96,13 @@ def test_a_plugins_methods_say_where_they_come_from(install):
     assert registry.method_origin("random") is None
 
 
+def test_ls_methods_marks_a_plugins_methods(install, capsys):
+    install({"good": "good"}, good=GOOD)
+    assert main(["ls", "methods"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines["good"].endswith("(plugin: ddbench-test-plugins)") and "plugin" not in lines["random"]
+
+
 def test_asking_for_the_method_of_a_failed_plugin_names_the_plugin(install, capsys):
     install({"broken": "broken"}, broken=BROKEN)
     with pytest.raises(UnknownNameError) as exc:
