@@ -95,7 +95,12 @@ COMPARE_DEFAULTS = {"acc_tol": 2.0, "acc_k": 2.0, "memory_rel_tol": 0.10, "flops
 # `run`'s grid options when no suite is named (a suite's grids set them, so with --suite they are refused)
 GRID_DEFAULTS = {"dataset": "digits", "ipc": [1, 10], "distill_arch": "convnet", "eval_archs": ["convnet"],
                  "seeds": [0, 1, 2], "distill_seed": 0, "protocol": "standard"}
-BATCH_SEEDS = ("auto", "on", "off")  # bench.evaluate.BATCH_SEEDS_CHOICES, without importing torch for --help
+BATCH_SEEDS = ("auto", "on", "off")
+
+
+def _shown(values: list) -> str:
+    """A list default as it is typed on the command line: 1,10."""
+    return ",".join(map(str, values))  # bench.evaluate.BATCH_SEEDS_CHOICES, without importing torch for --help
 BATCH_SEEDS_HELP = ("train an evaluation's seeds at once as one stacked model (on), one after the other (off), or "
                     "whichever a short calibration finds faster on this machine, remembered in the cache folder "
                     "(auto, the default, which decides by timing); the same computation up to rounding either way, "
@@ -137,15 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --suite: keep only cells whose dataset, method, ipc, protocol or evaluation seed is VALUE (repeatable)")
     run.add_argument("--dataset", default=None, help=f"default {GRID_DEFAULTS['dataset']}")
     run.add_argument("--methods", type=_names, default=None, help="comma-separated method[.recipe] names, or 'all'")
-    run.add_argument("--ipc", type=_ints, default=None, help="comma-separated; default 1,10")
+    run.add_argument("--ipc", type=_ints, default=None, help=f"comma-separated; default {_shown(GRID_DEFAULTS['ipc'])}")
     run.add_argument("--distill-arch", default=None, help=f"default {GRID_DEFAULTS['distill_arch']}")
     run.add_argument("--eval-archs", type=_archs, default=None,
-                     help="comma-separated evaluation architectures (any timm name; options in brackets); default convnet")
+                     help="comma-separated evaluation architectures (any timm name; options in brackets); default "
+                          f"{_shown(GRID_DEFAULTS['eval_archs'])}")
     run.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                      help="evaluate every distilled set (default); --no-evaluate: cost-only cells, as a suite's "
                           "evaluate: false")
-    run.add_argument("--seeds", type=_ints, default=None, help="evaluation seeds (one fresh network each); default 0,1,2")
-    run.add_argument("--distill-seed", type=int, default=None, help="default 0")
+    run.add_argument("--seeds", type=_ints, default=None,
+                     help=f"evaluation seeds (one fresh network each); default {_shown(GRID_DEFAULTS['seeds'])}")
+    run.add_argument("--distill-seed", type=int, default=None, help=f"default {GRID_DEFAULTS['distill_seed']}")
     run.add_argument("--protocol", default=None, help=f"default {GRID_DEFAULTS['protocol']}")
     run.add_argument("--results", default=None,
                      help="folder for records and distilled sets (default: results/runs/<suite> or results/runs/default)")
