@@ -780,10 +780,12 @@ def _child_context():
     if _CHILD_CONTEXT is None:
         import multiprocessing
 
-        methods_loaded = list(dict.fromkeys(type(m).__module__ for m in map(get_method_class, list_methods())))
+        methods_loaded = list(dict.fromkeys(cls.__module__ for cls in map(get_method_class, list_methods())))
+        loader_imports = list(dict.fromkeys(name for info in map(DATASETS.get, DATASETS.names())
+                                            for name in info.loader_imports))
         if "forkserver" in multiprocessing.get_all_start_methods():
             _CHILD_CONTEXT = multiprocessing.get_context("forkserver")
-            _CHILD_CONTEXT.set_forkserver_preload(["bench.cell_server", "bench.runner", *methods_loaded])
+            _CHILD_CONTEXT.set_forkserver_preload(["bench.cell_server", "bench.runner", *methods_loaded, *loader_imports])
             _start_forkserver()
         else:
             _CHILD_CONTEXT = multiprocessing.get_context("spawn")

@@ -4,6 +4,7 @@ out-of-memory death costs one cell and the grid goes on (issue 5)."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -220,3 +221,29 @@ def test_resume_redoes_a_cell_whose_record_came_from_other_data_files(tmp_path):
     lines.clear()
     assert run(replace(request, resume=True), echo=lines.append) == []
     assert lines == ["skip random ipc 1: records exist (--resume)"]
+
+
+def _send_modules_present_at_start(connection) -> None:
+    connection.send(sorted(sys.modules))
+    connection.close()
+
+
+def test_cells_fork_from_a_server_that_imported_the_methods_and_the_dataset_loaders_once():
+    """A cell starts with every method's module and the dataset loaders' imports (digits: scikit-learn, 1.5 s a
+    process) already imported by the forkserver, not importing them again in each cell."""
+    from bench.data import DATASETS
+    from bench.registry import get_method_class, list_methods
+    from bench.runner import _child_context
+
+    context = _child_context()
+    if context.get_start_method() != "forkserver":
+        pytest.skip("no forkserver on this platform: cells are spawned")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_send_modules_present_at_start, args=(sender,))
+    child.start()
+    sender.close()
+    at_start = set(receiver.recv())
+    child.join()
+    method_modules = {get_method_class(name).__module__ for name in list_methods()}
+    assert {"methods.apm", "methods.mtt", "methods.random"} <= method_modules <= at_start
+    assert set(DATASETS.get("digits").loader_imports) <= at_start
