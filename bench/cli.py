@@ -398,6 +398,7 @@ def _run(args: argparse.Namespace) -> int:
         only = parse_only(args.only)
         batching = {"batch_seeds": args.batch_seeds} if args.batch_seeds else {}  # else the suite's setting
         size = check_grid_size(suite_requests(suite, results, quick=args.quick, only=only, **options, **batching), args.yes)
+        _note_full_recipes_on_cpu(args.quick or suite.quick, args.device)
         with executor_session(args.executor, options["ray_address"]):  # one Ray session for the whole suite
             written = run_suite(suite, results, quick=args.quick, only=only, data_root=args.data_root,
                                 device=args.device, resume=args.resume, cache_dir=args.cache_dir, isolate=args.isolate,
@@ -420,10 +421,22 @@ def _run(args: argparse.Namespace) -> int:
                              cache_dir=args.cache_dir, isolate=args.isolate, eval_epochs=args.eval_epochs,
                              batch_seeds=args.batch_seeds or "auto", checkpoint_every=args.checkpoint_every, **options)
         size = check_grid_size([request], args.yes)
+        _note_full_recipes_on_cpu(args.quick, args.device)
         with executor_session(args.executor, options["ray_address"]):
             written = run(request)
     print(summarize(written, size - len(written), results))
     return EXIT_CELLS_FAILED if any(record["status"] != "ok" for record in written) else 0
+
+
+def _note_full_recipes_on_cpu(quick: bool, device: str) -> None:
+    """One line before the full recipes run on a CPU: they are sized for a GPU (hours to days a cell here), and
+    --quick runs their reduced copies. A note, not a refusal: a small grid may be meant."""
+    from bench.progress import log
+    from bench.runner import resolve_device
+
+    if not quick and resolve_device(device).type == "cpu":
+        log("note: the full recipes on a CPU: they are sized for a GPU (hours to days a cell here); "
+            "--quick runs their reduced CPU copies, flagged quick in every record")
 
 
 def _validate(args: argparse.Namespace) -> None:

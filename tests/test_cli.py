@@ -125,6 +125,16 @@ def test_run_writes_records_and_report(capsys, tmp_path):
     assert code == 0 and "skip" in out
 
 
+def test_full_recipes_on_a_cpu_get_a_note_and_quick_ones_none(capsys, tmp_path):
+    full = [arg for arg in RUN if arg != "--quick"]
+    code, _, err = run_cli(capsys, *full, "--device", "cpu", "--eval-epochs", "1", "--results", str(tmp_path / "full"))
+    assert code == 0, err
+    (note,) = [line for line in err.splitlines() if line.startswith("note: the full recipes on a CPU")]
+    assert "--quick" in note
+    code, _, err = run_cli(capsys, *RUN, "--device", "cpu", "--eval-epochs", "1", "--results", str(tmp_path / "quick"))
+    assert code == 0 and "note:" not in err
+
+
 def test_compare_help_states_the_thresholds_defaults():
     from dataclasses import asdict
 
