@@ -781,11 +781,9 @@ def _child_context():
         import multiprocessing
 
         methods_loaded = list(dict.fromkeys(cls.__module__ for cls in map(get_method_class, list_methods())))
-        loader_imports = list(dict.fromkeys(name for info in map(DATASETS.get, DATASETS.names())
-                                            for name in info.loader_imports))
         if "forkserver" in multiprocessing.get_all_start_methods():
             _CHILD_CONTEXT = multiprocessing.get_context("forkserver")
-            _CHILD_CONTEXT.set_forkserver_preload(["bench.cell_server", "bench.runner", *methods_loaded, *loader_imports])
+            _CHILD_CONTEXT.set_forkserver_preload(["bench.cell_server", "bench.runner", *methods_loaded])
             _start_forkserver()
         else:
             _CHILD_CONTEXT = multiprocessing.get_context("spawn")

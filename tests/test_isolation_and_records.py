@@ -228,10 +228,8 @@ def _send_modules_present_at_start(connection) -> None:
     connection.close()
 
 
-def test_cells_fork_from_a_server_that_imported_the_methods_and_the_dataset_loaders_once():
-    """A cell starts with every method's module and the dataset loaders' imports (digits: scikit-learn, 1.5 s a
-    process) already imported by the forkserver, not importing them again in each cell."""
-    from bench.data import DATASETS
+def test_cells_fork_from_a_server_that_imported_the_methods_once():
+    """A cell starts with every method's module already imported by the forkserver, not importing it again."""
     from bench.registry import get_method_class, list_methods
     from bench.runner import _child_context
 
@@ -246,4 +244,3 @@ def test_cells_fork_from_a_server_that_imported_the_methods_and_the_dataset_load
     child.join()
     method_modules = {get_method_class(name).__module__ for name in list_methods()}
     assert {"methods.apm", "methods.mtt", "methods.random"} <= method_modules <= at_start
-    assert set(DATASETS.get("digits").loader_imports) <= at_start
