@@ -21,6 +21,7 @@ from bench.figures import accuracy_vs_ipc, displayable
 from bench.published import PUBLISHED_PATH, load_published
 from bench.report import latex_escape, load_report_frame, prepare_frame, write_reports
 from bench.store import write_record
+from record_files import record_json
 
 NO_GPU = "cpu run: no CUDA device"
 MEAN, STD = 0.1307, 0.3081  # MNIST's normalisation, as a distilled set's metadata records it
@@ -794,14 +795,6 @@ def test_a_suite_with_several_distillation_seeds_reports_each_seeds_missing_set(
     assert rows == [["random (distill seed 1)", "digits", "1", "convnet", "standard"]]
 
 
-def _raw_record(record: dict, **fields: str) -> str:
-    """``record`` as a schema-2 record's JSON, with each of ``fields`` set to a raw JSON literal (``1e400``)."""
-    text = json.dumps({"schema_version": 2, **record, **{key: f"@{key}@" for key in fields}})
-    for key, literal in fields.items():
-        text = text.replace(f'"@{key}@"', literal)
-    return text
-
-
 def test_malformed_records_are_skipped_with_a_line_each_and_the_rest_reported(tmp_path, capsys):
     """Each of these files crashed ``ddbench report`` with a traceback (and left an empty figures/ behind)."""
     results = tmp_path / "res"
@@ -809,14 +802,14 @@ def test_malformed_records_are_skipped_with_a_line_each_and_the_rest_reported(tm
     bad = make_record("dm", 1, [89.0, 89.0, 89.0])
     files = {
         "deep": ("[" * 100_000 + "]" * 100_000, "not readable JSON (nested too deeply)"),
-        "huge_int": (_raw_record(bad, ipc="9" * 5000), "not readable JSON (Exceeds the limit (4300 digits)"),
-        "acc_mean": (_raw_record(bad, acc_mean='"abc"'), "field acc_mean is 'abc'"),
-        "distill_seed": (_raw_record(bad, distill_seed='"abc"'), "field distill_seed is 'abc'"),
-        "phases": (_raw_record(bad, phases="[1, 2]"), "field phases is [1, 2]"),
-        "env": (_raw_record(bad, env='"x"'), "field env is 'x'"),
-        "dataset": (_raw_record(bad, dataset='["a"]'), "field dataset is ['a']"),
-        "epochs": (_raw_record(bad, protocol_config='{"epochs": 1e400}'), "field protocol_config.epochs is inf"),
-        "ipc": (_raw_record(bad, ipc='"one"'), "field ipc is 'one'"),
+        "huge_int": (record_json(bad, ipc="9" * 5000), "not readable JSON (Exceeds the limit (4300 digits)"),
+        "acc_mean": (record_json(bad, acc_mean='"abc"'), "field acc_mean is 'abc'"),
+        "distill_seed": (record_json(bad, distill_seed='"abc"'), "field distill_seed is 'abc'"),
+        "phases": (record_json(bad, phases="[1, 2]"), "field phases is [1, 2]"),
+        "env": (record_json(bad, env='"x"'), "field env is 'x'"),
+        "dataset": (record_json(bad, dataset='["a"]'), "field dataset is ['a']"),
+        "epochs": (record_json(bad, protocol_config='{"epochs": 1e400}'), "field protocol_config.epochs is inf"),
+        "ipc": (record_json(bad, ipc='"one"'), "field ipc is 'one'"),
         "status": (json.dumps({"schema_version": 2, **{k: v for k, v in bad.items() if k != "status"}}),
                    "field status is missing"),
     }

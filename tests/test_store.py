@@ -12,6 +12,7 @@ import pytest
 
 from bench.errors import UserError
 from bench.store import SCHEMA_VERSION, existing_records, load_records, load_results, write_record
+from record_files import record_json
 
 RECORD = {
     "record_id": "abc123", "method": "random", "recipe": None, "dataset": "digits", "ipc": 10,
@@ -123,28 +124,20 @@ def test_json_too_deep_or_with_a_huge_integer_is_skipped_as_unreadable(tmp_path,
         load_records(tmp_path, strict=True)
 
 
-def _raw(record: dict, **fields: str) -> str:
-    """``record`` as JSON, with each of ``fields`` set to a raw JSON literal (``NaN``, ``1e400``)."""
-    text = json.dumps({"schema_version": 2, **record, **{key: f"@{key}@" for key in fields}})
-    for key, literal in fields.items():
-        text = text.replace(f'"@{key}@"', literal)
-    return text
-
-
 WRONG_TYPES = {  # file name → (record text, the field the warning must name)
-    "acc_mean_text": (_raw(RECORD, acc_mean='"abc"'), "field acc_mean is 'abc', not a finite number"),
-    "acc_mean_nan": (_raw(RECORD, acc_mean="NaN"), "field acc_mean is nan, not a finite number"),
-    "acc_mean_inf": (_raw(RECORD, acc_mean="1e400"), "field acc_mean is inf, not a finite number"),
-    "acc_text": (_raw(RECORD, acc='"xyz"'), "field acc is 'xyz', not a list of finite numbers"),
-    "acc_nan": (_raw(RECORD, acc="[90.0, NaN]"), "field acc is [90.0, nan], not a list of finite numbers"),
-    "distill_seed_text": (_raw(RECORD, distill_seed='"abc"'), "field distill_seed is 'abc', not an integer"),
-    "phases_list": (_raw(RECORD, phases="[1, 2]"), "field phases is [1, 2], not an object"),
-    "wall_s_text": (_raw(RECORD, phases='{"eval": {"wall_s": "fast"}}'), "field phases.eval.wall_s is 'fast'"),
-    "env_text": (_raw(RECORD, env='"x"'), "field env is 'x', not an object"),
-    "dataset_list": (_raw(RECORD, dataset='["a"]'), "field dataset is ['a'], not a string"),
-    "label_object": (_raw(RECORD, label='{"a": 1}'), "field label is {'a': 1}, not a string"),
-    "ipc_text": (_raw(RECORD, ipc='"one"'), "field ipc is 'one', not an integer"),
-    "epochs_inf": (_raw(RECORD, protocol_config='{"epochs": 1e400}'), "field protocol_config.epochs is inf"),
+    "acc_mean_text": (record_json(RECORD, acc_mean='"abc"'), "field acc_mean is 'abc', not a finite number"),
+    "acc_mean_nan": (record_json(RECORD, acc_mean="NaN"), "field acc_mean is nan, not a finite number"),
+    "acc_mean_inf": (record_json(RECORD, acc_mean="1e400"), "field acc_mean is inf, not a finite number"),
+    "acc_text": (record_json(RECORD, acc='"xyz"'), "field acc is 'xyz', not a list of finite numbers"),
+    "acc_nan": (record_json(RECORD, acc="[90.0, NaN]"), "field acc is [90.0, nan], not a list of finite numbers"),
+    "distill_seed_text": (record_json(RECORD, distill_seed='"abc"'), "field distill_seed is 'abc', not an integer"),
+    "phases_list": (record_json(RECORD, phases="[1, 2]"), "field phases is [1, 2], not an object"),
+    "wall_s_text": (record_json(RECORD, phases='{"eval": {"wall_s": "fast"}}'), "field phases.eval.wall_s is 'fast'"),
+    "env_text": (record_json(RECORD, env='"x"'), "field env is 'x', not an object"),
+    "dataset_list": (record_json(RECORD, dataset='["a"]'), "field dataset is ['a'], not a string"),
+    "label_object": (record_json(RECORD, label='{"a": 1}'), "field label is {'a': 1}, not a string"),
+    "ipc_text": (record_json(RECORD, ipc='"one"'), "field ipc is 'one', not an integer"),
+    "epochs_inf": (record_json(RECORD, protocol_config='{"epochs": 1e400}'), "field protocol_config.epochs is inf"),
     "no_status": (json.dumps({"schema_version": 2, **{k: v for k, v in RECORD.items() if k != "status"}}),
                   "field status is missing"),
     "no_record_id": (json.dumps({"schema_version": 2, **{k: v for k, v in RECORD.items() if k != "record_id"}}),
