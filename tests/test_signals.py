@@ -104,6 +104,13 @@ def test_a_cell_ends_itself_when_its_ddbench_process_is_killed_outright(tmp_path
     assert _gone(cell_pid, within_s=10), "the orphaned cell went on running"
 
 
+def _with_ctrl_c_default() -> None:
+    """Start a child as a terminal starts it, with SIGINT's default action, where Python installs its Ctrl-C handler.
+    A child inherits an ignored SIGINT, and a non-interactive shell ignores it in what it starts with ``&``: run that
+    way (``bash -c 'make test' &``), ddbench rightly left Ctrl-C ignored, and these tests hung or failed."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _descendants(pid: int) -> int:
     """How many processes descend from ``pid`` (read from /proc)."""
     parents = {}
@@ -129,7 +136,8 @@ def test_ctrl_c_on_cells_side_by_side_prints_its_one_line_and_no_resource_warnin
                      "    ipc: [1, 2]\n    methods: [{method: dm, label: dm-long, options: {iterations: 1000000}}]\n")
     run = subprocess.Popen(
         [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite), "--jobs", "2", "--results", str(tmp_path / "res")],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=_with_ctrl_c_default)
     deadline = time.monotonic() + 90
     while _descendants(run.pid) < 3 and time.monotonic() < deadline:  # the forkserver and two cells
         time.sleep(0.2)
@@ -168,7 +176,7 @@ def test_ctrl_c_while_the_forkserver_starts_prints_only_ddbenchs_line(tmp_path):
         [sys.executable, "-m", "bench.cli", "run", "--dataset", "digits", "--methods", "random", "--ipc", "1",
          "--seeds", "0", "--quick", "--results", str(tmp_path / "res")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=_with_ctrl_c_default)
     deadline = time.monotonic() + 60
     while _forkserver_below(run.pid) is None and time.monotonic() < deadline:
         time.sleep(0.01)
