@@ -814,7 +814,13 @@ def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: di
     task = cell_task(cell, archs, ids, gpu, threads)
     child = context.Process(target=_cell_child, args=(sender, request, task, os.getpid()),
                             name=f"ddbench-cell-{ids[archs[0]]}")
-    child.start()
+    try:
+        child.start()
+    except (EOFError, ConnectionError) as exc:  # the forkserver ended as it started this cell (out of memory, a signal)
+        sender.close()
+        receiver.close()  # a later cell's start starts a new forkserver, once the old one has been reaped
+        return failure_records(cell, request, archs, ids, "failed", f"the cell's process could not be started: the "
+                               f"forkserver that starts the cells ended ({type(exc).__name__}: {exc})")
     RUNNING_CHILDREN.add(child)
     sender.close()
     watcher = MemorySampler(pid=child.pid, interval_s=CRASH_WATCH_INTERVAL_S).start()  # wakes rarely: 2 cores are shared

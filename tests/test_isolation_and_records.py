@@ -4,7 +4,10 @@ out-of-memory death costs one cell and the grid goes on (issue 5)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -244,3 +247,36 @@ def test_cells_fork_from_a_server_that_imported_the_methods_once():
     child.join()
     method_modules = {get_method_class(name).__module__ for name in list_methods()}
     assert {"methods.apm", "methods.mtt", "methods.random"} <= method_modules <= at_start
+
+
+def test_a_cell_whose_process_cannot_be_started_gets_a_failed_record_and_the_grid_goes_on(tmp_path, monkeypatch):
+    """The forkserver can end while it starts a cell (the out-of-memory killer, a signal): that cell's record says
+    so, where the grid stopped with an EOFError traceback, and the next cell starts from a new forkserver."""
+    from multiprocessing import forkserver
+
+    from bench.runner import _child_context
+
+    context = _child_context()
+    if context.get_start_method() != "forkserver":
+        pytest.skip("no forkserver on this platform: cells are spawned")
+    real_start = context.Process.start
+    starts = []
+
+    def start_once_the_server_is_gone(process) -> None:
+        starts.append(process.name)
+        if len(starts) == 1:  # the server dies under this cell's start, as read_signed then finds
+            server = forkserver._forkserver._forkserver_pid
+            os.kill(server, signal.SIGKILL)
+            while Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                time.sleep(0.01)  # dead, not yet reaped
+            raise EOFError("unexpected EOF")
+        real_start(process)
+
+    monkeypatch.setattr(context.Process, "start", start_once_the_server_is_gone)
+    records = run(RunRequest(dataset="digits", methods=["random"], ipcs=[1, 2], eval_archs=["convnet"], seeds=[0],
+                             results_dir=tmp_path / "results", quick=True, eval_epochs=2))
+    by_ipc = {record["ipc"]: record for record in records}
+    assert len(starts) == 2 and set(by_ipc) == {1, 2}
+    assert by_ipc[1]["status"] == "failed" and "could not be started" in by_ipc[1]["error"]
+    assert "EOFError" in by_ipc[1]["error"] and "\n" not in by_ipc[1]["error"]
+    assert by_ipc[2]["status"] == "ok" and len(by_ipc[2]["acc"]) == 1
