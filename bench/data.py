@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import os
 import pickle
 import struct
@@ -403,18 +404,59 @@ def load_dataset(
 
 
 def _load_digits(root: Path, resolution: int | None) -> RawSplits:
-    """scikit-learn's bundled UCI digits (1797 8×8 images, values 0..16): a stratified 80/20 split, seed 0."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """scikit-learn's bundled UCI digits (1797 8×8 images, values 0..16): a stratified 80/20 split, seed 0.
 
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
-    labels = torch.tensor(bunch.target, dtype=torch.int64)
-    train_ix, test_ix = train_test_split(
-        list(range(len(labels))), test_size=0.2, stratify=labels.numpy(), random_state=0
-    )
-    train_ix, test_ix = torch.tensor(sorted(train_ix)), torch.tensor(sorted(test_ix))
+    The file is read where scikit-learn installed it, without importing scikit-learn (1.5 s a process, and every
+    cell loads its data afresh); ``stratified_split`` draws the split scikit-learn's ``train_test_split`` draws
+    (tested), so it no longer depends on the installed scikit-learn's version."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else None
+    if path is None or not path.is_file():
+        raise UserError("dataset 'digits' ships with scikit-learn, and no installed scikit-learn holds "
+                        "datasets/data/digits.csv.gz: pip install scikit-learn")
+    with gzip.open(path, "rt") as lines:
+        table = np.loadtxt(lines, delimiter=",")  # 64 pixel values, then the label, per row
+    images = torch.tensor(table[:, :-1], dtype=torch.float32).div_(16.0).view(-1, 1, 8, 8)
+    labels = torch.tensor(table[:, -1].astype(np.int64))
+    train_ix, test_ix = stratified_split(labels.numpy(), test_fraction=0.2, seed=0)
+    train_ix, test_ix = torch.from_numpy(train_ix), torch.from_numpy(test_ix)
     return RawSplits(images[train_ix], labels[train_ix], images[test_ix], labels[test_ix], [str(d) for d in range(10)])
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted train and test indices of scikit-learn's ``train_test_split(range(n), test_size=test_fraction,
+    stratify=labels, random_state=seed)``: its ``StratifiedShuffleSplit`` draws, in its order, from a
+    ``numpy.random.RandomState(seed)`` — how many of each class go to each side (``_class_shares``), then a
+    permutation of each class — and is reimplemented here so that no process need import scikit-learn for it."""
+    rng = np.random.RandomState(seed)
+    n_test = int(np.ceil(test_fraction * len(labels)))
+    classes, class_of, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    members = np.split(np.argsort(class_of, kind="stable"), np.cumsum(counts)[:-1])
+    to_train = _class_shares(counts, len(labels) - n_test, rng)
+    to_test = _class_shares(counts - to_train, n_test, rng)
+    train, test = [], []
+    for k in range(len(classes)):
+        shuffled = members[k][rng.permutation(counts[k])]
+        train.extend(shuffled[: to_train[k]])
+        test.extend(shuffled[to_train[k]: to_train[k] + to_test[k]])
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(test, dtype=np.int64))
+
+
+def _class_shares(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """How many of ``draws`` each class gets, in proportion to ``counts`` (scikit-learn's ``_approximate_mode``):
+    the floors, then one more to the classes with the largest remainders, ties broken at random."""
+    exact = counts / counts.sum() * draws
+    shares = np.floor(exact)
+    missing = int(draws - shares.sum())
+    remainders = exact - shares
+    for value in np.sort(np.unique(remainders))[::-1]:
+        if missing <= 0:
+            break
+        (tied,) = np.where(remainders == value)
+        chosen = rng.choice(tied, size=min(len(tied), missing), replace=False)
+        shares[chosen] += 1
+        missing -= len(chosen)
+    return shares.astype(int)
 
 
 register_dataset(

@@ -614,3 +614,45 @@ def test_registered_facts():
     assert [n for n, i in facts.items() if i.digit_like] == ["mnist", "svhn"]
     assert all(i.expected_files and i.needs_root and len(i.mean) == i.channels == len(i.std) for i in facts.values())
     assert facts["cifar10"].mean == (0.4914, 0.4822, 0.4465) and facts["svhn"].std == (0.1980, 0.2010, 0.1970)
+
+
+def test_digits_are_scikit_learns_images_and_split_read_without_importing_it():
+    """The loader reads digits.csv.gz itself and draws the split itself; both equal scikit-learn's own functions."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    train_ix, test_ix = (np.sort(ix) for ix in train_test_split(np.arange(len(bunch.target)), test_size=0.2,
+                                                                  stratify=bunch.target, random_state=0))
+    raw = data._load_digits(Path("."), None)
+    images = torch.tensor(bunch.images, dtype=torch.float32).div(16.0).unsqueeze(1)
+    assert torch.equal(raw.train_images, images[train_ix]) and torch.equal(raw.test_images, images[test_ix])
+    assert raw.train_labels.tolist() == bunch.target[train_ix].tolist()
+    assert raw.test_labels.tolist() == bunch.target[test_ix].tolist()
+    probe = "import sys, bench.data; bench.data._load_digits(None, None); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+@pytest.mark.parametrize("counts", [[5, 5, 5], [3, 7, 11, 2], [40, 1, 9, 9, 9, 30]])
+def test_stratified_split_draws_what_train_test_split_draws(counts, seed):
+    """Unequal classes and tied remainders, which scikit-learn breaks with draws from the same generator."""
+    from sklearn.model_selection import train_test_split
+
+    counts = [max(count, 2) for count in counts]  # scikit-learn needs two of each class
+    labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)), counts))
+    for fraction in (0.2, 0.35):
+        expected = train_test_split(np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed)
+        got = data.stratified_split(labels, fraction, seed)
+        assert [ix.tolist() for ix in got] == [np.sort(ix).tolist() for ix in expected]
+
+
+def test_digits_without_scikit_learn_is_one_line_naming_it(monkeypatch):
+    from bench.errors import UserError
+
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"ships with scikit-learn.*pip install scikit-learn$"):
+        data._load_digits(Path("."), None)
