@@ -95,12 +95,12 @@ COMPARE_DEFAULTS = {"acc_tol": 2.0, "acc_k": 2.0, "memory_rel_tol": 0.10, "flops
 # `run`'s grid options when no suite is named (a suite's grids set them, so with --suite they are refused)
 GRID_DEFAULTS = {"dataset": "digits", "ipc": [1, 10], "distill_arch": "convnet", "eval_archs": ["convnet"],
                  "seeds": [0, 1, 2], "distill_seed": 0, "protocol": "standard"}
-BATCH_SEEDS = ("auto", "on", "off")
+BATCH_SEEDS = ("auto", "on", "off")  # bench.evaluate.BATCH_SEEDS_CHOICES, without importing torch for --help
 
 
 def _shown(values: list) -> str:
     """A list default as it is typed on the command line: 1,10."""
-    return ",".join(map(str, values))  # bench.evaluate.BATCH_SEEDS_CHOICES, without importing torch for --help
+    return ",".join(map(str, values))
 BATCH_SEEDS_HELP = ("train an evaluation's seeds at once as one stacked model (on), one after the other (off), or "
                     "whichever a short calibration finds faster on this machine, remembered in the cache folder "
                     "(auto, the default, which decides by timing); the same computation up to rounding either way, "
