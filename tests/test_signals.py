@@ -51,7 +51,7 @@ def test_sigterm_stops_the_running_cell_and_records_it_as_interrupted(tmp_path, 
                 return  # never signal later, into another test
             time.sleep(0.05)
         cell_pids.extend(child.pid for child in list(bench.runner.RUNNING_CHILDREN))
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # to the main thread: see the note above _with_ctrl_c_default
 
     threading.Thread(target=terminate_once_the_cell_runs, daemon=True).start()
     results = tmp_path / "results"
@@ -75,7 +75,7 @@ def test_cells_still_queued_when_stopped_get_no_record(tmp_path, sleeper, capsys
             if time.monotonic() > deadline:
                 return  # never signal later, into another test
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # to the main thread: see the note above _with_ctrl_c_default
 
     threading.Thread(target=terminate_once_two_cells_run, daemon=True).start()
     results = tmp_path / "results"
@@ -102,6 +102,11 @@ def test_a_cell_ends_itself_when_its_ddbench_process_is_killed_outright(tmp_path
     parent.kill()
     parent.wait()  # reaped: its number is free, as a dead ddbench's is
     assert _gone(cell_pid, within_s=10), "the orphaned cell went on running"
+
+
+# The SIGTERM tests send it to the main thread. Sent to the process from a helper thread, the kernel may hand it to
+# a thread other than the main one, whose wait for the cells is then not interrupted: once in a full `make test`
+# (7e24481) the handler ran only when a 60-second sleeper cell ended, and the queued cell had started by then.
 
 
 def _with_ctrl_c_default() -> None:
