@@ -31,7 +31,7 @@ import os
 import queue
 import socket
 import tempfile
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -183,10 +183,13 @@ class LocalExecutor:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         futures = {pool.submit(started, job): job for job in jobs}
         try:
-            for future in as_completed(futures):
-                job = futures[future]
-                self.in_flight.remove(job)
-                yield job, future.result()
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=runner.SIGNAL_CHECK_S, return_when=FIRST_COMPLETED)
+                for future in [f for f in futures if f in done]:  # in the jobs' order when several end together
+                    job = futures[future]
+                    self.in_flight.remove(job)
+                    yield job, future.result()
         except BaseException:  # Ctrl-C (or an error here): drop the queued cells and end the running ones
             pool.shutdown(wait=False, cancel_futures=True)
             for child in list(runner.RUNNING_CHILDREN):

@@ -772,6 +772,10 @@ def _cell_child(connection, request: RunRequest, task: CellTask, parent_pid: int
 _CHILD_CONTEXT = None
 RUNNING_CHILDREN: set = set()  # the cells' child processes now running (an executor ends them on Ctrl-C)
 CRASH_WATCH_INTERVAL_S = 0.1  # the parent's RSS watch of a cell's process: only reported if the cell dies
+# The main thread never blocks longer than this while cells run. A SIGINT or SIGTERM that the kernel hands to another
+# thread of ddbench (the memory watch, an executor's) interrupts no wait of the main thread, and Python runs the
+# handler only when the main thread next runs: so it wakes up this often to let it.
+SIGNAL_CHECK_S = 0.5
 
 
 def _child_context():
@@ -826,6 +830,8 @@ def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: di
     watcher = MemorySampler(pid=child.pid, interval_s=CRASH_WATCH_INTERVAL_S).start()  # wakes rarely: 2 cores are shared
     try:
         try:
+            while not receiver.poll(SIGNAL_CHECK_S):
+                pass
             message = receiver.recv()
         except EOFError:
             message = None

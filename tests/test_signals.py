@@ -39,27 +39,38 @@ def sleeper():
     METHODS.unregister("test_sleeper")
 
 
-def test_sigterm_stops_the_running_cell_and_records_it_as_interrupted(tmp_path, sleeper, capsys):
+def _sigterm_once_cells_run(count: int, to_main_thread: bool = True) -> list[tuple[float, list[int]]]:
+    """Send SIGTERM, from a helper thread, once ``count`` cells started by this test run and ddbench handles SIGTERM;
+    the list gets (when, the cells' pids). Sent to the main thread by default (see the note above
+    ``_with_ctrl_c_default``), else taken by the helper thread itself."""
     import bench.runner
 
-    cell_pids: list[int] = []
+    earlier = set(bench.runner.RUNNING_CHILDREN)  # a previous test's pool may still be reaping its cells
+    sent: list[tuple[float, list[int]]] = []
 
-    def terminate_once_the_cell_runs() -> None:
+    def terminate() -> None:
         deadline = time.monotonic() + 60
-        while not bench.runner.RUNNING_CHILDREN:
+        while (len(bench.runner.RUNNING_CHILDREN - earlier) < count
+               or signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):  # before ddbench's handler, it would end pytest
             if time.monotonic() > deadline:
                 return  # never signal later, into another test
             time.sleep(0.05)
-        cell_pids.extend(child.pid for child in list(bench.runner.RUNNING_CHILDREN))
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # to the main thread: see the note above _with_ctrl_c_default
+        sent.append((time.monotonic(), [child.pid for child in list(bench.runner.RUNNING_CHILDREN - earlier)]))
+        thread = threading.main_thread().ident if to_main_thread else threading.get_ident()
+        signal.pthread_kill(thread, signal.SIGTERM)
 
-    threading.Thread(target=terminate_once_the_cell_runs, daemon=True).start()
+    threading.Thread(target=terminate, daemon=True).start()
+    return sent
+
+
+def test_sigterm_stops_the_running_cell_and_records_it_as_interrupted(tmp_path, sleeper, capsys):
+    sent = _sigterm_once_cells_run(1)
     results = tmp_path / "results"
     code = main(["run", "--dataset", "digits", "--methods", sleeper, "--ipc", "1", "--seeds", "0", "--quick",
                  "--results", str(results)])
     assert code == EXIT_TERMINATED
     assert "terminated (SIGTERM)" in capsys.readouterr().err
-    assert cell_pids and all(_gone(pid, within_s=10) for pid in cell_pids), "the cell's process outlived ddbench"
+    assert sent and all(_gone(pid, within_s=10) for pid in sent[0][1]), "the cell's process outlived ddbench"
     (record,) = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
     assert record["status"] == "interrupted"
 
@@ -67,17 +78,7 @@ def test_sigterm_stops_the_running_cell_and_records_it_as_interrupted(tmp_path, 
 def test_cells_still_queued_when_stopped_get_no_record(tmp_path, sleeper, capsys):
     """--jobs 2 and three cells: the two running are recorded as interrupted; the third never started, so it has
     no record (a report shows it as not run, and --resume runs it), not an 'interrupted' one."""
-    import bench.runner
-
-    def terminate_once_two_cells_run() -> None:
-        deadline = time.monotonic() + 60
-        while len(bench.runner.RUNNING_CHILDREN) < 2:
-            if time.monotonic() > deadline:
-                return  # never signal later, into another test
-            time.sleep(0.05)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # to the main thread: see the note above _with_ctrl_c_default
-
-    threading.Thread(target=terminate_once_two_cells_run, daemon=True).start()
+    _sigterm_once_cells_run(2)
     results = tmp_path / "results"
     code = main(["run", "--dataset", "digits", "--methods", sleeper, "--ipc", "1,2,3", "--seeds", "0", "--quick",
                  "--jobs", "2", "--results", str(results)])
@@ -85,6 +86,22 @@ def test_cells_still_queued_when_stopped_get_no_record(tmp_path, sleeper, capsys
     records = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
     assert sorted(r["status"] for r in records) == ["interrupted", "interrupted"]
     assert sorted(r["ipc"] for r in records) == [1, 2]
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_sigterm_taken_by_a_helper_thread_still_stops_the_cells(tmp_path, sleeper, capsys, jobs):
+    """The kernel may hand a process's SIGTERM to any of its threads that do not block it. Python then runs the
+    handler only when the main thread next runs, and the main thread used to sleep until a cell ended (here the
+    sleeper's 60 s); it now wakes every ``bench.runner.SIGNAL_CHECK_S`` to take it."""
+    sent = _sigterm_once_cells_run(1, to_main_thread=False)
+    results = tmp_path / "results"
+    code = main(["run", "--dataset", "digits", "--methods", sleeper, "--ipc", "1", "--seeds", "0", "--quick",
+                 "--jobs", jobs, "--results", str(results)])
+    assert code == EXIT_TERMINATED
+    assert sent and time.monotonic() - sent[0][0] < 30, "SIGTERM was taken only when the 60 s cell ended"
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    (record,) = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
+    assert record["status"] == "interrupted", record["error"]
 
 
 def test_a_cell_ends_itself_when_its_ddbench_process_is_killed_outright(tmp_path):
