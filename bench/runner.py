@@ -127,12 +127,20 @@ def check_device_name(device: str) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The device a ``--device`` names on this machine; a ``UserError`` for a CUDA device it does not have."""
     check_device_name(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' requested but CUDA is not available")
-    return torch.device(device)
+    parsed = torch.device(device)
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UserError(f"device '{device}' requested but CUDA is not available ({why}); use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise UserError(f"device '{device}' requested but this machine shows {count} CUDA "
+                            f"device{'' if count == 1 else 's'} (cuda:0 to cuda:{count - 1})")
+    return parsed
 
 
 def _check_arch_runs(arch: str, dataset: Dataset) -> torch.nn.Module:
@@ -192,6 +200,8 @@ def check_request(request: RunRequest) -> list[str]:
     from bench.executors import check_executor, check_jobs
 
     check_executor(request)
+    if request.executor == "local":  # a cluster's nodes may have the GPUs this machine lacks
+        resolve_device(request.device)
     check_jobs(request)
     return specs
 

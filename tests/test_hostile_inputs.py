@@ -312,6 +312,21 @@ def test_hostile_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, c
     assert not (tmp_path / "res").is_dir()
 
 
+@pytest.mark.parametrize("device, gpus, expected", [
+    ("cuda", None, "device 'cuda' requested but CUDA is not available"),
+    ("cuda:0", None, "device 'cuda:0' requested but CUDA is not available"),
+    ("cuda:7", 2, "device 'cuda:7' requested but this machine shows 2 CUDA devices (cuda:0 to cuda:1)"),
+])
+def test_a_cuda_device_this_machine_lacks_is_refused_before_any_cell(capsys, tmp_path, monkeypatch, device, gpus,
+                                                                     expected):
+    """It used to be found in each cell, which then wrote a `failed` record (exit 3)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus is not None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus or 0)
+    _assert_rejected(capsys, tmp_path, RUN + ["--device", device, "--results", str(tmp_path / "res")],
+                     expected)
+    assert not (tmp_path / "res").is_dir()
+
+
 USAGE_ERRORS = {
     "architecture list with an unclosed bracket": (_with(RUN, "--eval-archs", "convnet[width=64"), "unclosed '['"),
     "evaluate: unclosed bracket": (["evaluate", "set.json", "--archs", "convnet[width=64"], "unclosed '['"),
