@@ -383,7 +383,7 @@ def _run(args: argparse.Namespace) -> int:
 
     options = dict(_executor_options(args), memory_sample_s=args.memory_sample_ms / 1000)
     if args.suite:
-        from bench.suite import load_suite, parse_only, run_suite, suite_requests
+        from bench.suite import load_suite, naming_the_suite_file, parse_only, run_suite, suite_requests
 
         if args.methods:
             raise UserError("--suite and --methods exclude each other: the suite names its methods")
@@ -397,7 +397,9 @@ def _run(args: argparse.Namespace) -> int:
         results = Path(args.results or f"results/runs/{suite.name}")
         only = parse_only(args.only)
         batching = {"batch_seeds": args.batch_seeds} if args.batch_seeds else {}  # else the suite's setting
-        size = check_grid_size(suite_requests(suite, results, quick=args.quick, only=only, **options, **batching), args.yes)
+        with naming_the_suite_file(suite):
+            size = check_grid_size(suite_requests(suite, results, quick=args.quick, only=only, **options, **batching),
+                                   args.yes)
         _note_full_recipes_on_cpu(args.quick or suite.quick, args.device)
         with executor_session(args.executor, options["ray_address"]):  # one Ray session for the whole suite
             written = run_suite(suite, results, quick=args.quick, only=only, data_root=args.data_root,

@@ -214,7 +214,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
                                                  "--results", str(t / "res")],
                                       "random is in two grids of the suite, for the same cell (random, digits ipc 1 → convnet, standard protocol)"),
     "suite: seed named twice": (lambda t: ["run", "--suite", _suite(t, SUITE.replace("seeds: [0]", "seeds: [0, 0]")),
-                                           "--results", str(t / "res")], "seed 0 is named twice"),
+                                           "--results", str(t / "res")], "suite.yaml: seed 0 is named twice"),
+    "suite: an option of the wrong type": (lambda t: ["run", "--suite", _suite(t, SUITE.replace(
+        "methods: [random]", "methods: [{method: apm, options: {ce: abc}}]")), "--results", str(t / "res")],
+        "suite.yaml: method 'apm': option 'ce' must be float, got 'abc'"),
     "evaluate with a seed named twice": (lambda t: ["evaluate", str(_saved_set(t)), "--seeds", "2,2",
                                                     "--results", str(t / "res")], "seed 2 is named twice"),
     "cache folder is a file": (_cache_is_a_file, "is a file, not a folder; pass --cache-dir"),
