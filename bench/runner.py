@@ -200,7 +200,7 @@ def check_request(request: RunRequest) -> list[str]:
     from bench.executors import check_executor, check_jobs
 
     check_executor(request)
-    if request.executor == "local":  # a cluster's nodes may have the GPUs this machine lacks
+    if request.executor == "local" and request.device != "auto":  # a cluster's nodes may have the GPUs this one lacks
         resolve_device(request.device)
     check_jobs(request)
     return specs

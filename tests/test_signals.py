@@ -41,8 +41,10 @@ def sleeper():
 
 def _sigterm_once_cells_run(count: int, to_main_thread: bool = True) -> list[tuple[float, list[int]]]:
     """Send SIGTERM, from a helper thread, once ``count`` cells started by this test run and ddbench handles SIGTERM;
-    the list gets (when, the cells' pids). Sent to the main thread by default (see the note above
-    ``_with_ctrl_c_default``), else taken by the helper thread itself."""
+    the list gets (when, the cells' pids). By default it goes to the main thread; with ``to_main_thread=False`` the
+    helper thread takes it itself. Sent to the process, the kernel may hand it to either: before ddbench's main
+    thread woke every ``SIGNAL_CHECK_S``, that once (a full `make test` at 7e24481) left the handler waiting for a
+    60 s sleeper cell. Each test names the thread it means."""
     import bench.runner
 
     earlier = set(bench.runner.RUNNING_CHILDREN)  # a previous test's pool may still be reaping its cells
@@ -119,11 +121,6 @@ def test_a_cell_ends_itself_when_its_ddbench_process_is_killed_outright(tmp_path
     parent.kill()
     parent.wait()  # reaped: its number is free, as a dead ddbench's is
     assert _gone(cell_pid, within_s=10), "the orphaned cell went on running"
-
-
-# The SIGTERM tests send it to the main thread. Sent to the process from a helper thread, the kernel may hand it to
-# a thread other than the main one, whose wait for the cells is then not interrupted: once in a full `make test`
-# (7e24481) the handler ran only when a 60-second sleeper cell ended, and the queued cell had started by then.
 
 
 def _with_ctrl_c_default() -> None:
