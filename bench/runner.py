@@ -12,6 +12,7 @@ method — so methods that start from real images start from the same ones.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -34,8 +35,8 @@ from bench.measure import (DEFAULT_SAMPLE_INTERVAL_S, FlopCounter, MemorySampler
                            phase, process_peak_rss_mb)
 from bench.models import attention_with_second_derivative, check_arch, create_network
 from bench.progress import log, progress_bar
-from bench.registry import (create_method, default_recipe, get_method_class, list_methods, nearest_name,
-                            method_origin, split_method_spec)
+from bench.registry import (DATASET_RECIPE_ALIASES, create_method, default_recipe, get_method_class, list_methods,
+                            method_origin, nearest_name, split_method_spec)
 from bench.seeding import generator_for
 from bench.store import (CHECKPOINTS_DIR, DISTILLED_DIR, RECORDS_DIR, check_results_dir, evaluation_fields,
                          existing_records, record_id, remove_stale_temporaries, set_fields, stable_hash, write_record,
@@ -219,6 +220,20 @@ def resolved_methods(request: RunRequest, spec: str) -> list[tuple[str, int | No
     return cells
 
 
+def recipe_elsewhere_note(spec: str, dataset: str, ipc: int | None) -> str | None:
+    """A note when ``spec`` names a recipe written for another setting (``<dataset>_ipc<k>[_…]``) than the cell's:
+    allowed (ablations run a recipe elsewhere on purpose), but said, since nothing else in the output shows it."""
+    name, recipe = split_method_spec(spec)
+    written_for = re.fullmatch(r"(?P<dataset>.+?)_ipc(?P<ipc>\d+)(?:_.*)?", recipe or "")
+    if written_for is None or ipc is None:
+        return None
+    same_dataset = written_for["dataset"] in (dataset, DATASET_RECIPE_ALIASES.get(dataset))
+    if same_dataset and int(written_for["ipc"]) == ipc:
+        return None
+    return (f"note: recipe {spec} was written for {written_for['dataset']} at ipc {written_for['ipc']}; "
+            f"it runs here on {dataset} at ipc {ipc}, as asked")
+
+
 def cells_run_elsewhere(request: RunRequest) -> bool:
     """Whether the request's cells run in processes of their own (``isolate``, or Ray tasks), each loading its data:
     then this process needs the data only to plan, on the CPU, and keeps only its description."""
@@ -253,6 +268,9 @@ def plan(request: RunRequest, loaded: dict | None = None) -> list[Cell]:
                         f"ipc {wanted} is larger than the smallest class of {dataset.name} ({smallest} training images)"
                     )
             cells.append(Cell(resolved_spec, method, ipc, dataset, request.method_labels.get(spec, spec)))
+            note = None if request.suite else recipe_elsewhere_note(resolved_spec, request.dataset, ipc)
+            if note:  # a suite's YAML shows its choices; the command line does not
+                log(note)
     for dataset in datasets.values():
         networks = {arch: _check_arch_runs(arch, dataset.to("cpu") if dataset.device.type != "cpu" else dataset)
                     for arch in dict.fromkeys([request.distill_arch, *request.eval_archs])}

@@ -201,3 +201,34 @@ def test_evaluate_says_what_ran_and_keeps_a_quick_set_under_the_full_protocol_ap
     labels = {line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| random")}
     assert labels == {"random", "random (full protocol)"}
     assert "Costs of distillation" not in report, "sets only evaluated here have no distillation costs to show"
+
+
+@pytest.mark.parametrize("spec,dataset,ipc,expected", [
+    ("apm.digits_ipc1", "digits", 10, "note: recipe apm.digits_ipc1 was written for digits at ipc 1; it runs here on "
+                                      "digits at ipc 10, as asked"),
+    ("dm.mnist_ipc1_cpu", "digits", 1, "note: recipe dm.mnist_ipc1_cpu was written for mnist at ipc 1; it runs here on "
+                                       "digits at ipc 1, as asked"),
+    ("apm.digits_ipc1", "digits", 1, None),
+    ("apm.tiny_ipc10", "tiny_imagenet", 10, None),  # the recipe's short name for the dataset
+    ("apm.imagenet_ipc10", "tiny_imagenet", 10, "note: recipe apm.imagenet_ipc10 was written for imagenet at ipc 10; "
+                                                 "it runs here on tiny_imagenet at ipc 10, as asked"),
+    ("apm", "digits", 10, None),
+    ("full", "digits", None, None),  # no ipc
+])
+def test_a_recipe_run_outside_its_setting_is_noted(spec, dataset, ipc, expected):
+    from bench.runner import recipe_elsewhere_note
+
+    assert recipe_elsewhere_note(spec, dataset, ipc) == expected
+
+
+def test_the_recipe_note_reaches_the_command_line_but_not_a_suite(capsys, tmp_path):
+    from bench.runner import RunRequest, plan
+
+    def planned(**kw):
+        plan(RunRequest(dataset="digits", methods=["dm.mnist_ipc1_cpu", "random"], ipcs=[1], eval_archs=[], seeds=[],
+                        results_dir=tmp_path, quick=True, **kw))
+        return [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: recipe")]
+
+    assert planned() == ["note: recipe dm.mnist_ipc1_cpu was written for mnist at ipc 1; it runs here on digits at "
+                         "ipc 1, as asked"]
+    assert planned(suite="mine") == []  # a suite's YAML shows its choices
