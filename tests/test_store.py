@@ -177,3 +177,12 @@ def test_older_records_lacking_newer_fields_or_with_nulls_are_still_read(tmp_pat
     assert sorted(r["record_id"] for r in load_records(tmp_path)) == ["nulls", "old"]
     assert [r["env"] for r in load_records(tmp_path) if r["record_id"] == "old"] == [{"gpu_name": None}]
     assert capsys.readouterr().err == ""
+
+
+def test_the_record_check_knows_every_phase_figure_the_harness_writes():
+    """``measure`` writes the phase figures and ``store`` states each one's kind for the record check: the two lists
+    must name the same fields, or a figure added to one would go unchecked (or be checked but never written)."""
+    from bench.measure import PHASE_FIELDS
+    from bench.store import PHASE_FIGURES
+
+    assert set(PHASE_FIGURES) == set(PHASE_FIELDS)
