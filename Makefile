@@ -11,7 +11,8 @@ REPORTS ?= reports
 .PHONY: venv venv-dev test clean
 
 # Two layers: what ddbench needs to run (`make bench` and every suite), and on top of it the test and Ray extras
-# (`make test`, `make bench-parallel_quick`): pytest, Ray and kornia cost `make bench` about 35 s (installing them 29 s, compiling them the rest) it has no use for.
+# (`make test`, `make bench-parallel_quick`): pytest, Ray and kornia would cost `make bench` about 35 s (installing
+# them 29 s, compiling them the rest) for nothing it uses.
 venv: $(VENV)/.installed
 venv-dev: $(VENV)/.installed-dev
 

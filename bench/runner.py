@@ -224,7 +224,7 @@ def resolved_methods(request: RunRequest, spec: str) -> list[tuple[str, int | No
 def recipe_elsewhere_note(spec: str, dataset: str, ipc: int | None) -> str | None:
     """A note when ``spec`` names a recipe written for another setting (``<dataset>_ipc<k>[_…]``) than the cell's:
     allowed (ablations run a recipe elsewhere on purpose), but said, since nothing else in the output shows it."""
-    name, recipe = split_method_spec(spec)
+    _, recipe = split_method_spec(spec)
     written_for = re.fullmatch(r"(?P<dataset>.+?)_ipc(?P<ipc>\d+)(?:_.*)?", recipe or "")
     if written_for is None or ipc is None:
         return None
