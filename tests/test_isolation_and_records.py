@@ -232,9 +232,8 @@ def _send_modules_present_at_start(connection) -> None:
 
 
 def test_cells_fork_from_a_server_that_imported_the_methods_once():
-    """A cell starts with every built-in method's module already imported by the forkserver, not importing it again
-    (a plugin's module is imported by the cells that use it)."""
-    import methods
+    """A cell starts with every method's module already imported by the forkserver, not importing it again."""
+    from bench.registry import get_method_class, list_methods
     from bench.cell_processes import child_context
 
     context = child_context()
@@ -246,8 +245,8 @@ def test_cells_fork_from_a_server_that_imported_the_methods_once():
     sender.close()
     at_start = set(receiver.recv())
     child.join()
-    builtin_modules = {f"methods.{name}" for name in methods.BUILTIN}
-    assert {"methods.apm", "methods.mtt", "methods.random"} <= builtin_modules <= at_start
+    method_modules = {get_method_class(name).__module__ for name in list_methods()}
+    assert {"methods.apm", "methods.mtt", "methods.random"} <= method_modules <= at_start
 
 
 START_WATCH = """
