@@ -1,11 +1,11 @@
-"""Imported first by the forkserver that starts ddbench's cells (``bench.cell_processes.child_context``), before torch.
+"""Imported first by the forkserver that starts ddbench's cells (``bench.runner._child_context``), before torch.
 
 A terminal's Ctrl-C reaches the whole process group, the forkserver included. Once it serves, the forkserver
 ignores SIGINT, but in its first seconds — Python's start-up, then the imports of torch and the harness — a Ctrl-C
 printed a KeyboardInterrupt traceback under ddbench's one line. ddbench starts it with SIGINT blocked
-(``bench.cell_processes._start_forkserver``), so a Ctrl-C until here waits; here a Ctrl-C, the waiting one
-included, ends it at once and quietly (ddbench itself reports the interruption). The cells it forks start with
-this handler and install Python's default one first thing (``bench.runner._cell_child``).
+(``bench.runner._start_forkserver``), so a Ctrl-C until here waits; here a Ctrl-C, the waiting one included,
+ends it at once and quietly (ddbench itself reports the interruption). The cells it forks start with this handler
+and install Python's default one first thing (``bench.runner._cell_child``).
 """
 
 import os

@@ -378,15 +378,10 @@ def _executor_options(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> int:
     """Run a grid or a suite; end with a summary paragraph, and exit 3 when a cell's record is not ok."""
     from bench.errors import UserError
-
-    options = dict(_executor_options(args), memory_sample_s=args.memory_sample_ms / 1000)
-    if args.executor == "local" and args.isolate:  # the cells' server imports torch beside this process, not after it
-        from bench.cell_processes import child_context
-
-        child_context()
     from bench.executors import executor_session
     from bench.runner import RunRequest, check_grid_size, run, summarize
 
+    options = dict(_executor_options(args), memory_sample_s=args.memory_sample_ms / 1000)
     if args.suite:
         from bench.suite import load_suite, naming_the_suite_file, parse_only, run_suite, suite_requests
 

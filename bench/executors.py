@@ -40,7 +40,6 @@ from typing import ContextManager, Iterator
 import torch
 
 from bench import runner
-from bench.cell_processes import child_context
 from bench.data import load_dataset
 from bench.distilled import DistilledSet
 from bench.errors import UserError
@@ -174,7 +173,7 @@ class LocalExecutor:
     def _in_threads(self, jobs: list[CellJob], run_one, workers: int, name: str) -> Iterator[tuple[CellJob, list[dict]]]:
         """``run_one(job)`` for every job on ``workers`` threads, each waiting on a cell's child process; (job,
         records) as each finishes."""
-        child_context()  # the forkserver, set up once before the threads start children from it
+        runner._child_context()  # the forkserver, set up once before the threads start children from it
 
         def started(job: CellJob) -> list[dict]:
             self.in_flight.append(job)  # only cells that started: a queued one was never run, and gets no record

@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bench.cell_processes import child_context
 from bench.data import DATASETS, Dataset, from_other_files, load_dataset, resolve_data_root
 from bench.distilled import DistilledSet, content_hash
 from bench.errors import Diverged, UserError
@@ -798,6 +797,7 @@ def _cell_child(connection, request: RunRequest, task: CellTask, parent_pid: int
         connection.close()
 
 
+_CHILD_CONTEXT = None
 RUNNING_CHILDREN: set = set()  # the cells' child processes now running (an executor ends them on Ctrl-C)
 CRASH_WATCH_INTERVAL_S = 0.1  # the parent's RSS watch of a cell's process: only reported if the cell dies
 # The main thread never blocks longer than this while cells run. A SIGINT or SIGTERM that the kernel hands to another
@@ -806,12 +806,42 @@ CRASH_WATCH_INTERVAL_S = 0.1  # the parent's RSS watch of a cell's process: only
 SIGNAL_CHECK_S = 0.5
 
 
+def _child_context():
+    """A forkserver (spawn where there is none) whose server imports torch and the harness once for all cells."""
+    global _CHILD_CONTEXT
+    if _CHILD_CONTEXT is None:
+        import multiprocessing
+
+        methods_loaded = list(dict.fromkeys(cls.__module__ for cls in map(get_method_class, list_methods())))
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            _CHILD_CONTEXT = multiprocessing.get_context("forkserver")
+            _CHILD_CONTEXT.set_forkserver_preload(["bench.cell_server", "bench.runner", *methods_loaded])
+            _start_forkserver()
+        else:
+            _CHILD_CONTEXT = multiprocessing.get_context("spawn")
+    return _CHILD_CONTEXT
+
+
+def _start_forkserver() -> None:
+    """Start the forkserver with SIGINT blocked, as it inherits, until ``bench.cell_server`` handles it there (as
+    CPython starts its resource tracker): a Ctrl-C in the server's start-up then ends it quietly. The resource
+    tracker is started first: starting it unblocks SIGINT (and ignores it itself)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str],
                       gpu: str | None = None, threads: int | None = None) -> list[dict]:
     """``run_cell`` in a fresh child process (seeing only GPU ``gpu`` when given; with ``threads`` torch threads when
     given): peaks are the cell's own, and a crash or an out-of-memory kill costs only this cell — its records then
     say so, with the peak RSS the parent saw."""
-    context = child_context()
+    context = _child_context()
     receiver, sender = context.Pipe(duplex=False)
     task = cell_task(cell, archs, ids, gpu, threads)
     child = context.Process(target=_cell_child, args=(sender, request, task, os.getpid()),

@@ -234,9 +234,9 @@ def _send_modules_present_at_start(connection) -> None:
 def test_cells_fork_from_a_server_that_imported_the_methods_once():
     """A cell starts with every method's module already imported by the forkserver, not importing it again."""
     from bench.registry import get_method_class, list_methods
-    from bench.cell_processes import child_context
+    from bench.runner import _child_context
 
-    context = child_context()
+    context = _child_context()
     if context.get_start_method() != "forkserver":
         pytest.skip("no forkserver on this platform: cells are spawned")
     receiver, sender = context.Pipe(duplex=False)
@@ -249,43 +249,14 @@ def test_cells_fork_from_a_server_that_imported_the_methods_once():
     assert {"methods.apm", "methods.mtt", "methods.random"} <= method_modules <= at_start
 
 
-START_WATCH = """
-import sys
-from bench import cell_processes
-from bench.cli import main
-
-start = cell_processes._start_forkserver
-def watched_start():
-    print("torch imported when the server started:", "torch" in sys.modules, flush=True)
-    start()
-cell_processes._start_forkserver = watched_start
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def test_ddbench_run_starts_the_cells_server_before_it_imports_torch(tmp_path):
-    """The server's imports (torch, the harness, the methods) run beside the command's own, not after them (what
-    that saves: ``benchmarks/run_startup.sh``)."""
-    import subprocess
-
-    if "forkserver" not in __import__("multiprocessing").get_all_start_methods():
-        pytest.skip("no forkserver on this platform: cells are spawned")
-    argv = ["run", "--dataset", "digits", "--methods", "random", "--ipc", "1", "--seeds", "0", "--quick",
-            "--eval-epochs", "1", "--results", str(tmp_path / "results")]
-    done = subprocess.run([sys.executable, "-c", START_WATCH, *argv], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == "torch imported when the server started: False"
-    assert len(list((tmp_path / "results" / "records").glob("*.json"))) == 1
-
-
 def test_a_cell_whose_process_cannot_be_started_gets_a_failed_record_and_the_grid_goes_on(tmp_path, monkeypatch):
     """The forkserver can end while it starts a cell (the out-of-memory killer, a signal): that cell's record says
     so, where the grid stopped with an EOFError traceback, and the next cell starts from a new forkserver."""
     from multiprocessing import forkserver
 
-    from bench.cell_processes import child_context
+    from bench.runner import _child_context
 
-    context = child_context()
+    context = _child_context()
     if context.get_start_method() != "forkserver":
         pytest.skip("no forkserver on this platform: cells are spawned")
     real_start = context.Process.start
