@@ -31,6 +31,7 @@ import os
 import queue
 import socket
 import tempfile
+import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
@@ -152,10 +153,10 @@ class LocalExecutor:
         for gpu in self.gpus:
             free.put(gpu)
 
-        def on_a_free_gpu(job: CellJob) -> list[dict]:
+        def on_a_free_gpu(job: CellJob, stop: threading.Event) -> list[dict]:
             gpu = free.get()
             try:
-                return runner.run_cell_isolated(job.cell, job.request, job.archs, job.ids, gpu=gpu)
+                return runner.run_cell_isolated(job.cell, job.request, job.archs, job.ids, gpu=gpu, stop=stop)
             finally:
                 free.put(gpu)
 
@@ -165,19 +166,20 @@ class LocalExecutor:
         """``request.jobs`` cells at a time, each in its own child process with its share of the cores."""
         threads = cpu_threads_per_job(self.request.jobs)
 
-        def with_a_share(job: CellJob) -> list[dict]:
-            return runner.run_cell_isolated(job.cell, job.request, job.archs, job.ids, threads=threads)
+        def with_a_share(job: CellJob, stop: threading.Event) -> list[dict]:
+            return runner.run_cell_isolated(job.cell, job.request, job.archs, job.ids, threads=threads, stop=stop)
 
         yield from self._in_threads(jobs, with_a_share, self.request.jobs, "ddbench-cpu")
 
     def _in_threads(self, jobs: list[CellJob], run_one, workers: int, name: str) -> Iterator[tuple[CellJob, list[dict]]]:
-        """``run_one(job)`` for every job on ``workers`` threads, each waiting on a cell's child process; (job,
-        records) as each finishes."""
+        """``run_one(job, stop)`` for every job on ``workers`` threads, each waiting on a cell's child process; (job,
+        records) as each finishes. ``stop`` is set when the run stops: a thread then starting its cell does not."""
         runner._child_context()  # the forkserver, set up once before the threads start children from it
+        stop = threading.Event()
 
         def started(job: CellJob) -> list[dict]:
             self.in_flight.append(job)  # only cells that started: a queued one was never run, and gets no record
-            return run_one(job)
+            return run_one(job, stop)
 
         self.in_flight = []  # before any thread starts appending to it
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
@@ -192,8 +194,10 @@ class LocalExecutor:
                     yield job, future.result()
         except BaseException:  # Ctrl-C (or an error here): drop the queued cells and end the running ones
             pool.shutdown(wait=False, cancel_futures=True)
-            for child in list(runner.RUNNING_CHILDREN):
-                child.terminate()
+            with runner.CHILDREN_LOCK:  # no thread's cell starts between the two, to run on unseen
+                stop.set()
+                for child in list(runner.RUNNING_CHILDREN):
+                    child.terminate()
             raise
         pool.shutdown()
 

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import traceback
 from contextlib import nullcontext
@@ -799,6 +800,9 @@ def _cell_child(connection, request: RunRequest, task: CellTask, parent_pid: int
 
 _CHILD_CONTEXT = None
 RUNNING_CHILDREN: set = set()  # the cells' child processes now running (an executor ends them on Ctrl-C)
+# Held while a cell's process starts and joins RUNNING_CHILDREN, and while an executor stops every cell: a cell cannot
+# start unseen in the middle of a stop, and then run on (``run_cell_isolated``'s ``stop``).
+CHILDREN_LOCK = threading.Lock()
 CRASH_WATCH_INTERVAL_S = 0.1  # the parent's RSS watch of a cell's process: only reported if the cell dies
 # The main thread never blocks longer than this while cells run. A SIGINT or SIGTERM that the kernel hands to another
 # thread of ddbench (the memory watch, an executor's) interrupts no wait of the main thread, and Python runs the
@@ -837,23 +841,30 @@ def _start_forkserver() -> None:
 
 
 def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str],
-                      gpu: str | None = None, threads: int | None = None) -> list[dict]:
+                      gpu: str | None = None, threads: int | None = None,
+                      stop: threading.Event | None = None) -> list[dict]:
     """``run_cell`` in a fresh child process (seeing only GPU ``gpu`` when given; with ``threads`` torch threads when
     given): peaks are the cell's own, and a crash or an out-of-memory kill costs only this cell — its records then
-    say so, with the peak RSS the parent saw."""
+    say so, with the peak RSS the parent saw. Once ``stop`` is set (under ``CHILDREN_LOCK``, by an executor ending
+    its cells on Ctrl-C), the cell does not start: its records say it was interrupted."""
     context = _child_context()
     receiver, sender = context.Pipe(duplex=False)
     task = cell_task(cell, archs, ids, gpu, threads)
     child = context.Process(target=_cell_child, args=(sender, request, task, os.getpid()),
                             name=f"ddbench-cell-{ids[archs[0]]}")
-    try:
-        child.start()
-    except (EOFError, ConnectionError) as exc:  # the forkserver ended as it started this cell (out of memory, a signal)
-        sender.close()
-        receiver.close()  # a later cell's start starts a new forkserver, once the old one has been reaped
-        return failure_records(cell, request, archs, ids, "failed", f"the cell's process could not be started: the "
-                               f"forkserver that starts the cells ended ({type(exc).__name__}: {exc})")
-    RUNNING_CHILDREN.add(child)
+    with CHILDREN_LOCK:
+        if stop is not None and stop.is_set():  # the run was stopped as this cell's thread was about to start it
+            sender.close()
+            receiver.close()
+            return failure_records(cell, request, archs, ids, "interrupted", INTERRUPTED_ERROR)
+        try:
+            child.start()
+        except (EOFError, ConnectionError) as exc:  # the forkserver ended as it started this cell (out of memory, a signal)
+            sender.close()
+            receiver.close()  # a later cell's start starts a new forkserver, once the old one has been reaped
+            return failure_records(cell, request, archs, ids, "failed", f"the cell's process could not be started: "
+                                   f"the forkserver that starts the cells ended ({type(exc).__name__}: {exc})")
+        RUNNING_CHILDREN.add(child)
     sender.close()
     watcher = MemorySampler(pid=child.pid, interval_s=CRASH_WATCH_INTERVAL_S).start()  # wakes rarely: 2 cores are shared
     try:

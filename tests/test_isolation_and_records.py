@@ -280,3 +280,22 @@ def test_a_cell_whose_process_cannot_be_started_gets_a_failed_record_and_the_gri
     assert by_ipc[1]["status"] == "failed" and "could not be started" in by_ipc[1]["error"]
     assert "EOFError" in by_ipc[1]["error"] and "\n" not in by_ipc[1]["error"]
     assert by_ipc[2]["status"] == "ok" and len(by_ipc[2]["acc"]) == 1
+
+
+def test_a_cell_whose_thread_starts_it_after_the_run_stopped_does_not_start(tmp_path, monkeypatch):
+    """Ctrl-C with cells side by side: the executor sets ``stop`` and ends the running cells' processes under
+    ``CHILDREN_LOCK``. A pool thread that had taken its cell but not yet started it used to start it afterwards, unseen
+    by that sweep, and the cell ran on (in a whole test run, into the next test). Now it does not start."""
+    import threading
+
+    from bench.runner import plan, run_cell_isolated
+
+    request = _request(tmp_path, ["random"])
+    (cell,) = plan(request)
+    starts = []
+    monkeypatch.setattr("multiprocessing.process.BaseProcess.start", lambda process: starts.append(process))
+    stop = threading.Event()
+    stop.set()
+    records = run_cell_isolated(cell, request, ["convnet"], {"convnet": "id"}, stop=stop)
+    assert starts == []
+    assert [record["status"] for record in records] == ["interrupted"]
