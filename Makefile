@@ -21,7 +21,7 @@ venv-dev: $(VENV)/.installed-dev
 # PYTHONDONTWRITEBYTECODE is set, as on our machines: without them every process (the CLI, each cell, each test
 # worker) would compile torch again on import. A few files of the installed packages are not valid for this Python (torch's py312 test helpers):
 # compileall exits 1 for them, which is not an error of the install (hence `|| true`). The installed packages' own
-# test folders (pandas/tests, scipy's, torch's testing/_internal, …: a quarter of the files) are never imported here,
+# test folders (pandas/tests, scipy's, torch's testing/_internal, …: a fifth of the files) are never imported here,
 # and are left out: 10 to 20 s less on our 2-core machine.
 COMPILE := $(BIN)/python -m compileall -q -j 0 -x 'site-packages/.+/(tests?|testing/_internal)/'
 $(VENV)/.installed: pyproject.toml

@@ -178,7 +178,7 @@ class LocalExecutor:
         stop = threading.Event()
 
         def started(job: CellJob) -> list[dict]:
-            self.in_flight.append(job)  # only cells that started: a queued one was never run, and gets no record
+            self.in_flight.append(job)  # cells a thread took (recorded if stopped); a queued one gets no record
             return run_one(job, stop)
 
         self.in_flight = []  # before any thread starts appending to it

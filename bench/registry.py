@@ -338,10 +338,16 @@ def resolve_config(name: str, recipe: str | None, quick: bool, overrides: dict) 
 DATASET_RECIPE_ALIASES = {"tiny_imagenet": "tiny", "imagenet64": "imagenet"}
 
 
+def setting_recipe_names(dataset: str, ipc: int | None) -> tuple[str, str]:
+    """The names a recipe for this setting goes by: ``<dataset>_ipc<k>``, and the same with the dataset's short
+    name where recipes use one (``tiny_ipc10`` for tiny_imagenet)."""
+    return f"{dataset}_ipc{ipc}", f"{DATASET_RECIPE_ALIASES.get(dataset, dataset)}_ipc{ipc}"
+
+
 def default_recipe(name: str, dataset: str, ipc: int | None) -> str | None:
     """The method's paper recipe for this setting (``<dataset>_ipc<k>``), if it has one."""
     cls = get_method_class(name)
-    for key in (f"{dataset}_ipc{ipc}", f"{DATASET_RECIPE_ALIASES.get(dataset, dataset)}_ipc{ipc}"):
+    for key in setting_recipe_names(dataset, ipc):
         if key in cls.recipes:
             return key
     return None

@@ -147,14 +147,12 @@ def _device(env: dict | None) -> str | None:
 
 def _row_label(record: pd.Series) -> str:
     """The method, plus its recipe when that is not the one picked for this setting (``<dataset>_ipc<k>``)."""
-    from bench.registry import DATASET_RECIPE_ALIASES
+    from bench.registry import setting_recipe_names
 
     recipe = record.get("recipe")
     if not isinstance(recipe, str):
         return record["method"]
-    ipc = _ipc(record.get("ipc"))
-    dataset = record["dataset"]
-    automatic = {f"{dataset}_ipc{ipc}", f"{DATASET_RECIPE_ALIASES.get(dataset, dataset)}_ipc{ipc}"}
+    automatic = setting_recipe_names(record["dataset"], _ipc(record.get("ipc")))
     return record["method"] if recipe in automatic else f"{record['method']}.{recipe}"
 
 

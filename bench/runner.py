@@ -36,8 +36,8 @@ from bench.measure import (DEFAULT_SAMPLE_INTERVAL_S, FlopCounter, MemorySampler
                            phase, process_peak_rss_mb)
 from bench.models import attention_with_second_derivative, check_arch, create_network
 from bench.progress import log, progress_bar
-from bench.registry import (DATASET_RECIPE_ALIASES, create_method, default_recipe, get_method_class, list_methods,
-                            method_origin, nearest_name, split_method_spec)
+from bench.registry import (create_method, default_recipe, get_method_class, list_methods, method_origin, nearest_name,
+                            setting_recipe_names, split_method_spec)
 from bench.seeding import generator_for
 from bench.store import (CHECKPOINTS_DIR, DISTILLED_DIR, RECORDS_DIR, check_results_dir, evaluation_fields,
                          existing_records, record_id, remove_stale_temporaries, set_fields, stable_hash, write_record,
@@ -228,8 +228,7 @@ def recipe_elsewhere_note(spec: str, dataset: str, ipc: int | None) -> str | Non
     written_for = re.fullmatch(r"(?P<dataset>.+?)_ipc(?P<ipc>\d+)(?:_.*)?", recipe or "")
     if written_for is None or ipc is None:
         return None
-    same_dataset = written_for["dataset"] in (dataset, DATASET_RECIPE_ALIASES.get(dataset))
-    if same_dataset and int(written_for["ipc"]) == ipc:
+    if f"{written_for['dataset']}_ipc{int(written_for['ipc'])}" in setting_recipe_names(dataset, ipc):
         return None
     return (f"note: recipe {spec} was written for {written_for['dataset']} at ipc {written_for['ipc']}; "
             f"it runs here on {dataset} at ipc {ipc}, as asked")
