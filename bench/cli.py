@@ -294,7 +294,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from bench.evaluate import check_compatible, get_protocol, protocol_label
     from bench.measure import environment_stamp
     from bench.runner import (NOT_DISTILLED_HERE, _check_arch_runs, dataset_resident, measured_evaluation,
-                              protocol_for, reject_repeats, resolve_device)
+                              protocol_for, reject_negative_seeds, reject_repeats, resolve_device)
     from bench.errors import UserError
     from bench.experts import check_cache_dir, soft_targets_source
     from bench.store import check_results_dir, set_fields, stable_hash, write_record
@@ -302,6 +302,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     if not args.seeds:
         raise UserError("no seeds given: --seeds expects comma-separated integers, e.g. --seeds 0,1,2")
     reject_repeats(args.seeds, "seed")
+    reject_negative_seeds(args.seeds, "evaluation seed")
     reject_repeats(args.archs, "architecture")
     distilled = DistilledSet.load(args.path)
     meta = distilled.metadata
@@ -400,9 +401,9 @@ def _run(args: argparse.Namespace) -> int:
         with naming_the_suite_file(suite):
             size = check_grid_size(suite_requests(suite, results, quick=args.quick, only=only, **options, **batching),
                                    args.yes)
-        _note_full_recipes_on_cpu(args.quick or suite.quick, args.device)
         with executor_session(args.executor, options["ray_address"]):  # one Ray session for the whole suite
             written = run_suite(suite, results, quick=args.quick, only=only, data_root=args.data_root,
+                                notes=_full_recipes_on_cpu_note(args.quick or suite.quick, args.device),
                                 device=args.device, resume=args.resume, cache_dir=args.cache_dir, isolate=args.isolate,
                                 eval_epochs=args.eval_epochs, checkpoint_every=args.checkpoint_every, **options,
                                 **batching)
@@ -423,22 +424,22 @@ def _run(args: argparse.Namespace) -> int:
                              cache_dir=args.cache_dir, isolate=args.isolate, eval_epochs=args.eval_epochs,
                              batch_seeds=args.batch_seeds or "auto", checkpoint_every=args.checkpoint_every, **options)
         size = check_grid_size([request], args.yes)
-        _note_full_recipes_on_cpu(args.quick, args.device)
         with executor_session(args.executor, options["ray_address"]):
-            written = run(request)
+            written = run(request, notes=_full_recipes_on_cpu_note(args.quick, args.device))
     print(summarize(written, size - len(written), results))
     return EXIT_CELLS_FAILED if any(record["status"] != "ok" for record in written) else 0
 
 
-def _note_full_recipes_on_cpu(quick: bool, device: str) -> None:
-    """One line before the full recipes run on a CPU: they are sized for a GPU (hours to days a cell here), and
-    --quick runs their reduced copies. A note, not a refusal: a small grid may be meant."""
-    from bench.progress import log
+def _full_recipes_on_cpu_note(quick: bool, device: str) -> list[str]:
+    """The line printed before the full recipes run on a CPU (once the run is checked): they are sized for a GPU
+    (hours to days a cell here), and --quick runs their reduced copies. A note, not a refusal: a small grid may be
+    meant."""
     from bench.runner import resolve_device
 
-    if not quick and resolve_device(device).type == "cpu":
-        log("note: the full recipes on a CPU: they are sized for a GPU (hours to days a cell here); "
-            "--quick runs their reduced CPU copies, flagged quick in every record")
+    if quick or resolve_device(device).type != "cpu":
+        return []
+    return ["note: the full recipes on a CPU: they are sized for a GPU (hours to days a cell here); "
+            "--quick runs their reduced CPU copies, flagged quick in every record"]
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -488,12 +489,12 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from bench.compare import main_compare
+    from bench.compare import COMPARE_ONLY_KEYS, main_compare
     from bench.suite import parse_only
 
     overrides = {key: value for key, value in dict(acc_tol=args.acc_tol, acc_k=args.acc_k, memory_rel_tol=args.memory_rel_tol,
                  flops_rel_tol=args.flops_rel_tol, time_rel_tol=args.time_rel_tol).items() if value is not None}
-    return main_compare(args.baseline, args.current, parse_only(args.only), **overrides)
+    return main_compare(args.baseline, args.current, parse_only(args.only, COMPARE_ONLY_KEYS), **overrides)
 
 
 class Terminated(KeyboardInterrupt):

@@ -158,6 +158,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("distill wall_s", "↓", "time", _phase_figure("distill", "wall_s"), is_wall_time=True),
 )
 EVAL_WALL_TIME = _phase_figure("eval", "wall_s")
+COMPARE_ONLY_KEYS = ("dataset", "method", "ipc", "protocol")  # `--only` keys: `run --suite`'s but seed
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,8 @@ def _selected(key: CellKey, record: dict, only: dict[str, set[str]]) -> bool:
 
 def _check_only_values(baseline: dict[CellKey, dict], only: dict[str, set[str]]) -> None:
     """A ``UserError`` for an ``--only`` key that compare cannot filter on (``seed``: cells are compared over their
-    seeds, whichever they are) or a value that no baseline cell has, with the nearest one."""
+    seeds, whichever they are; the command line takes ``COMPARE_ONLY_KEYS`` only) or a value that no baseline cell
+    has, with the nearest one."""
     if "seed" in only:
         raise UserError("compare --only takes dataset, method, ipc or protocol; a cell is compared over all its "
                         "seeds (its acc list), so --only seed=… selects nothing here")
@@ -404,7 +406,8 @@ def compare_results(baseline_dir: str | os.PathLike, current_dir: str | os.PathL
     differ = (f"{left_out} matched cell{'' if left_out == 1 else 's'} with evaluation wall times on both sides "
               "evaluated with a different number of seeds or engine (sequential or batched)")
     if comparison.speed_cells and left_out:
-        comparison.notes.append(f"speed factor taken over {comparison.speed_cells} cells only: {differ}")
+        comparison.notes.append(f"speed factor taken over {comparison.speed_cells} "
+                                f"cell{'' if comparison.speed_cells == 1 else 's'} only: {differ}")
     elif left_out:
         comparison.notes.append(f"no matched cell evaluated the same work on both sides ({differ}): times compared "
                                 "unscaled, speed factor taken as 1")
@@ -448,7 +451,8 @@ def format_comparison(comparison: Comparison) -> str:
     lines = [f"baseline: {comparison.baseline_dir}", f"current:  {comparison.current_dir}"]
     if comparison.speed_cells:
         lines.append(f"speed factor {comparison.speed_factor:.2f} (current ÷ baseline evaluation wall time, median "
-                     f"over {comparison.speed_cells} cells whose evaluations did the same work); current times are "
+                     f"over {comparison.speed_cells} cell{'' if comparison.speed_cells == 1 else 's'} whose evaluations did the same "
+                     f"work); current times are "
                      "divided by it before comparing")
     elif comparison.speed_left_out:
         lines.append("speed factor 1.00: no matched cell's evaluation did the same work on both sides (seeds or "
@@ -475,7 +479,9 @@ def format_comparison(comparison: Comparison) -> str:
     if comparison.notes:
         lines += ["", "notes:"] + [f"  {note}" for note in comparison.notes]
     regressions, improvements = len(comparison.regressions), len(comparison.improvements)
-    summary = (f"{comparison.cells_compared} cells compared, {regressions} regression{'' if regressions == 1 else 's'}, "
+    compared = comparison.cells_compared
+    summary = (f"{compared} cell{'' if compared == 1 else 's'} compared, "
+               f"{regressions} regression{'' if regressions == 1 else 's'}, "
                f"{improvements} improvement{'' if improvements == 1 else 's'}, {len(comparison.new_cells)} new")
     lines += ["", summary]
     return "\n".join(lines)

@@ -534,6 +534,23 @@ def attention_with_second_derivative() -> ContextManager:
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def _nearest_option_hint(name: str, error: str, num_classes: int, in_chans: int) -> str:
+    """"; did you mean 'width'?" for an option the model's constructor does not take (``convnet[widht=64]``), found
+    among the parameters of the class that timm builds for ``name`` with its defaults (built only on this error)."""
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", error)
+    if unexpected is None:
+        return ""
+    try:
+        model_class = type(timm.create_model(name, num_classes=num_classes, in_chans=in_chans))
+    except Exception:  # noqa: BLE001 — only a hint: without it the error still names the option
+        return ""
+    import inspect
+
+    options = [p for p in inspect.signature(model_class.__init__).parameters if p not in ("self", "args", "kwargs")]
+    near = nearest_name(unexpected.group(1), options)
+    return f"; did you mean '{near}'?" if near else ""
+
+
 def create_network(spec: str, num_classes: int, in_chans: int, img_size: int, generator: torch.Generator) -> nn.Module:
     """Build ``spec`` on the CPU with weights drawn from ``generator``; the global RNG is left as it was.
 
@@ -558,6 +575,6 @@ def create_network(spec: str, num_classes: int, in_chans: int, img_size: int, ge
         except TypeError as e:
             if "unexpected keyword argument" not in str(e):
                 raise
-            raise UserError(f"{where}: {e}") from e
+            raise UserError(f"{where}: {e}{_nearest_option_hint(name, str(e), num_classes, in_chans)}") from e
         except ValueError as e:
             raise UserError(f"{where}: {e}") from e

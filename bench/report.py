@@ -1082,10 +1082,11 @@ def report_intro(frame: pd.DataFrame, results_dir: str | os.PathLike, coverage: 
     """The report's opening lines: what it was made from, what the marks mean."""
     if coverage is None:
         suites = sorted({s for s in frame["suite"].dropna()})
-        intro = [f"Generated from the {len(frame)} records under `{results_dir}`"
+        intro = [f"Generated from the {len(frame)} record{'' if len(frame) == 1 else 's'} under `{results_dir}`"
                  + (f" (suite {', '.join(suites)})." if suites else ".")]
     else:
-        intro = [f"Generated from the {len(frame)} records of suite {coverage.suite.name} under `{results_dir}`.",
+        intro = [f"Generated from the {len(frame)} record{'' if len(frame) == 1 else 's'} of suite {coverage.suite.name} "
+                 f"under `{results_dir}`.",
                  *_coverage_lines(coverage)]
     intro.append(f"Accuracy {ACC_DIRECTION}: higher is better; costs {COST_DIRECTION}: lower is better.")
     if frame["quick"].any():
@@ -1109,7 +1110,9 @@ def _coverage_lines(coverage: SuiteCoverage) -> list[str]:
         lines.append(f"{others} other record{'' if others == 1 else 's'} under the folder left out: "
                      f"{_left_out_text(coverage.left_out)}.")
     missing = len(coverage.missing)
-    line = f"{missing} of the suite's {len(coverage.planned)} cells have no record yet"
+    planned = len(coverage.planned)
+    line = (f"{missing} of the suite's {planned} cell{'' if planned == 1 else 's'} "
+            f"{'has' if missing == 1 else 'have'} no record yet")
     lines.append(line + (f": “{NOT_RUN}” in the accuracy tables, listed under “{MISSING_HEADING}”."
                          if missing else "."))
     return lines

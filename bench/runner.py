@@ -21,7 +21,7 @@ import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -88,6 +88,9 @@ class Cell:
     ipc: int | None  # None: the method ignores ipc (`full`)
     dataset: Dataset
     label: str | None = None  # the row label in reports (default: the method spec as given)
+    # a line for the console once the whole run is checked (``recipe_elsewhere_note``); a suite's YAML shows its
+    # choices, the command line does not
+    note: str | None = None
 
     @property
     def dataset_name(self) -> str:
@@ -171,10 +174,19 @@ def reject_repeats(values: list, what: str) -> None:
         seen.add(value)
 
 
+def reject_negative_seeds(seeds: Iterable[int], what: str) -> None:
+    """Seeds are 0 or more, as in a suite file: a negative one would run, under a name no table expects."""
+    for seed in seeds:
+        if seed < 0:
+            raise UserError(f"{what} {seed}: seeds are 0 or more")
+
+
 def check_request(request: RunRequest) -> list[str]:
     """Check every name and option of a request without reading data; returns its method specs."""
     if not request.methods:
         raise UserError("no methods given")
+    if not request.ipcs:
+        raise UserError("no ipc given: --ipc expects comma-separated integers, e.g. --ipc 1,10")
     if request.eval_archs and not request.seeds:
         raise UserError("no seeds given: --seeds expects comma-separated integers, e.g. --seeds 0,1,2")
     for values, what in ((request.methods, "method"), (request.ipcs, "ipc"), (request.seeds, "seed"),
@@ -183,6 +195,8 @@ def check_request(request: RunRequest) -> list[str]:
     for ipc in request.ipcs:
         if ipc < 1:
             raise UserError(f"ipc must be at least 1, got {ipc}")
+    reject_negative_seeds(request.seeds, "evaluation seed")
+    reject_negative_seeds([request.distill_seed], "distillation seed")
     if request.eval_epochs is not None and request.eval_epochs < 1:
         raise UserError(f"--eval-epochs must be at least 1, got {request.eval_epochs}")
     if request.checkpoint_every is not None and request.checkpoint_every < 1:
@@ -266,11 +280,10 @@ def plan(request: RunRequest, loaded: dict | None = None) -> list[Cell]:
                 if wanted > smallest:
                     raise UserError(
                         f"ipc {wanted} is larger than the smallest class of {dataset.name} ({smallest} training images)"
+                        + (f", in suite {request.suite}" if request.suite else "")
                     )
-            cells.append(Cell(resolved_spec, method, ipc, dataset, request.method_labels.get(spec, spec)))
             note = None if request.suite else recipe_elsewhere_note(resolved_spec, request.dataset, ipc)
-            if note:  # a suite's YAML shows its choices; the command line does not
-                log(note)
+            cells.append(Cell(resolved_spec, method, ipc, dataset, request.method_labels.get(spec, spec), note))
     for dataset in datasets.values():
         networks = {arch: _check_arch_runs(arch, dataset.to("cpu") if dataset.device.type != "cpu" else dataset)
                     for arch in dict.fromkeys([request.distill_arch, *request.eval_archs])}
@@ -976,18 +989,21 @@ def _threads_since(done: dict[str, dict], ids: Iterable[str], threads: int | Non
             f"CPU results can differ in their last digits between thread counts")
 
 
-def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Cell] | None = None) -> list[dict]:
+def run(request: RunRequest, echo: Callable[[str], None] = print, cells: list[Cell] | None = None,
+        notes: Sequence[str] = ()) -> list[dict]:
     """Plan (unless ``cells`` were planned already), then distil and evaluate every cell through the request's
     executor: ``run_planned`` of this one request."""
-    return run_planned([(request, plan(request) if cells is None else cells)], echo)  # the list is run_planned's
+    return run_planned([(request, plan(request) if cells is None else cells)], echo, notes)  # the list is run_planned's
 
 
-def run_planned(planned: list[tuple[RunRequest, list[Cell]]], echo: Callable[[str], None] = print) -> list[dict]:
+def run_planned(planned: list[tuple[RunRequest, list[Cell]]], echo: Callable[[str], None] = print,
+                notes: Sequence[str] = ()) -> list[dict]:
     """Distil and evaluate the planned cells of one or more requests (a suite's) through one executor
     (``bench.executors``: on this machine, each cell in its own process unless ``isolate`` is off, ``--jobs`` of
     them or one per GPU side by side; or on a Ray cluster). The cells of all requests form one pool, so a suite's
     option variants (one request each) run side by side too. This process alone writes the records, as cells
-    finish. Returns the records written.
+    finish. Returns the records written. ``notes`` (the caller's) and the cells' own notes are printed once every
+    check has passed, so that bad input gets its one line of error and nothing before it.
 
     On Ctrl-C the records written so far stay, the cells being run get records with status ``interrupted`` (which
     ``--resume`` redoes, overwriting them: same identity, same file), and ``KeyboardInterrupt`` goes on up."""
@@ -1002,6 +1018,8 @@ def run_planned(planned: list[tuple[RunRequest, list[Cell]]], echo: Callable[[st
     checkpoints = any(request.checkpoint_every for request, _ in planned)
     check_results_dir(first.results_dir, (DISTILLED_DIR, CHECKPOINTS_DIR) if checkpoints else (DISTILLED_DIR,))
     with writing_results(first.results_dir):
+        for note in [*notes, *(cell.note for _, cells in planned for cell in cells if cell.note)]:
+            log(note)
         return _run_planned(planned, cell_ids, echo)
 
 
@@ -1080,7 +1098,9 @@ def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[li
                 if record["status"] != "ok":
                     summary = f"{record['status']}: {record['error']}"
                 elif record["eval_arch"] is None:
-                    summary = f"not evaluated; {record['iterations']} iterations in {record['phases']['distill']['wall_s']:.1f} s"
+                    iterations = record["iterations"]
+                    summary = (f"not evaluated; {iterations} iteration{'' if iterations == 1 else 's'} in "
+                               f"{record['phases']['distill']['wall_s']:.1f} s")
                 else:
                     summary = f"{record['acc_mean']:.2f} ± {record['acc_std']:.2f} (n={len(record['acc'])})"
                 protocol = request.protocol

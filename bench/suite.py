@@ -31,7 +31,7 @@ options by method name).
 from __future__ import annotations
 
 import reprlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import product
@@ -111,6 +111,8 @@ def suite_path(name_or_file: str) -> Path:
     """A bundled suite's name (``quick``) or a path to a YAML file."""
     path = Path(name_or_file)
     if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; a suite is one YAML file (e.g. {path / 'mine.yaml'})")
         if not path.is_file():
             raise UserError(f"suite file {path} does not exist")
         return path
@@ -238,14 +240,15 @@ def load_suite(name_or_file: str) -> Suite:
     return Suite(name=name, version=version, description=description, quick=quick, grids=grids, path=path)
 
 
-def parse_only(pairs: list[str] | None) -> dict[str, set[str]]:
+def parse_only(pairs: list[str] | None, keys: Sequence[str] = ONLY_KEYS) -> dict[str, set[str]]:
     """``--only key=value`` filters (repeatable; values comma-separated): keys dataset, method, ipc, protocol and
-    seed (evaluation seeds: a cell evaluated on fewer seeds is another cell, with its own record)."""
+    seed (evaluation seeds: a cell evaluated on fewer seeds is another cell, with its own record), or the ``keys``
+    a command takes."""
     only: dict[str, set[str]] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or key not in ONLY_KEYS or not value:
-            raise UserError(f"--only expects KEY=VALUE with KEY one of {', '.join(ONLY_KEYS)}, got '{pair}'")
+        if not sep or key not in keys or not value:
+            raise UserError(f"--only expects KEY=VALUE with KEY one of {', '.join(keys)}, got '{pair}'")
         only.setdefault(key, set()).update(v.strip() for v in value.split(",") if v.strip())
     return only
 
@@ -393,7 +396,7 @@ def _plan_all(requests: list) -> list:
 
 
 def run_suite(suite: Suite, results_dir: Path, quick: bool = False, only: dict[str, set[str]] | None = None,
-              echo=print, **run_options: object) -> list[dict]:
+              echo=print, notes: Sequence[str] = (), **run_options: object) -> list[dict]:
     """Plan every request of the suite first (so a bad name, missing data or an unwritable results folder fails
     before any work), then run all their cells as one pool (``runner.run_planned``): with ``--jobs``, several GPUs
     or Ray, cells of different requests — a suite's option variants — run side by side."""
@@ -404,5 +407,6 @@ def run_suite(suite: Suite, results_dir: Path, quick: bool = False, only: dict[s
     describe_suite_cells(suite, requests)  # also refuses two cells that are one, before any data is read
     planned = _plan_all(requests)
     check_results_dir(results_dir, (DISTILLED_DIR,))
-    echo(f"suite {suite.name} v{suite.version}: {sum(len(cells) for _, cells in planned)} cells → {results_dir}")
-    return run_planned(planned, echo)
+    count = sum(len(cells) for _, cells in planned)
+    echo(f"suite {suite.name} v{suite.version}: {count} cell{'' if count == 1 else 's'} → {results_dir}")
+    return run_planned(planned, echo, notes)

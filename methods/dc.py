@@ -46,6 +46,7 @@ official ``epoch('train', …)`` with ``SGD(lr=lr_net)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,8 @@ from methods.base import DistillContext, Method, MethodConfig
 # get_loops of the official code: ipc → (outer_loop, inner_loop)
 LOOPS_BY_IPC: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
 BN_IMAGES_PER_CLASS = 16  # real images per class that set a BatchNorm network's statistics (official BNSizePC)
-INITS = ("noise", "real")
+Init = Literal["noise", "real"]  # checked with the other options, so a typo is refused before any work
+INITS = get_args(Init)
 
 
 @dataclass
@@ -75,7 +77,7 @@ class DCConfig(MethodConfig):
     lr_net: float = 0.01  # SGD learning rate of the inner network training (no momentum, no weight decay)
     batch_real: int = 256  # real images of one class per class step
     batch_train: int = 256  # batch size of the inner network training
-    init: str = "noise"  # "noise" (standard normal, in the normalised space) or "real" (random real images)
+    init: Init = "noise"  # "noise" (standard normal, in the normalised space) or "real" (random real images)
     dsa: bool = False  # siamese augmentation of each class step, DSA in the inner training (the `dsa` variant)
 
 
@@ -216,7 +218,7 @@ class DC(Method):
 
 @dataclass
 class DCDSAConfig(DCConfig):
-    init: str = "real"  # DSA's readme runs start from real images
+    init: Init = "real"  # DSA's readme runs start from real images
     dsa: bool = True
 
 

@@ -39,7 +39,7 @@ from bench.distilled import DistilledSet
 from bench.models import embed
 from bench.registry import register_method
 from methods.base import DistillContext, Method, MethodConfig
-from methods.dc import batchnorm_layers, initial_images
+from methods.dc import Init, batchnorm_layers, initial_images
 
 
 @dataclass
@@ -48,7 +48,7 @@ class DMConfig(MethodConfig):
     lr_img: float = 1.0  # SGD learning rate of the synthetic images (10 for CIFAR-10 ipc ≥ 100)
     img_momentum: float = 0.5  # SGD momentum of the synthetic images
     batch_real: int = 256  # real images of one class per class term
-    init: str = "real"  # "real" (random real images) or "noise" (standard normal, in the normalised space)
+    init: Init = "real"  # "real" (random real images) or "noise" (standard normal, in the normalised space)
     dsa: bool = True  # siamese DSA on the real and synthetic batch of every class term
 
 

@@ -225,10 +225,27 @@ def test_the_recipe_note_reaches_the_command_line_but_not_a_suite(capsys, tmp_pa
     from bench.runner import RunRequest, plan
 
     def planned(**kw):
-        plan(RunRequest(dataset="digits", methods=["dm.mnist_ipc1_cpu", "random"], ipcs=[1], eval_archs=[], seeds=[],
-                        results_dir=tmp_path, quick=True, **kw))
-        return [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: recipe")]
+        cells = plan(RunRequest(dataset="digits", methods=["dm.mnist_ipc1_cpu", "random"], ipcs=[1], eval_archs=[],
+                                seeds=[], results_dir=tmp_path, quick=True, **kw))
+        assert "note:" not in capsys.readouterr().err  # printed once the whole run is checked, not while planning
+        return [cell.note for cell in cells if cell.note]
 
     assert planned() == ["note: recipe dm.mnist_ipc1_cpu was written for mnist at ipc 1; it runs here on digits at "
                          "ipc 1, as asked"]
     assert planned(suite="mine") == []  # a suite's YAML shows its choices
+
+
+@pytest.mark.parametrize("args", [
+    ["--methods", "dm.mnist_ipc1_cpu", "--ipc", "1", "--quick"],  # the recipe note
+    ["--methods", "random", "--ipc", "1", "--device", "cpu"],  # the note on full recipes on a CPU
+])
+def test_bad_input_after_a_note_gets_one_line_and_the_note_a_good_run(capsys, tmp_path, args):
+    """A note is printed once every check has passed: an error later in the checks (here a results folder that is
+    a file) is then the only line, and a run that goes ahead prints its note."""
+    taken = tmp_path / "a_file"
+    taken.write_text("")
+    common = ["run", "--dataset", "digits", "--eval-archs", "convnet", "--seeds", "0", "--eval-epochs", "1", *args]
+    code, out, err = run_cli(capsys, *common, "--results", str(taken))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("ddbench: error:"), err
+    code, out, err = run_cli(capsys, *common, "--results", str(tmp_path / "res"))
+    assert code == 0 and any(line.startswith("note: ") for line in err.splitlines()), err

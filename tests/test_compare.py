@@ -591,5 +591,5 @@ def test_a_record_without_method_or_label_is_compared_as_unnamed(tmp_path, capsy
     (tmp_path / "both" / "records" / "unnamed.json").write_text(json.dumps({"schema_version": 2, **record}))
     folder = str(tmp_path / "both")
     assert main_compare(folder, folder) == 0
-    assert "1 cells compared, 0 regressions" in capsys.readouterr().out
+    assert "1 cell compared, 0 regressions" in capsys.readouterr().out
     assert {c.cell.label for c in compare_results(folder, folder).changes} == {"unnamed"}

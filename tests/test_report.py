@@ -788,7 +788,7 @@ def test_a_suite_with_several_distillation_seeds_reports_each_seeds_missing_set(
                                distill_seed=0))
     write_reports(results, tmp_path / "out", suite=load_suite(str(suite_file)))
     text = (tmp_path / "out" / "seeds.md").read_text()
-    assert "1 of the suite's 2 cells have no record yet" in text
+    assert "1 of the suite's 2 cells has no record yet" in text
     assert accuracy_rows(text, "convnet")[1]["random"] == ["**71.0 ± 0.8**"]  # seed 0's set alone, no placeholder
     assert "more than one record" not in text and "here pool" not in text
     header, *rows = find_table(text, "planned cell(s) with no record")
@@ -821,7 +821,7 @@ def test_malformed_records_are_skipped_with_a_line_each_and_the_rest_reported(tm
     for name, (_, said) in files.items():
         assert re.search(f"skipped {re.escape(str(results / 'records' / name))}.json: .*{re.escape(said)}", err), name
     text = (tmp_path / "out" / "res.md").read_text()
-    assert "Generated from the 1 records" in text and set(accuracy_rows(text)[1]) == {"dc"}
+    assert "Generated from the 1 record under" in text and set(accuracy_rows(text)[1]) == {"dc"}
 
 
 def test_a_record_without_env_beside_records_with_one_shows_a_dash_for_its_device(tmp_path):
