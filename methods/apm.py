@@ -18,7 +18,10 @@ plays a min-max game with single-level losses — no unrolled inner training, he
   momentum 0.5, lr ×0.3 at iterations//2). The ``batch_syn`` images of an update are processed in segments of
   ``segment`` images whose gradients accumulate (each segment's loss weighted by its share of the batch, so the
   sum is the batch-mean gradient): peak memory is set by ``segment`` — one teacher graph and one student graph
-  of ``segment`` images — and depends neither on K nor on E.
+  of ``segment`` images — and depends neither on K nor on E. The official code notes that it leaves out a
+  logarithm of the paper's formulation of the disagreement term ("it will not impact the optimization"); we follow
+  the code, as ``notes/methods.md`` §7 does. Under SGD the two differ: d log L1 = dL1 / L1 rescales each checkpoint's
+  gradient by its disagreement.
 
 Real data enters only through the teachers and the initialisation (ipc random real images per class).
 
