@@ -451,9 +451,8 @@ def format_comparison(comparison: Comparison) -> str:
     lines = [f"baseline: {comparison.baseline_dir}", f"current:  {comparison.current_dir}"]
     if comparison.speed_cells:
         lines.append(f"speed factor {comparison.speed_factor:.2f} (current ÷ baseline evaluation wall time, median "
-                     f"over {comparison.speed_cells} cell{'' if comparison.speed_cells == 1 else 's'} whose evaluations did the same "
-                     f"work); current times are "
-                     "divided by it before comparing")
+                     f"over {comparison.speed_cells} cell{'' if comparison.speed_cells == 1 else 's'} whose evaluations "
+                     "did the same work); current times are divided by it before comparing")
     elif comparison.speed_left_out:
         lines.append("speed factor 1.00: no matched cell's evaluation did the same work on both sides (seeds or "
                      "engine differ), so times are compared unscaled")

@@ -29,6 +29,7 @@ Deviations from the DC code, all so that any square input from 8×8 up works:
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import types
@@ -544,8 +545,6 @@ def _nearest_option_hint(name: str, error: str, num_classes: int, in_chans: int)
         model_class = type(timm.create_model(name, num_classes=num_classes, in_chans=in_chans))
     except Exception:  # noqa: BLE001 — only a hint: without it the error still names the option
         return ""
-    import inspect
-
     options = [p for p in inspect.signature(model_class.__init__).parameters if p not in ("self", "args", "kwargs")]
     near = nearest_name(unexpected.group(1), options)
     return f"; did you mean '{near}'?" if near else ""
