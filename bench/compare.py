@@ -363,9 +363,9 @@ def _check_only_values(baseline: dict[CellKey, dict], only: dict[str, set[str]])
     seeds, whichever they are; the command line takes ``COMPARE_ONLY_KEYS`` only) or a value that no baseline cell
     has, with the nearest one."""
     if "seed" in only:
-        raise UserError("compare --only takes dataset, method, ipc or protocol; a cell is compared over all its "
-                        "seeds (its acc list), so --only seed=… selects nothing here")
-    present: dict[str, set[str]] = {"dataset": set(), "ipc": set(), "protocol": set(), "method": set()}
+        raise UserError(f"compare --only takes {', '.join(COMPARE_ONLY_KEYS[:-1])} or {COMPARE_ONLY_KEYS[-1]}; a cell is "
+                        "compared over all its seeds (its acc list), so --only seed=… selects nothing here")
+    present: dict[str, set[str]] = {key: set() for key in COMPARE_ONLY_KEYS}
     for key, record in baseline.items():
         present["dataset"].add(str(key.dataset))
         if key.ipc is not None:  # a cell without an ipc (full) passes every ipc filter, but names none

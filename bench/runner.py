@@ -88,9 +88,6 @@ class Cell:
     ipc: int | None  # None: the method ignores ipc (`full`)
     dataset: Dataset
     label: str | None = None  # the row label in reports (default: the method spec as given)
-    # a line for the console once the whole run is checked (``recipe_elsewhere_note``); a suite's YAML shows its
-    # choices, the command line does not
-    note: str | None = None
 
     @property
     def dataset_name(self) -> str:
@@ -248,6 +245,14 @@ def recipe_elsewhere_note(spec: str, dataset: str, ipc: int | None) -> str | Non
             f"it runs here on {dataset} at ipc {ipc}, as asked")
 
 
+def recipe_notes(planned: list[tuple[RunRequest, list[Cell]]]) -> list[str]:
+    """``recipe_elsewhere_note`` of every planned cell asked for on the command line: a suite's YAML shows its
+    choices, the command line does not."""
+    notes = (recipe_elsewhere_note(cell.method_spec, request.dataset, cell.ipc)
+             for request, cells in planned if not request.suite for cell in cells)
+    return [note for note in notes if note]
+
+
 def cells_run_elsewhere(request: RunRequest) -> bool:
     """Whether the request's cells run in processes of their own (``isolate``, or Ray tasks), each loading its data:
     then this process needs the data only to plan, on the CPU, and keeps only its description."""
@@ -282,8 +287,7 @@ def plan(request: RunRequest, loaded: dict | None = None) -> list[Cell]:
                         f"ipc {wanted} is larger than the smallest class of {dataset.name} ({smallest} training images)"
                         + (f", in suite {request.suite}" if request.suite else "")
                     )
-            note = None if request.suite else recipe_elsewhere_note(resolved_spec, request.dataset, ipc)
-            cells.append(Cell(resolved_spec, method, ipc, dataset, request.method_labels.get(spec, spec), note))
+            cells.append(Cell(resolved_spec, method, ipc, dataset, request.method_labels.get(spec, spec)))
     for dataset in datasets.values():
         networks = {arch: _check_arch_runs(arch, dataset.to("cpu") if dataset.device.type != "cpu" else dataset)
                     for arch in dict.fromkeys([request.distill_arch, *request.eval_archs])}
@@ -1002,8 +1006,8 @@ def run_planned(planned: list[tuple[RunRequest, list[Cell]]], echo: Callable[[st
     (``bench.executors``: on this machine, each cell in its own process unless ``isolate`` is off, ``--jobs`` of
     them or one per GPU side by side; or on a Ray cluster). The cells of all requests form one pool, so a suite's
     option variants (one request each) run side by side too. This process alone writes the records, as cells
-    finish. Returns the records written. ``notes`` (the caller's) and the cells' own notes are printed once every
-    check has passed, so that bad input gets its one line of error and nothing before it.
+    finish. Returns the records written. ``notes`` (the caller's) and ``recipe_notes`` are printed once every check
+    has passed, so that bad input gets its one line of error and nothing before it.
 
     On Ctrl-C the records written so far stay, the cells being run get records with status ``interrupted`` (which
     ``--resume`` redoes, overwriting them: same identity, same file), and ``KeyboardInterrupt`` goes on up."""
@@ -1018,7 +1022,7 @@ def run_planned(planned: list[tuple[RunRequest, list[Cell]]], echo: Callable[[st
     checkpoints = any(request.checkpoint_every for request, _ in planned)
     check_results_dir(first.results_dir, (DISTILLED_DIR, CHECKPOINTS_DIR) if checkpoints else (DISTILLED_DIR,))
     with writing_results(first.results_dir):
-        for note in [*notes, *(cell.note for _, cells in planned for cell in cells if cell.note)]:
+        for note in [*notes, *recipe_notes(planned)]:
             log(note)
         return _run_planned(planned, cell_ids, echo)
 

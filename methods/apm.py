@@ -21,7 +21,7 @@ plays a min-max game with single-level losses — no unrolled inner training, he
   of ``segment`` images — and depends neither on K nor on E. The official code notes that it leaves out a
   logarithm of the paper's formulation of the disagreement term ("it will not impact the optimization"); we follow
   the code, as ``notes/methods.md`` §7 does. Under SGD the two differ: d log L1 = dL1 / L1 rescales each checkpoint's
-  gradient by its disagreement.
+  gradient by one over its disagreement.
 
 Real data enters only through the teachers and the initialisation (ipc random real images per class).
 

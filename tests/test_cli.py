@@ -222,13 +222,14 @@ def test_a_recipe_run_outside_its_setting_is_noted(spec, dataset, ipc, expected)
 
 
 def test_the_recipe_note_reaches_the_command_line_but_not_a_suite(capsys, tmp_path):
-    from bench.runner import RunRequest, plan
+    from bench.runner import RunRequest, plan, recipe_notes
 
     def planned(**kw):
-        cells = plan(RunRequest(dataset="digits", methods=["dm.mnist_ipc1_cpu", "random"], ipcs=[1], eval_archs=[],
-                                seeds=[], results_dir=tmp_path, quick=True, **kw))
+        request = RunRequest(dataset="digits", methods=["dm.mnist_ipc1_cpu", "random"], ipcs=[1], eval_archs=[],
+                             seeds=[], results_dir=tmp_path, quick=True, **kw)
+        cells = plan(request)
         assert "note:" not in capsys.readouterr().err  # printed once the whole run is checked, not while planning
-        return [cell.note for cell in cells if cell.note]
+        return recipe_notes([(request, cells)])
 
     assert planned() == ["note: recipe dm.mnist_ipc1_cpu was written for mnist at ipc 1; it runs here on digits at "
                          "ipc 1, as asked"]
