@@ -141,9 +141,9 @@ class LocalExecutor:
         for job in jobs:
             self.in_flight = [job]
             if self.request.isolate:
-                records = runner.run_cell_isolated(job.cell, job.request, job.archs, job.ids)
+                records = runner.run_cell_isolated(job.cell, job.request, job.evaluations, job.ids)
             else:
-                records = runner.run_cell(job.cell, job.request, job.archs, job.ids, self.teachers)
+                records = runner.run_cell(job.cell, job.request, job.evaluations, job.ids, self.teachers)
             self.in_flight = []
             yield job, records
 
@@ -156,7 +156,7 @@ class LocalExecutor:
         def on_a_free_gpu(job: CellJob, stop: threading.Event) -> list[dict]:
             gpu = free.get()
             try:
-                return runner.run_cell_isolated(job.cell, job.request, job.archs, job.ids, gpu=gpu, stop=stop)
+                return runner.run_cell_isolated(job.cell, job.request, job.evaluations, job.ids, gpu=gpu, stop=stop)
             finally:
                 free.put(gpu)
 
@@ -167,7 +167,7 @@ class LocalExecutor:
         threads = cpu_threads_per_job(self.request.jobs)
 
         def with_a_share(job: CellJob, stop: threading.Event) -> list[dict]:
-            return runner.run_cell_isolated(job.cell, job.request, job.archs, job.ids, threads=threads, stop=stop)
+            return runner.run_cell_isolated(job.cell, job.request, job.evaluations, job.ids, threads=threads, stop=stop)
 
         yield from self._in_threads(jobs, with_a_share, self.request.jobs, "ddbench-cpu")
 
@@ -261,7 +261,7 @@ def _ray_cell(request: RunRequest, task: CellTask, *parts: tuple[DistilledSet, d
     their merge rather than a distillation of its own."""
     with tempfile.TemporaryDirectory(prefix="ddbench-cell-") as scratch:
         cell = _task_cell(request, task)
-        records = runner.run_cell(cell, replace(request, results_dir=Path(scratch)), task.archs, task.ids,
+        records = runner.run_cell(cell, replace(request, results_dir=Path(scratch)), task.evaluations, task.ids,
                                   parts=list(parts) if parts else None)
         files = {str(path.relative_to(scratch)): path.read_bytes()
                  for path in sorted(Path(scratch, runner.DISTILLED_DIR).glob("*")) if path.is_file()}
@@ -316,7 +316,7 @@ class RayExecutor:
             tasks, refused, part_tasks = {}, [], []
             for job in jobs:
                 request = replace(job.request, device=task_device)
-                task = runner.cell_task(job.cell, job.archs, job.ids)
+                task = runner.cell_task(job.cell, job.evaluations, job.ids)
                 try:
                     parts = job.cell.method.split(job.cell.ipc, runner.distill_generator(job.cell, request))
                 except Exception as exc:  # e.g. subgroups that do not divide ipc: the cell's failure, as locally
@@ -326,7 +326,8 @@ class RayExecutor:
                 part_tasks += part_results
                 tasks[remote.remote(request, task, *part_results)] = job
             for job, (status, error) in refused:
-                yield job, failure_records(job.cell, job.request, job.archs, job.ids, status, error, crash_peak_rss_mb=None)
+                yield job, failure_records(job.cell, job.request, job.evaluations, job.ids, status, error,
+                                           crash_peak_rss_mb=None)
             self.in_flight = list(tasks.values())
             pending = list(tasks)
             try:
@@ -338,7 +339,7 @@ class RayExecutor:
                         _write_files(self.request.results_dir, files)
                     except ray.exceptions.RayError as exc:
                         status, error = _ray_failure(ray, exc)
-                        records = failure_records(job.cell, job.request, job.archs, job.ids, status, error,
+                        records = failure_records(job.cell, job.request, job.evaluations, job.ids, status, error,
                                                   crash_peak_rss_mb=None)
                     self.in_flight.remove(job)
                     yield job, records

@@ -1,9 +1,11 @@
 """A grid of cells → distilled sets → evaluations → records.
 
 A *cell* is one distillation (method × dataset × ipc × distillation architecture × seed) followed by its
-evaluations (one per evaluation architecture, each over every seed) under one protocol; each evaluation
-writes one record. ``plan`` checks everything a user can get wrong — names, ipc, data files, whether each
-architecture runs at this resolution — before anything is written; ``run`` then executes the cells.
+evaluations (one per protocol × evaluation architecture, each over every seed); each evaluation writes one record.
+A set is distilled once however many protocols evaluate it: the cells of a run's requests that differ only in
+their protocol (a suite's ``protocols: [standard, soft]``, or two of its grids) are run as one. ``plan`` checks
+everything a user can get wrong — names, ipc, data files, whether each architecture runs at this resolution —
+before anything is written; ``run`` then executes the cells.
 
 The harness owns seeding here: the distillation generator is derived from (seed, dataset, ipc) — not the
 method — so methods that start from real images start from the same ones.
@@ -21,7 +23,7 @@ import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -79,6 +81,13 @@ class RunRequest:
     ray_resources: dict = field(default_factory=dict)  # with the ray executor: each cell task's num_cpus / num_gpus
     jobs: int = 1  # CPU runs, local executor: cells run side by side, each with cores // jobs torch threads
     memory_sample_s: float = DEFAULT_SAMPLE_INTERVAL_S  # the NVML sampler's interval (recorded beside its peaks)
+
+
+class Evaluation(NamedTuple):
+    """One evaluation of a cell's set, and one record: a protocol on an architecture (None: a cost-only cell,
+    distilled and not evaluated)."""
+    protocol: str
+    arch: str | None
 
 
 @dataclass
@@ -665,15 +674,16 @@ NOT_DISTILLED_HERE = {"iterations": None, "iter_time_s": None, "flops_per_iter":
                       "flops_reason": "an existing set was evaluated: its distillation was not measured here"}
 
 
-def _base_record(cell: Cell, request: RunRequest, arch: str, ids: dict[str, str], protocol: Protocol) -> dict:
-    """The fields every record of this cell and evaluation architecture carries, whatever happened."""
+def _base_record(cell: Cell, request: RunRequest, evaluation: Evaluation, ids: dict[Evaluation, str]) -> dict:
+    """The fields every record of this cell and evaluation carries, whatever happened."""
+    protocol = get_protocol(evaluation.protocol)
     return dict(set_fields(cell_metadata(cell, request)), label=cell.label or cell.method_spec, suite=request.suite,
                 quick=request.quick,
-                record_id=ids[arch], status="ok", error=None, isolated=request.isolate, cells_side_by_side=request.jobs,
-                eval_epochs_override=request.eval_epochs, soft_targets=None,
+                record_id=ids[evaluation], status="ok", error=None, isolated=request.isolate,
+                cells_side_by_side=request.jobs, eval_epochs_override=request.eval_epochs, soft_targets=None,
                 flops_per_eval_epoch=None, eval_flops_reason="no evaluation ran",
-                **evaluation_fields(arch, protocol, protocol_for(protocol, None, request.quick, request.eval_epochs),
-                                    request.seeds))
+                **evaluation_fields(evaluation.arch, protocol,
+                                    protocol_for(protocol, None, request.quick, request.eval_epochs), request.seeds))
 
 
 def dataset_resident(dataset: Dataset) -> dict:
@@ -687,14 +697,14 @@ def dataset_resident(dataset: Dataset) -> dict:
             "compute_device": dataset.device.type}
 
 
-def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str],
+def run_cell(cell: Cell, request: RunRequest, evaluations: list[Evaluation], ids: dict[Evaluation, str],
              teachers: dict[str, torch.nn.Module] | None = None,
              parts: list[tuple[DistilledSet, dict]] | None = None) -> list[dict]:
-    """Distil one cell and evaluate the set on each of ``archs``: the cell's records, measured, not yet written.
+    """Distil one cell once and run each of its ``evaluations`` on the set (each protocol on each architecture):
+    the cell's records, measured, not yet written. ``request.protocol`` is not read: each evaluation names its own.
 
     With ``parts`` (the distilled parts of a split method, run elsewhere), the cell's set is their merge."""
     device = resolve_device(request.device)
-    protocol = get_protocol(request.protocol)
     teachers = {} if teachers is None else teachers
     env = environment_stamp()
     phases: dict = {}
@@ -704,7 +714,7 @@ def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, s
             distilled = distill_cell(cell, request, device, phases)
         else:
             distilled = merge_parts(cell, request, parts, phases)
-        stem = Path(request.results_dir) / DISTILLED_DIR / f"{cell.dataset.name}_ipc{cell.ipc or 'all'}_{cell.method_spec}_{ids[archs[0]]}"
+        stem = Path(request.results_dir) / DISTILLED_DIR / f"{cell.dataset.name}_ipc{cell.ipc or 'all'}_{cell.method_spec}_{ids[evaluations[0]]}"
         saved = distilled.save(stem)
         extra = {"distilled_path": str(saved), "distilled_sha256": content_hash(saved), "learned_lr": distilled.learned_lr}
     except Exception as exc:  # a failing cell must not take the grid down
@@ -715,9 +725,10 @@ def run_cell(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, s
                                             "flops_reason": "the distillation did not finish"})
 
     records = []
-    for arch in archs:
+    for evaluation in evaluations:
+        arch, protocol = evaluation.arch, get_protocol(evaluation.protocol)
         resolved = protocol_for(protocol, distilled, request.quick, request.eval_epochs)
-        record = dict(_base_record(cell, request, arch, ids, protocol), status=status, error=error, env=env,
+        record = dict(_base_record(cell, request, evaluation, ids), status=status, error=error, env=env,
                       process_peak_rss_mb=None, **dataset_resident(cell.dataset), **extra,
                       **iterations, **evaluation_fields(arch, protocol, resolved, request.seeds))
         cell_phases = {name: dict(figures) for name, figures in phases.items()}
@@ -753,17 +764,17 @@ class CellTask:
     method: object
     ipc: int | None
     zca: bool
-    archs: list[str]
-    ids: dict[str, str]
+    evaluations: list[Evaluation]
+    ids: dict[Evaluation, str]
     label: str | None = None
     gpu: str | None = None  # a CUDA_VISIBLE_DEVICES entry: the one GPU the process may use (None: as inherited)
     threads: int | None = None  # torch's intra-op threads in the process (None: torch's default)
 
 
-def cell_task(cell: Cell, archs: list[str], ids: dict[str, str], gpu: str | None = None,
+def cell_task(cell: Cell, evaluations: list[Evaluation], ids: dict[Evaluation, str], gpu: str | None = None,
               threads: int | None = None) -> CellTask:
     """The ``CellTask`` of a planned cell."""
-    return CellTask(cell.method_spec, cell.method, cell.ipc, works_in_zca_space(cell.method), archs, ids,
+    return CellTask(cell.method_spec, cell.method, cell.ipc, works_in_zca_space(cell.method), evaluations, ids,
                     cell.label, gpu, threads)
 
 
@@ -801,7 +812,7 @@ def _cell_child(connection, request: RunRequest, task: CellTask, parent_pid: int
             torch.set_num_threads(task.threads)
         dataset = load_dataset(request.dataset, request.data_root, zca=task.zca, device=resolve_device(request.device))
         cell = Cell(task.method_spec, task.method, task.ipc, dataset, task.label)
-        records = run_cell(cell, request, task.archs, task.ids)
+        records = run_cell(cell, request, task.evaluations, task.ids)
         for record in records:
             record["process_peak_rss_mb"] = process_peak_rss_mb()
         connection.send(records)
@@ -856,7 +867,7 @@ def _start_forkserver() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str],
+def run_cell_isolated(cell: Cell, request: RunRequest, evaluations: list[Evaluation], ids: dict[Evaluation, str],
                       gpu: str | None = None, threads: int | None = None,
                       stop: threading.Event | None = None) -> list[dict]:
     """``run_cell`` in a fresh child process (seeing only GPU ``gpu`` when given; with ``threads`` torch threads when
@@ -865,20 +876,20 @@ def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: di
     its cells on Ctrl-C), the cell does not start: its records say it was interrupted."""
     context = _child_context()
     receiver, sender = context.Pipe(duplex=False)
-    task = cell_task(cell, archs, ids, gpu, threads)
+    task = cell_task(cell, evaluations, ids, gpu, threads)
     child = context.Process(target=_cell_child, args=(sender, request, task, os.getpid()),
-                            name=f"ddbench-cell-{ids[archs[0]]}")
+                            name=f"ddbench-cell-{ids[evaluations[0]]}")
     with CHILDREN_LOCK:
         if stop is not None and stop.is_set():  # the run was stopped as this cell's thread was about to start it
             sender.close()
             receiver.close()
-            return failure_records(cell, request, archs, ids, "interrupted", INTERRUPTED_ERROR)
+            return failure_records(cell, request, evaluations, ids, "interrupted", INTERRUPTED_ERROR)
         try:
             child.start()
         except (EOFError, ConnectionError) as exc:  # the forkserver ended as it started this cell (out of memory, a signal)
             sender.close()
             receiver.close()  # a later cell's start starts a new forkserver, once the old one has been reaped
-            return failure_records(cell, request, archs, ids, "failed", f"the cell's process could not be started: "
+            return failure_records(cell, request, evaluations, ids, "failed", f"the cell's process could not be started: "
                                    f"the forkserver that starts the cells ended ({type(exc).__name__}: {exc})")
         RUNNING_CHILDREN.add(child)
     sender.close()
@@ -909,41 +920,42 @@ def run_cell_isolated(cell: Cell, request: RunRequest, archs: list[str], ids: di
             " (most likely the kernel's out-of-memory killer)" if name == "SIGKILL" else "")
     else:
         status, error = "failed", f"the cell's process exited with code {child.exitcode} without a result"
-    return failure_records(cell, request, archs, ids, status, error, crash_peak_rss_mb=seen)
+    return failure_records(cell, request, evaluations, ids, status, error, crash_peak_rss_mb=seen)
 
 
-def failure_records(cell: Cell, request: RunRequest, archs: list[str], ids: dict[str, str], status: str, error: str,
-                    **extra: object) -> list[dict]:
+def failure_records(cell: Cell, request: RunRequest, evaluations: list[Evaluation], ids: dict[Evaluation, str],
+                    status: str, error: str, **extra: object) -> list[dict]:
     """The records of a cell that returned none (its process died, or Ctrl-C stopped it): what it is, and why."""
-    protocol = get_protocol(request.protocol)
     env = environment_stamp()
-    return [dict(_base_record(cell, request, arch, ids, protocol), status=status, error=error, env=env, phases={}, **extra)
-            for arch in archs]
+    return [dict(_base_record(cell, request, evaluation, ids), status=status, error=error, env=env, phases={}, **extra)
+            for evaluation in evaluations]
 
 
 @dataclass
 class CellJob:
-    """A cell for an executor: the request it belongs to (a suite's run holds several), the evaluation
-    architectures still to run, and every architecture's record id."""
+    """A cell for an executor: the request it belongs to (a suite's run holds several; a cell merged from requests
+    that differ only in their protocol keeps the first's), the evaluations still to run, and every evaluation's
+    record id."""
     cell: Cell
-    archs: list[str]
-    ids: dict[str, str]
+    evaluations: list[Evaluation]
+    ids: dict[Evaluation, str]
     request: RunRequest
 
 
 def reject_repeated_cells(planned: list[tuple[RunRequest, list[Cell] | list[DescribedCell]]]
-                          ) -> list[list[dict[str | None, str]]]:
-    """Every planned cell's record ids (by evaluation architecture), per request; a ``UserError`` when two cells
-    are one — the same record, run twice, the second overwriting the first: ``--methods apm,apm.digits_ipc1``
-    (both pick that recipe), or two grids of a suite that share a cell."""
+                          ) -> list[list[dict[Evaluation, str]]]:
+    """Every planned cell's record ids (by evaluation: protocol and architecture), per request; a ``UserError``
+    when two cells are one — the same record, run twice, the second overwriting the first: ``--methods
+    apm,apm.digits_ipc1`` (both pick that recipe), or two grids of a suite that share a cell."""
     first_of: dict[str, Cell | DescribedCell] = {}
     all_ids = []
     for request, cells in planned:
         protocol = get_protocol(request.protocol)
         request_ids = []
         for cell in cells:
-            ids = {arch: record_id(_identity(cell, request, arch, protocol)) for arch in request.eval_archs or [None]}
-            for arch, identity in ids.items():
+            ids = {Evaluation(request.protocol, arch): record_id(_identity(cell, request, arch, protocol))
+                   for arch in request.eval_archs or [None]}
+            for (_, arch), identity in ids.items():
                 earlier = first_of.setdefault(identity, cell)
                 if earlier is not cell:
                     where = (f"({cell.method_spec}, {cell.dataset_name} ipc {cell.ipc if cell.ipc is not None else 'all'}"
@@ -1056,7 +1068,32 @@ def _threads_per_cell(request: RunRequest) -> int | None:
     return cpu_threads_per_job(request.jobs) if request.jobs > 1 else torch.get_num_threads()
 
 
-def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[list[dict[str | None, str]]],
+def _same_distillation(cell: Cell, request: RunRequest) -> tuple:
+    """What makes a cell's distilled set, and how its evaluations run (seeds, epochs, engine), all but the protocol:
+    cells of a run that share it are distilled once (``merge_protocols``). The request's lists of methods, ipcs and
+    architectures only plan cells; its method options are in the cell's config."""
+    shared = replace(request, protocol="", methods=[], ipcs=[], eval_archs=[], method_options={}, method_labels={})
+    return (cell.method_spec, stable_hash(cell.method.resolved_config), cell.ipc, cell.dataset_name, cell.label,
+            repr(shared))
+
+
+def merge_protocols(jobs: list[CellJob]) -> list[CellJob]:
+    """The jobs, with each cell that another job distils the same way (``_same_distillation``: it differs in its
+    protocol only) folded into the first such job as further evaluations: one distillation, every protocol's
+    records. The Ray executor, too, then sends one task per set."""
+    merged: dict[tuple, CellJob] = {}
+    for job in jobs:
+        key = _same_distillation(job.cell, job.request)
+        if key in merged:
+            first = merged[key]
+            merged[key] = replace(first, evaluations=[*first.evaluations, *job.evaluations],
+                                  ids={**first.ids, **job.ids})
+        else:
+            merged[key] = job
+    return list(merged.values())
+
+
+def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[list[dict[Evaluation, str]]],
                  echo: Callable[[str], None]) -> list[dict]:
     first = planned[0][0]
     if first.resume:  # a killed run may have left temporary files; a resumed one is the folder's only writer
@@ -1070,18 +1107,19 @@ def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[li
         request = replace(request, cache_dir=str(resolve_cache_dir(request.cache_dir)),
                           data_root=str(resolve_data_root(request.data_root)))
         for cell, ids in zip(cells, request_ids):
-            other_data = [arch for arch in ids if ids[arch] in done and from_other_files(done[ids[arch]].get("data_fingerprint"),
-                                                                                     cell.dataset.fingerprint)]
+            other_data = [key for key in ids if ids[key] in done and from_other_files(done[ids[key]].get("data_fingerprint"),
+                                                                                   cell.dataset.fingerprint)]
             if other_data:
                 echo(f"redo {_shown_label(cell)} ipc {cell.ipc if cell.ipc is not None else 'all'}: its records were made from other {cell.dataset.name} "
                      f"files than those under {request.data_root} (data fingerprint "
                      f"{done[ids[other_data[0]]]['data_fingerprint']}, now {cell.dataset.fingerprint})")
-            archs = [arch for arch in ids if ids[arch] not in done or arch in other_data]
-            if not archs:
+            evaluations = [key for key in ids if ids[key] not in done or key in other_data]
+            if not evaluations:
                 warning = _code_since(done, ids.values(), this_commit) + _threads_since(done, ids.values(), threads)
                 echo(f"skip {_shown_label(cell)} ipc {cell.ipc if cell.ipc is not None else 'all'}: records exist (--resume){warning}")
                 continue
-            jobs.append(CellJob(cell, archs, ids, request))
+            jobs.append(CellJob(cell, evaluations, ids, request))
+    jobs = merge_protocols(jobs)
     from bench.executors import create_executor
 
     executor = create_executor(first)
@@ -1107,7 +1145,7 @@ def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[li
                                f"{record['phases']['distill']['wall_s']:.1f} s")
                 else:
                     summary = f"{record['acc_mean']:.2f} ± {record['acc_std']:.2f} (n={len(record['acc'])})"
-                protocol = request.protocol
+                protocol = record["protocol"]
                 how = (protocol_label(protocol, request.quick, record["protocol_config"]) if record["eval_arch"]
                        else f"{protocol}{', quick' if request.quick else ''}")
                 seed = f" (distill seed {request.distill_seed})" if request.distill_seed else ""
@@ -1116,7 +1154,7 @@ def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[li
     except KeyboardInterrupt:  # the records written so far stay; unfinished cells' say so, and --resume redoes them
         finished.close()  # the executor stops what still runs
         for job in executor.in_flight:
-            for record in failure_records(job.cell, job.request, job.archs, job.ids, "interrupted", INTERRUPTED_ERROR):
+            for record in failure_records(job.cell, job.request, job.evaluations, job.ids, "interrupted", INTERRUPTED_ERROR):
                 write_record(job.request.results_dir, record)
         raise
     return written

@@ -288,7 +288,7 @@ def test_a_cell_whose_thread_starts_it_after_the_run_stopped_does_not_start(tmp_
     by that sweep, and the cell ran on (in a whole test run, into the next test). Now it does not start."""
     import threading
 
-    from bench.runner import plan, run_cell_isolated
+    from bench.runner import Evaluation, plan, run_cell_isolated
 
     request = _request(tmp_path, ["random"])
     (cell,) = plan(request)
@@ -296,6 +296,7 @@ def test_a_cell_whose_thread_starts_it_after_the_run_stopped_does_not_start(tmp_
     monkeypatch.setattr("multiprocessing.process.BaseProcess.start", lambda process: starts.append(process))
     stop = threading.Event()
     stop.set()
-    records = run_cell_isolated(cell, request, ["convnet"], {"convnet": "id"}, stop=stop)
+    evaluation = Evaluation("standard", "convnet")
+    records = run_cell_isolated(cell, request, [evaluation], {evaluation: "id"}, stop=stop)
     assert starts == []
     assert [record["status"] for record in records] == ["interrupted"]

@@ -185,6 +185,52 @@ grids:
                      echo=lambda line: None) == []
 
 
+def test_a_set_is_distilled_once_for_all_its_protocols_across_grids(tmp_path, monkeypatch):
+    """Cells that differ only in their protocol — two protocols of one grid, or one method in two grids, as APM in
+    the cifar10 suite — are one distillation with every protocol's records; other cells stay apart."""
+    import bench.runner
+
+    path = _write(tmp_path, """\
+name: protocols_test
+version: 1
+quick: true
+defaults: {seeds: [0], eval_archs: [convnet]}
+grids:
+  - datasets: [digits]
+    ipc: [1]
+    protocols: [standard, soft]
+    methods: [random]
+  - datasets: [digits]
+    ipc: [1]
+    protocols: [standard]
+    methods: [herding]
+  - datasets: [digits]
+    ipc: [1, 2]
+    protocols: [soft]
+    methods: [herding]
+""")
+    real_distill_cell, distilled = bench.runner.distill_cell, []
+
+    def counted(cell, request, *args, **kwargs):
+        distilled.append((cell.method_spec, cell.ipc))
+        return real_distill_cell(cell, request, *args, **kwargs)
+
+    monkeypatch.setattr(bench.runner, "distill_cell", counted)
+    lines: list[str] = []
+    written = run_suite(load_suite(str(path)), tmp_path / "results", isolate=False, eval_epochs=2, echo=lines.append)
+    assert sorted(distilled) == [("herding", 1), ("herding", 2), ("random", 1)]
+    assert all(r["status"] == "ok" and r["acc_mean"] is not None for r in written)
+    cells = {(r["method"], r["ipc"], r["protocol"]): r for r in written}
+    assert sorted(cells) == [("herding", 1, "soft"), ("herding", 1, "standard"), ("herding", 2, "soft"),
+                             ("random", 1, "soft"), ("random", 1, "standard")]
+    for method in ("random", "herding"):  # one set, named by both records, each record its own protocol's
+        standard, soft = cells[(method, 1, "standard")], cells[(method, 1, "soft")]
+        assert standard["distilled_path"] == soft["distilled_path"] and standard["record_id"] != soft["record_id"]
+        assert standard["protocol_config"]["loss"] == "ce" and soft["protocol_config"]["loss"] == "l1"
+    assert len(list((tmp_path / "results" / "distilled").glob("*.safetensors"))) == 3
+    assert sum("[soft" in line for line in lines) == 3 and sum("[standard" in line for line in lines) == 2
+
+
 def test_a_suites_option_variants_run_side_by_side_under_jobs(tmp_path):
     """Each option variant is a request of its own; their cells still form one pool, so with --jobs 2 the two
     variants run at the same time (each waits up to 60 s for the other, and fails alone)."""
