@@ -531,11 +531,17 @@ class FlopCounter:
 CODE_PATHSPECS = (":/bench", ":/methods", ":/benchmarks", ":/pyproject.toml")
 
 
+CODE_ROOT = Path(__file__).resolve().parent  # git runs here: the checkout ddbench is imported from
+
+
 @lru_cache(maxsize=None)
 def _git(*args: str) -> str | None:
+    """``git ARGS`` in the code's checkout, read-only: without ``--no-optional-locks``, ``git status`` rewrites
+    the index under ``.git/index.lock``, and a git killed there (by the timeout, or with a killed run) would leave
+    the lock behind, and the user's next ``git commit`` refused."""
     try:
         out = subprocess.run(
-            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+            ["git", "--no-optional-locks", *args], cwd=CODE_ROOT, capture_output=True, text=True, timeout=5
         )
     except (OSError, subprocess.SubprocessError):
         return None

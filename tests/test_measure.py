@@ -2,6 +2,7 @@
 the environment stamp — and the NVML paths against a fake NVML, since a CPU machine has none."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -274,6 +275,26 @@ def test_environment_stamp_keys_and_json():
     calls = measure._git.cache_info().misses
     environment_stamp()
     assert measure._git.cache_info().misses == calls  # git ran once per process
+
+
+def test_the_stamps_git_status_never_writes_the_users_index(tmp_path, monkeypatch):
+    """A file touched since the index was written makes a plain ``git status`` rewrite the index (under
+    ``.git/index.lock``, which a killed git leaves behind); the stamp's git calls are read-only."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "code")
+    index = tmp_path / ".git" / "index"
+    written = index.stat().st_mtime_ns
+    later = written + 5 * 10**9  # a modification time that the index's stat data for the file cannot match
+    os.utime(tmp_path / "code.py", ns=(later, later))
+    monkeypatch.setattr(measure, "CODE_ROOT", tmp_path)
+    assert measure._git.__wrapped__("status", "--porcelain") == ""  # same content: clean
+    assert index.stat().st_mtime_ns == written and not (tmp_path / ".git" / "index.lock").exists()
 
 
 # --- NVML paths against a fake NVML --------------------------------------------------------------------------------
