@@ -443,13 +443,14 @@ def _full_recipes_on_cpu_note(quick: bool, device: str) -> list[str]:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from bench.suite import describe_suite_cells, load_suite, parse_only, suite_requests
+    from bench.suite import describe_suite_cells, distilled_sets_note, load_suite, parse_only, suite_requests
 
     suite = load_suite(args.suite)
-    lines = describe_suite_cells(suite, suite_requests(suite, Path("."), quick=args.quick, only=parse_only(args.only)))
+    requests = suite_requests(suite, Path("."), quick=args.quick, only=parse_only(args.only))
+    lines = describe_suite_cells(suite, requests)
     print("\n".join(lines))
-    print(f"suite {suite.name} v{suite.version} ({suite.path}): {len(lines)} cell{'' if len(lines) == 1 else 's'}, "
-          f"every name resolves")
+    print(f"suite {suite.name} v{suite.version} ({suite.path}): {len(lines)} cell{'' if len(lines) == 1 else 's'}"
+          f"{distilled_sets_note(requests)}, every name resolves")
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -1068,13 +1068,18 @@ def _threads_per_cell(request: RunRequest) -> int | None:
     return cpu_threads_per_job(request.jobs) if request.jobs > 1 else torch.get_num_threads()
 
 
-def _same_distillation(cell: Cell, request: RunRequest) -> tuple:
+def _same_distillation(cell: Cell | DescribedCell, request: RunRequest) -> tuple:
     """What makes a cell's distilled set, and how its evaluations run (seeds, epochs, engine), all but the protocol:
     cells of a run that share it are distilled once (``merge_protocols``). The request's lists of methods, ipcs and
     architectures only plan cells; its method options are in the cell's config."""
     shared = replace(request, protocol="", methods=[], ipcs=[], eval_archs=[], method_options={}, method_labels={})
     return (cell.method_spec, stable_hash(cell.method.resolved_config), cell.ipc, cell.dataset_name, cell.label,
             repr(shared))
+
+
+def distillation_count(planned: list[tuple[RunRequest, list[Cell] | list[DescribedCell]]]) -> int:
+    """How many sets the planned cells distil: fewer than cells where cells differ only in their protocol."""
+    return len({_same_distillation(cell, request) for request, cells in planned for cell in cells})
 
 
 def merge_protocols(jobs: list[CellJob]) -> list[CellJob]:

@@ -350,10 +350,28 @@ def resolve_cells(request: RunRequest) -> list[ResolvedCell]:
 def describe_cells(requests: list) -> list[str]:
     """One line per cell (method with its picked recipe × ipc × evaluation), checking every name and that no two
     cells are one (as ``run`` would refuse them); reads no data."""
-    from bench.data import transform_kind
-    from bench.runner import DescribedCell, reject_repeated_cells, works_in_zca_space
+    from bench.runner import reject_repeated_cells
 
-    lines = []
+    lines: list[str] = []
+    reject_repeated_cells(_described_cells(requests, lines))
+    return lines
+
+
+def distilled_sets_note(requests: list) -> str:
+    """`` (N distilled sets, …)`` where the requests' cells distil fewer sets than they are (a set is distilled
+    once for all its protocols: ``runner.merge_protocols``), else nothing; reads no data."""
+    from bench.runner import distillation_count
+
+    described = _described_cells(requests, [])
+    cells, sets = sum(len(cells) for _, cells in described), distillation_count(described)
+    return f" ({sets} distilled sets, each evaluated under all its protocols)" if sets < cells else ""
+
+
+def _described_cells(requests: list, lines: list[str]) -> list:
+    """Every request with its cells as ``DescribedCell``s (no data read); each cell's line appended to ``lines``."""
+    from bench.data import transform_kind
+    from bench.runner import DescribedCell, works_in_zca_space
+
     described = []
     for request in requests:
         cells = []
@@ -367,8 +385,7 @@ def describe_cells(requests: list) -> list[str]:
                          f"{', quick' if request.quick else ''}] distil {request.distill_arch}"
                          f"{f' (distill seed {request.distill_seed})' if request.distill_seed else ''}; {evaluation}")
         described.append((request, cells))
-    reject_repeated_cells(described)
-    return lines
+    return described
 
 
 @contextmanager
@@ -408,5 +425,6 @@ def run_suite(suite: Suite, results_dir: Path, quick: bool = False, only: dict[s
     planned = _plan_all(requests)
     check_results_dir(results_dir, (DISTILLED_DIR,))
     count = sum(len(cells) for _, cells in planned)
-    echo(f"suite {suite.name} v{suite.version}: {count} cell{'' if count == 1 else 's'} → {results_dir}")
+    echo(f"suite {suite.name} v{suite.version}: {count} cell{'' if count == 1 else 's'}{distilled_sets_note(requests)} "
+         f"→ {results_dir}")
     return run_planned(planned, echo, notes)

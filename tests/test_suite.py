@@ -185,7 +185,7 @@ grids:
                      echo=lambda line: None) == []
 
 
-def test_a_set_is_distilled_once_for_all_its_protocols_across_grids(tmp_path, monkeypatch):
+def test_a_set_is_distilled_once_for_all_its_protocols_across_grids(tmp_path, monkeypatch, capsys):
     """Cells that differ only in their protocol — two protocols of one grid, or one method in two grids, as APM in
     the cifar10 suite — are one distillation with every protocol's records; other cells stay apart."""
     import bench.runner
@@ -229,6 +229,9 @@ grids:
         assert standard["protocol_config"]["loss"] == "ce" and soft["protocol_config"]["loss"] == "l1"
     assert len(list((tmp_path / "results" / "distilled").glob("*.safetensors"))) == 3
     assert sum("[soft" in line for line in lines) == 3 and sum("[standard" in line for line in lines) == 2
+    assert lines[0].startswith("suite protocols_test v1: 5 cells (3 distilled sets, each evaluated under all its protocols) → ")
+    assert main(["validate", "--suite", str(path)]) == 0
+    assert "5 cells (3 distilled sets, each evaluated under all its protocols), every name resolves" in capsys.readouterr().out
 
 
 def test_a_suites_option_variants_run_side_by_side_under_jobs(tmp_path):
