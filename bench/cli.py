@@ -94,7 +94,7 @@ def _measured(parser: argparse.ArgumentParser) -> None:
 COMPARE_DEFAULTS = {"acc_tol": 2.0, "acc_k": 2.0, "memory_rel_tol": 0.10, "flops_rel_tol": 0.02, "time_rel_tol": 0.5}
 # `run`'s grid options when no suite is named (a suite's grids set them, so with --suite they are refused)
 GRID_DEFAULTS = {"dataset": "digits", "ipc": [1, 10], "distill_arch": "convnet", "eval_archs": ["convnet"],
-                 "seeds": [0, 1, 2], "distill_seed": 0, "protocol": "standard"}
+                 "seeds": [0, 1, 2], "distill_seed": 0, "protocol": ["standard"]}
 BATCH_SEEDS = ("auto", "on", "off")  # bench.evaluate.BATCH_SEEDS_CHOICES, without importing torch for --help
 
 
@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=_ints, default=None,
                      help=f"evaluation seeds (one fresh network each); default {_shown(GRID_DEFAULTS['seeds'])}")
     run.add_argument("--distill-seed", type=int, default=None, help=f"default {GRID_DEFAULTS['distill_seed']}")
-    run.add_argument("--protocol", default=None, help=f"default {GRID_DEFAULTS['protocol']}")
+    run.add_argument("--protocol", type=_names, default=None,
+                     help="comma-separated evaluation protocols (standard,soft: each set is distilled once and "
+                          f"evaluated under each); default {_shown(GRID_DEFAULTS['protocol'])}")
     run.add_argument("--results", default=None,
                      help="folder for records and distilled sets (default: results/runs/<suite> or results/runs/default)")
     run.add_argument("--resume", action="store_true", help="skip cells whose records exist")
@@ -380,7 +382,7 @@ def _run(args: argparse.Namespace) -> int:
     """Run a grid or a suite; end with a summary paragraph, and exit 3 when a cell's record is not ok."""
     from bench.errors import UserError
     from bench.executors import executor_session
-    from bench.runner import RunRequest, check_grid_size, run, summarize
+    from bench.runner import RunRequest, check_grid_size, plan, reject_repeats, run_planned, summarize
 
     options = dict(_executor_options(args), memory_sample_s=args.memory_sample_ms / 1000)
     if args.suite:
@@ -415,17 +417,26 @@ def _run(args: argparse.Namespace) -> int:
         for name, default in GRID_DEFAULTS.items():
             if getattr(args, name) is None:
                 setattr(args, name, default)
+        if not args.protocol:
+            raise UserError("no protocol given: --protocol expects comma-separated names, e.g. --protocol standard,soft")
+        reject_repeats(args.protocol, "protocol")
         results = Path(args.results or "results/runs/default")
-        request = RunRequest(dataset=args.dataset, methods=args.methods, ipcs=args.ipc,
-                             eval_archs=args.eval_archs if args.evaluate else [],
-                             seeds=args.seeds if args.evaluate else [], results_dir=results, protocol=args.protocol,
-                             distill_arch=args.distill_arch, quick=args.quick, data_root=args.data_root,
-                             device=args.device, distill_seed=args.distill_seed, resume=args.resume,
-                             cache_dir=args.cache_dir, isolate=args.isolate, eval_epochs=args.eval_epochs,
-                             batch_seeds=args.batch_seeds or "auto", checkpoint_every=args.checkpoint_every, **options)
-        size = check_grid_size([request], args.yes)
+        # one request per protocol; run together, a cell's protocols share one distillation (runner.merge_protocols)
+        requests = [RunRequest(dataset=args.dataset, methods=args.methods, ipcs=args.ipc,
+                               eval_archs=args.eval_archs if args.evaluate else [],
+                               seeds=args.seeds if args.evaluate else [], results_dir=results, protocol=protocol,
+                               distill_arch=args.distill_arch, quick=args.quick, data_root=args.data_root,
+                               device=args.device, distill_seed=args.distill_seed, resume=args.resume,
+                               cache_dir=args.cache_dir, isolate=args.isolate, eval_epochs=args.eval_epochs,
+                               batch_seeds=args.batch_seeds or "auto", checkpoint_every=args.checkpoint_every,
+                               **options)
+                    for protocol in args.protocol]
+        size = check_grid_size(requests, args.yes)
+        loaded: dict = {}  # each dataset loaded once for all the requests
+        planned = [(request, plan(request, loaded)) for request in requests]
+        del loaded
         with executor_session(args.executor, options["ray_address"]):
-            written = run(request, notes=_full_recipes_on_cpu_note(args.quick, args.device))
+            written = run_planned(planned, notes=_full_recipes_on_cpu_note(args.quick, args.device))
     print(summarize(written, size - len(written), results))
     return EXIT_CELLS_FAILED if any(record["status"] != "ok" for record in written) else 0
 

@@ -1,5 +1,6 @@
 """The command line: exit codes, one-line errors with suggestions, nothing written on bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, flag,
     assert err.count("\n") == 1 and err.startswith("ddbench: error:") and expected in err
     assert "Traceback" not in err
     assert not (tmp_path / "res").exists()
+
+
+def test_several_protocols_on_the_command_line_share_one_distillation(capsys, tmp_path):
+    """``--protocol standard,soft``: one distilled set per cell, a record per protocol naming it, in one run."""
+    argv = replace(RUN, "--protocol", "standard,soft") + ["--eval-epochs", "2", "--no-isolate",
+                                                           "--results", str(tmp_path / "res")]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "res" / "records").glob("*.json"))]
+    assert sorted(r["protocol"] for r in records) == ["soft", "standard"]
+    assert len({r["distilled_path"] for r in records}) == 1
+    assert len(list((tmp_path / "res" / "distilled").glob("*.safetensors"))) == 1
+    assert "[standard, quick: 2 epochs" in out and "[soft, quick: 2 epochs" in out
 
 
 def test_data_root_without_the_dataset(capsys, tmp_path):
@@ -88,7 +102,6 @@ def test_distill_then_evaluate_with_timm_models(capsys, tmp_path):
     assert len(lines) == 2 and "resnet18" in lines[0] and "vit_tiny_patch16_224" in lines[1]
     records = sorted((tmp_path / "res" / "records").glob("*.json"))
     assert len(records) == 2
-    import json
 
     evaluated = json.loads(records[0].read_text())
     assert evaluated["eval_epochs_override"] == 5 and evaluated["protocol_config"]["epochs"] == 5
@@ -110,7 +123,6 @@ def test_run_writes_records_and_report(capsys, tmp_path):
     code, out, err = run_cli(capsys, *RUN, "--results", str(res))
     assert code == 0, err
     (record,) = list((res / "records").glob("*.json"))
-    import json
 
     r = json.loads(record.read_text())
     for key in ("schema_version", "method", "recipe", "dataset", "ipc", "distill_arch", "eval_arch", "protocol",
@@ -146,7 +158,6 @@ def test_compare_help_states_the_thresholds_defaults():
 
 
 def test_evaluating_a_set_on_other_data_files_warns_and_records_which(capsys, tmp_path):
-    import json
 
     from bench.data import load_dataset
 
@@ -169,7 +180,6 @@ def test_evaluating_a_set_on_other_data_files_warns_and_records_which(capsys, tm
 def test_evaluate_says_what_ran_and_keeps_a_quick_set_under_the_full_protocol_apart(capsys, tmp_path):
     """The console line names the epochs and lr; a record says which parts were quick and where soft targets came
     from; the report gives a quick set evaluated under the full protocol a row of its own."""
-    import json
 
     from bench.distilled import content_hash
 
