@@ -37,21 +37,28 @@ PRIVATE = ["unshare", *([] if os.geteuid() == 0 else ["--map-root-user"]), "--ne
 
 def both_executors(results: str) -> None:
     """Run inside the private namespace: the grid (and a crashing method) through the ray executor, on a local Ray
-    head with two CPUs on 127.0.0.1, then the grid through the local executor."""
+    head with two CPUs on 127.0.0.1, then the grid through the local executor. The grid's cells are evaluated
+    under both protocols, one task (one distillation) per cell."""
     import ray
 
     import crashing_methods
     from bench.registry import register_method
-    from bench.runner import RunRequest, run
+    from bench.runner import RunRequest, plan, run, run_planned
+
+    def under_both_protocols(*requests: RunRequest) -> None:
+        run_planned([(request, plan(request)) for request in requests])
 
     register_method("crash_abort")(crashing_methods.Aborts)
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
     started = time.perf_counter()
-    run(RunRequest(methods=[*METHODS, "crash_abort"], results_dir=Path(results, "ray"), executor="ray", **GRID))
+    on_ray = dict(GRID, results_dir=Path(results, "ray"), executor="ray")
+    under_both_protocols(RunRequest(methods=[*METHODS, "crash_abort"], **on_ray),
+                         RunRequest(methods=METHODS, protocol="soft", **on_ray))
     run(RunRequest(methods=["apm"], results_dir=Path(results, "ray"), executor="ray", **SUBGROUPS))
     ray.shutdown()
     print(f"ray executor: {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    run(RunRequest(methods=METHODS, results_dir=Path(results, "local"), **GRID))
+    under_both_protocols(RunRequest(methods=METHODS, results_dir=Path(results, "local"), **GRID),
+                         RunRequest(methods=METHODS, results_dir=Path(results, "local"), protocol="soft", **GRID))
     run(RunRequest(methods=["apm"], results_dir=Path(results, "local"), **SUBGROUPS))
 
 
@@ -92,7 +99,10 @@ def test_ray_executor_gets_the_local_records_and_a_crash_costs_one_cell(tmp_path
     by_ray = {r["record_id"]: r for r in load_records(tmp_path / "ray")}
     local = {r["record_id"]: r for r in load_records(tmp_path / "local")}
     crashed = [r for r in by_ray.values() if r["method"] == "crash_abort"]
-    assert len(local) == 4 and len(by_ray) == 5 and len(crashed) == 1
+    assert len(local) == 7 and len(by_ray) == 8 and len(crashed) == 1
+    for method in METHODS:  # one distillation per cell, a record per protocol
+        (path,) = {r["distilled_path"] for r in by_ray.values() if r["method"] == method}
+        assert sorted(r["protocol"] for r in by_ray.values() if r["method"] == method) == ["soft", "standard"]
     (merged,) = [r for r in by_ray.values() if r["method"] == "apm"]  # its subgroups ran as tasks of their own
     assert merged["config"]["subgroups"] == 2 and len(merged["phases"]["distill"]["part_wall_s"]) == 2
     for record in crashed:  # the worker died of SIGABRT: records that say so, and the rest of the grid ran
