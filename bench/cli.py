@@ -421,7 +421,9 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError("no protocol given: --protocol expects comma-separated names, e.g. --protocol standard,soft")
         reject_repeats(args.protocol, "protocol")
         results = Path(args.results or "results/runs/default")
-        # one request per protocol; run together, a cell's protocols share one distillation (runner.merge_protocols)
+        # one request per protocol; run together, a cell's protocols share one distillation (runner.merge_protocols).
+        # Cost-only cells (--no-evaluate) keep the first, as a suite's `evaluate: false` grid does: none evaluates.
+        protocols = args.protocol if args.evaluate else args.protocol[:1]
         requests = [RunRequest(dataset=args.dataset, methods=args.methods, ipcs=args.ipc,
                                eval_archs=args.eval_archs if args.evaluate else [],
                                seeds=args.seeds if args.evaluate else [], results_dir=results, protocol=protocol,
@@ -430,11 +432,11 @@ def _run(args: argparse.Namespace) -> int:
                                cache_dir=args.cache_dir, isolate=args.isolate, eval_epochs=args.eval_epochs,
                                batch_seeds=args.batch_seeds or "auto", checkpoint_every=args.checkpoint_every,
                                **options)
-                    for protocol in args.protocol]
+                    for protocol in protocols]
         size = check_grid_size(requests, args.yes)
-        loaded: dict = {}  # each dataset loaded once for all the requests
+        loaded: dict = {}  # each dataset loaded once for all the requests …
         planned = [(request, plan(request, loaded)) for request in requests]
-        del loaded
+        del loaded  # … and not held here while cells that load their own run (runner._keep_descriptions_only)
         with executor_session(args.executor, options["ray_address"]):
             written = run_planned(planned, notes=_full_recipes_on_cpu_note(args.quick, args.device))
     print(summarize(written, size - len(written), results))

@@ -53,6 +53,9 @@ def test_several_protocols_on_the_command_line_share_one_distillation(capsys, tm
     assert len({r["distilled_path"] for r in records}) == 1
     assert len(list((tmp_path / "res" / "distilled").glob("*.safetensors"))) == 1
     assert "[standard, quick: 2 epochs" in out and "[soft, quick: 2 epochs" in out
+    code, _, err = run_cli(capsys, *replace(argv, "--results", str(tmp_path / "costs")), "--no-evaluate")
+    assert code == 0, err  # cost-only: one record, under the first protocol (as a suite's `evaluate: false` grid)
+    assert [p.name.split("_")[-2] for p in (tmp_path / "costs" / "records").glob("*.json")] == ["standard"]
 
 
 def test_data_root_without_the_dataset(capsys, tmp_path):
