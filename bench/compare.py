@@ -265,6 +265,13 @@ def _same_evaluation_work(baseline: dict, current: dict) -> bool:
     return None in paths or paths[0] == paths[1]
 
 
+def _same_cell_evaluations(baseline: dict, current: dict) -> bool:
+    """Whether the two records' processes ran the same evaluations of their set (``cell_evaluations``: a cell
+    evaluated under two protocols holds both in one process peak), where both records say."""
+    runs = [record.get("cell_evaluations") for record in (baseline, current)]
+    return None in runs or sorted(map(str, runs[0])) == sorted(map(str, runs[1]))
+
+
 def _speed_factor(pairs: list[tuple[dict, dict]]) -> tuple[float, int, int]:
     """Median over cells of current ÷ baseline evaluation wall time, how many cells it is taken over, and how many
     cells with evaluation times on both sides were left out because their evaluations did not do the same work."""
@@ -311,6 +318,9 @@ def _judge_cost(key: CellKey, metric: Metric, baseline: dict, current: dict, t: 
     if metric.spans_evaluation and not _same_evaluation_work(baseline, current):
         return Change(key, metric.title, _format_value(before), _format_value(after), "",
                       "not compared: evaluated otherwise (seeds or engine)", OK)
+    if metric.spans_evaluation and not _same_cell_evaluations(baseline, current):
+        return Change(key, metric.title, _format_value(before), _format_value(after), "",
+                      "not compared: its process ran other evaluations (cell_evaluations)", OK)
     rel_tol = {"memory": t.memory_rel_tol, "flops": t.flops_rel_tol, "time": t.time_rel_tol}[metric.kind]
     threshold = f"±{rel_tol:.0%}"
     compared = after

@@ -706,6 +706,9 @@ def run_cell(cell: Cell, request: RunRequest, evaluations: list[Evaluation], ids
     With ``parts`` (the distilled parts of a split method, run elsewhere), the cell's set is their merge."""
     device = resolve_device(request.device)
     teachers = {} if teachers is None else teachers
+    # The set is named by its record's id, or by all its records' ids where it has several: a resumed cell that redoes
+    # only some of them then names its new set otherwise, never overwriting the set that the records it kept name.
+    set_name = ids[evaluations[0]] if len(evaluations) == 1 else stable_hash(sorted(ids[e] for e in evaluations))
     env = environment_stamp()
     phases: dict = {}
     distilled, status, error, extra = None, "ok", None, {}
@@ -714,7 +717,7 @@ def run_cell(cell: Cell, request: RunRequest, evaluations: list[Evaluation], ids
             distilled = distill_cell(cell, request, device, phases)
         else:
             distilled = merge_parts(cell, request, parts, phases)
-        stem = Path(request.results_dir) / DISTILLED_DIR / f"{cell.dataset.name}_ipc{cell.ipc or 'all'}_{cell.method_spec}_{ids[evaluations[0]]}"
+        stem = Path(request.results_dir) / DISTILLED_DIR / f"{cell.dataset.name}_ipc{cell.ipc or 'all'}_{cell.method_spec}_{set_name}"
         saved = distilled.save(stem)
         extra = {"distilled_path": str(saved), "distilled_sha256": content_hash(saved), "learned_lr": distilled.learned_lr}
     except Exception as exc:  # a failing cell must not take the grid down
@@ -729,7 +732,8 @@ def run_cell(cell: Cell, request: RunRequest, evaluations: list[Evaluation], ids
         arch, protocol = evaluation.arch, get_protocol(evaluation.protocol)
         resolved = protocol_for(protocol, distilled, request.quick, request.eval_epochs)
         record = dict(_base_record(cell, request, evaluation, ids), status=status, error=error, env=env,
-                      process_peak_rss_mb=None, **dataset_resident(cell.dataset), **extra,
+                      process_peak_rss_mb=None, cell_evaluations=[list(e) for e in evaluations],
+                      **dataset_resident(cell.dataset), **extra,
                       **iterations, **evaluation_fields(arch, protocol, resolved, request.seeds))
         cell_phases = {name: dict(figures) for name, figures in phases.items()}
         if resolved.targets == "soft" and distilled is not None and arch is not None:
@@ -1107,7 +1111,9 @@ def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[li
     this_commit = environment_stamp().get("git_sha") if done else None
     threads = _threads_per_cell(first) if done else None
     jobs = []
+    several_protocols = len({request.protocol for request, _ in planned}) > 1
     for (request, cells), request_ids in zip(planned, cell_ids):
+        which_protocol = f" [{request.protocol}]" if several_protocols else ""  # the cell's others may still run
         # children must see the same cache and data folders even if the environment changes under the parent
         request = replace(request, cache_dir=str(resolve_cache_dir(request.cache_dir)),
                           data_root=str(resolve_data_root(request.data_root)))
@@ -1115,13 +1121,13 @@ def _run_planned(planned: list[tuple[RunRequest, list[Cell]]], cell_ids: list[li
             other_data = [key for key in ids if ids[key] in done and from_other_files(done[ids[key]].get("data_fingerprint"),
                                                                                    cell.dataset.fingerprint)]
             if other_data:
-                echo(f"redo {_shown_label(cell)} ipc {cell.ipc if cell.ipc is not None else 'all'}: its records were made from other {cell.dataset.name} "
+                echo(f"redo {_shown_label(cell)} ipc {cell.ipc if cell.ipc is not None else 'all'}{which_protocol}: its records were made from other {cell.dataset.name} "
                      f"files than those under {request.data_root} (data fingerprint "
                      f"{done[ids[other_data[0]]]['data_fingerprint']}, now {cell.dataset.fingerprint})")
             evaluations = [key for key in ids if ids[key] not in done or key in other_data]
             if not evaluations:
                 warning = _code_since(done, ids.values(), this_commit) + _threads_since(done, ids.values(), threads)
-                echo(f"skip {_shown_label(cell)} ipc {cell.ipc if cell.ipc is not None else 'all'}: records exist (--resume){warning}")
+                echo(f"skip {_shown_label(cell)} ipc {cell.ipc if cell.ipc is not None else 'all'}{which_protocol}: records exist (--resume){warning}")
                 continue
             jobs.append(CellJob(cell, evaluations, ids, request))
     jobs = merge_protocols(jobs)

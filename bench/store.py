@@ -24,7 +24,8 @@ which ``env``'s git stamp does not cover), and the costs:
 * ``dataset_resident_mb`` and ``dataset_device``: the dataset the cell held throughout (inside its peaks there);
   ``compute_device``: where the cell computed (a GPU cell holds a dataset too large for the GPU on the host);
 * ``process_peak_rss_mb`` (``ru_maxrss`` of the cell's own process when ``isolated``), ``crash_peak_rss_mb``
-  (the largest RSS the parent saw of a cell whose process died);
+  (the largest RSS the parent saw of a cell whose process died); ``cell_evaluations``: the ``[protocol,
+  eval_arch]`` pairs that process ran on the cell's one distilled set (all inside its peak);
 * ``env``: the environment stamp (``bench.measure.environment_stamp``).
 * ``written_at``: when the record was written (ISO 8601, UTC, microseconds): what ``ddbench compare`` means by
   the newest of several records of one cell, since a file's modification time says nothing after a copy or a
@@ -287,7 +288,7 @@ RECORD_FIELDS: dict[str, _Kind] = {
     "data_fingerprint": TEXT, "distilled_path": TEXT, "written_at": TEXT, "env": OBJECT, "eval_engine": OBJECT,
     "phases": OBJECT, "iter_time_s": OBJECT, "flops_per_iter": NUMBER, "flops_per_eval_epoch": NUMBER,
     "flops_reason": TEXT, "process_peak_rss_mb": NUMBER, "dataset_resident_mb": NUMBER, "dataset_device": TEXT,
-    "compute_device": TEXT,
+    "compute_device": TEXT, "cell_evaluations": LIST,
 }
 NESTED_FIELDS: dict[str, dict[str, _Kind]] = {
     "config": {"subgroups": WHOLE, "checkpoints": WHOLE},  # APM's, which the report's tables and figures read

@@ -490,6 +490,28 @@ def test_process_peak_is_compared_only_between_evaluations_of_the_same_engine(tm
     assert len(dm) == 2 and all(c.threshold.startswith("not compared: evaluated otherwise") for c in dm)
 
 
+def test_process_peak_is_compared_only_between_processes_that_ran_the_same_evaluations(tmp_path):
+    """A cell evaluated under two protocols runs both in one process (one distilled set), so its process peak holds
+    both evaluations: it is not held against a baseline whose cell ran one (records without the field: compared)."""
+    records = baseline_records()
+    for record in records:
+        record["cell_evaluations"] = [["standard", "convnet"]] if record["method"] != "random" else None
+    baseline = write_folder(tmp_path / "baseline", records)
+
+    def soft_too_for_dm_and_grown(record):
+        record["process_peak_rss_mb"] *= 1.3 if record["method"] in ("dm", "mtt", "random") else 1.0
+        if record["method"] == "dm":
+            record["cell_evaluations"] = [["soft", "convnet"], ["standard", "convnet"]]
+        elif record["method"] == "mtt":
+            record["cell_evaluations"] = [["standard", "convnet"]]
+
+    comparison = compare_results(baseline, current_folder(tmp_path, soft_too_for_dm_and_grown))
+    assert regressed(comparison) == {(method, ipc, "process_peak_rss_mb ↓") for method in ("mtt", "random")
+                                     for ipc in (1, 10)}
+    dm = [c for c in comparison.changes if c.cell.label == "dm" and c.metric == "process_peak_rss_mb ↓"]
+    assert len(dm) == 2 and all(c.threshold.startswith("not compared: its process ran other evaluations") for c in dm)
+
+
 def test_only_with_a_typo_or_a_seed_is_an_error_naming_the_nearest(baseline, tmp_path):
     current = current_folder(tmp_path)
     with pytest.raises(UserError, match="no baseline cell has method 'randon'; did you mean 'random'"):

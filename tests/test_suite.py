@@ -233,6 +233,21 @@ grids:
     assert main(["validate", "--suite", str(path)]) == 0
     assert "5 cells (3 distilled sets, each evaluated under all its protocols), every name resolves" in capsys.readouterr().out
 
+    # a resumed run that redoes one protocol of a shared set distils again into a set of another name: the set
+    # that the kept record names stays as it was
+    from bench.distilled import content_hash
+
+    kept = cells[("herding", 1, "soft")]
+    next(p for p in (tmp_path / "results" / "records").glob("*.json") if kept["record_id"] not in p.name
+         and "herding_convnet_standard" in p.name and "ipc1_" in p.name).unlink()
+    distilled.clear()
+    lines.clear()
+    redone = run_suite(load_suite(str(path)), tmp_path / "results", isolate=False, eval_epochs=2, resume=True,
+                       echo=lines.append)
+    assert distilled == [("herding", 1)] and [(r["label"], r["protocol"]) for r in redone] == [("herding", "standard")]
+    assert redone[0]["distilled_path"] != kept["distilled_path"] and content_hash(kept["distilled_path"]) == kept["distilled_sha256"]
+    assert "skip herding ipc 1 [soft]: records exist (--resume)" in lines
+
 
 def test_a_suites_option_variants_run_side_by_side_under_jobs(tmp_path):
     """Each option variant is a request of its own; their cells still form one pool, so with --jobs 2 the two
