@@ -3,7 +3,8 @@
 A *cell* is one distillation (method × dataset × ipc × distillation architecture × seed) followed by its
 evaluations (one per protocol × evaluation architecture, each over every seed); each evaluation writes one record.
 A set is distilled once however many protocols evaluate it: the cells of a run's requests that differ only in
-their protocol (a suite's ``protocols: [standard, soft]``, or two of its grids) are run as one. ``plan`` checks
+their protocol and evaluation architectures (a suite's ``protocols: [standard, soft]``, or two of its grids) are
+run as one (``merge_protocols``). ``plan`` checks
 everything a user can get wrong — names, ipc, data files, whether each architecture runs at this resolution —
 before anything is written; ``run`` then executes the cells.
 
