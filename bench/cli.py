@@ -357,7 +357,8 @@ def _evaluate(args: argparse.Namespace) -> None:
             write_record(args.results, dict(
                 set_fields(meta), data_fingerprint=dataset.fingerprint,  # the data these numbers come from
                 label=label, record_id=stable_hash(identity), suite=None, env=env, isolated=False,
-                cells_side_by_side=1, **dataset_resident(dataset),
+                cells_side_by_side=1, cell_evaluations=[[protocol.name, each] for each in args.archs],
+                **dataset_resident(dataset),
                 eval_epochs_override=args.eval_epochs, soft_targets=soft_targets,
                 # quick if any part was: the set's recipe (distilled_quick) or this evaluation's protocol (protocol_quick)
                 quick=bool(args.quick or meta.get("quick")), protocol_quick=args.quick,
