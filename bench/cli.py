@@ -383,7 +383,7 @@ def _run(args: argparse.Namespace) -> int:
     """Run a grid or a suite; end with a summary paragraph, and exit 3 when a cell's record is not ok."""
     from bench.errors import UserError
     from bench.executors import executor_session
-    from bench.runner import RunRequest, check_grid_size, plan, reject_repeats, run_planned, summarize
+    from bench.runner import RunRequest, check_grid_size, plan_all, reject_repeats, run_planned, summarize
 
     options = dict(_executor_options(args), memory_sample_s=args.memory_sample_ms / 1000)
     if args.suite:
@@ -435,11 +435,8 @@ def _run(args: argparse.Namespace) -> int:
                                **options)
                     for protocol in protocols]
         size = check_grid_size(requests, args.yes)
-        loaded: dict = {}  # each dataset loaded once for all the requests …
-        planned = [(request, plan(request, loaded)) for request in requests]
-        del loaded  # … and not held here while cells that load their own run (runner._keep_descriptions_only)
         with executor_session(args.executor, options["ray_address"]):
-            written = run_planned(planned, notes=_full_recipes_on_cpu_note(args.quick, args.device))
+            written = run_planned(plan_all(requests), notes=_full_recipes_on_cpu_note(args.quick, args.device))
     print(summarize(written, size - len(written), results))
     return EXIT_CELLS_FAILED if any(record["status"] != "ok" for record in written) else 0
 

@@ -4,9 +4,8 @@ A *cell* is one distillation (method × dataset × ipc × distillation architect
 evaluations (one per protocol × evaluation architecture, each over every seed); each evaluation writes one record.
 A set is distilled once however many protocols evaluate it: the cells of a run's requests that differ only in
 their protocol and evaluation architectures (a suite's ``protocols: [standard, soft]``, or two of its grids) are
-run as one (``merge_protocols``). ``plan`` checks
-everything a user can get wrong — names, ipc, data files, whether each architecture runs at this resolution —
-before anything is written; ``run`` then executes the cells.
+run as one (``merge_protocols``). ``plan`` checks everything a user can get wrong — names, ipc, data files, whether
+each architecture runs at this resolution — before anything is written; ``run`` then executes the cells.
 
 The harness owns seeding here: the distillation generator is derived from (seed, dataset, ipc) — not the
 method — so methods that start from real images start from the same ones.
@@ -310,6 +309,14 @@ def plan(request: RunRequest, loaded: dict | None = None) -> list[Cell]:
     if request.executor == "local":  # last, as it creates the folder; a Ray task uses its node's cache folder
         check_cache_dir(request.cache_dir)
     return cells
+
+
+def plan_all(requests: list[RunRequest]) -> list[tuple[RunRequest, list[Cell]]]:
+    """Every request planned (a suite's, or a command line's one per protocol), loading each dataset (with each
+    transform) once for all of them; the shared loads end with this function, so what is left of them is what the
+    planned cells hold (and ``run_planned`` lets go of where cells load their own)."""
+    loaded: dict = {}
+    return [(request, plan(request, loaded)) for request in requests]
 
 
 def grid_size(requests: list[RunRequest]) -> int:

@@ -403,26 +403,17 @@ def describe_suite_cells(suite: Suite, requests: list) -> list[str]:
         return describe_cells(requests)
 
 
-def _plan_all(requests: list) -> list:
-    """Every request planned, loading each dataset (with each transform) once for all of them; the shared loads
-    end with this function, so what is left of them is what the planned cells hold."""
-    from bench.runner import plan
-
-    loaded: dict = {}
-    return [(request, plan(request, loaded)) for request in requests]
-
-
 def run_suite(suite: Suite, results_dir: Path, quick: bool = False, only: dict[str, set[str]] | None = None,
               echo=print, notes: Sequence[str] = (), **run_options: object) -> list[dict]:
     """Plan every request of the suite first (so a bad name, missing data or an unwritable results folder fails
     before any work), then run all their cells as one pool (``runner.run_planned``): with ``--jobs``, several GPUs
     or Ray, cells of different requests — a suite's option variants — run side by side."""
-    from bench.runner import run_planned
+    from bench.runner import plan_all, run_planned
     from bench.store import DISTILLED_DIR, check_results_dir
 
     requests = suite_requests(suite, results_dir, quick, only, **run_options)
     describe_suite_cells(suite, requests)  # also refuses two cells that are one, before any data is read
-    planned = _plan_all(requests)
+    planned = plan_all(requests)
     check_results_dir(results_dir, (DISTILLED_DIR,))
     count = sum(len(cells) for _, cells in planned)
     echo(f"suite {suite.name} v{suite.version}: {count} cell{'' if count == 1 else 's'}{distilled_sets_note(requests)} "

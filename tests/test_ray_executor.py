@@ -43,10 +43,10 @@ def both_executors(results: str) -> None:
 
     import crashing_methods
     from bench.registry import register_method
-    from bench.runner import RunRequest, plan, run, run_planned
+    from bench.runner import RunRequest, plan_all, run, run_planned
 
     def under_both_protocols(*requests: RunRequest) -> None:
-        run_planned([(request, plan(request)) for request in requests])
+        run_planned(plan_all(list(requests)))
 
     register_method("crash_abort")(crashing_methods.Aborts)
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)

@@ -287,7 +287,7 @@ def test_a_suite_loads_each_dataset_once_and_lets_go_of_it_while_its_cells_run(t
     their own copies, so this process keeps only the dataset's description (no images) while they run."""
     import bench.runner
     from bench.runner import plan, run_planned
-    from bench.suite import _plan_all
+    from bench.runner import plan_all
 
     loads = []
     real_load = bench.runner.load_dataset
@@ -301,7 +301,7 @@ grids:
   - {datasets: [digits], ipc: [1], protocols: [standard, soft], methods: [random]}
 """)
     requests = suite_requests(load_suite(str(path)), tmp_path / "results", eval_epochs=2)
-    planned = _plan_all(requests)
+    planned = plan_all(requests)
     assert len(requests) == 2 and len(loads) == 1
     assert planned[0][1][0].dataset is planned[1][1][0].dataset
     assert planned[0][1][0].dataset.train_images.device.type == "cpu"  # cells load their own, on their device
