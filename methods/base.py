@@ -16,7 +16,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from contextlib import nullcontext
-from typing import Callable, ClassVar, ContextManager, Iterator
+from typing import Callable, ClassVar, ContextManager, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,9 @@ from bench.experts import ExpertPool, expert_recipe
 from bench.models import create_network
 
 ReportFn = Callable[[int, dict[str, float]], None]
+# Where synthetic images start (DC, DSA, DM, MTT): "real" (random real images of each class) or "noise" (standard
+# normal pixels, in the normalised space). A typed option, so a typo is refused with the other options before any work.
+Init = Literal["noise", "real"]
 
 
 @dataclass

@@ -46,7 +46,7 @@ official ``epoch('train', …)`` with ``SGD(lr=lr_net)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -57,12 +57,11 @@ from bench.distilled import DistilledSet
 from bench.errors import UserError
 from bench.evaluate import Protocol, train_network
 from bench.registry import register_method
-from methods.base import DistillContext, Method, MethodConfig
+from methods.base import DistillContext, Init, Method, MethodConfig
 
 # get_loops of the official code: ipc → (outer_loop, inner_loop)
 LOOPS_BY_IPC: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
 BN_IMAGES_PER_CLASS = 16  # real images per class that set a BatchNorm network's statistics (official BNSizePC)
-Init = Literal["noise", "real"]  # checked with the other options, so a typo is refused before any work
 INITS = get_args(Init)
 
 

@@ -38,8 +38,8 @@ from bench.augment import DSA
 from bench.distilled import DistilledSet
 from bench.models import embed
 from bench.registry import register_method
-from methods.base import DistillContext, Method, MethodConfig
-from methods.dc import Init, batchnorm_layers, initial_images
+from methods.base import DistillContext, Init, Method, MethodConfig
+from methods.dc import batchnorm_layers, initial_images
 
 
 @dataclass

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Literal
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ from bench.distilled import DistilledSet
 from bench.errors import Diverged, UserError
 from bench.experts import ExpertPool
 from bench.registry import register_method
-from methods.base import DistillContext, Method, MethodConfig
+from methods.base import DistillContext, Init, Method, MethodConfig
 
 LR_EXPLOSION = 1e3  # the learned α is called diverged above this multiple of its initial value
 
@@ -93,7 +93,7 @@ class MTTConfig(MethodConfig):
     num_experts: int = 100  # expert trajectories to train (once, cached) and sample from
     expert_train_epochs: int = 50  # epochs of each expert's trajectory (recipe `mtt`: SGD lr 0.01, no momentum)
     zca: bool = False  # load the dataset ZCA-whitened (read by the runner); the CIFAR recipes turn it on
-    init: Literal["real", "noise"] = "real"  # "real": random real images of each class; "noise": standard normal pixels
+    init: Init = "real"  # "real": random real images of each class; "noise": standard normal pixels
     img_momentum: float = 0.5  # momentum of the pixels' SGD
     lr_momentum: float = 0.5  # momentum of α's SGD
     dsa: bool = True  # DSA on every student step (per-image parameters); False only for ablations and tests
