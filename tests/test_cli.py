@@ -161,7 +161,6 @@ def test_compare_help_states_the_thresholds_defaults():
 
 
 def test_evaluating_a_set_on_other_data_files_warns_and_records_which(capsys, tmp_path):
-
     from bench.data import load_dataset
 
     code, _, err = run_cli(capsys, "distill", "--dataset", "digits", "--method", "random", "--ipc", "1",
